@@ -1,0 +1,25 @@
+"""The `[data]` section of the config tree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/synthetic"
+    """Dataset directory: Parquet files per split plus dataset.json (see README, "Your own data")."""
+    batch_size: int = 2048
+    """Training rows per rank per step (the global batch is batch_size x world_size)."""
+    eval_batch_size: int = 8192
+    """Evaluation rows per rank per step."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0 reads in the training process)."""
+    shuffle: bool = True
+    """Shuffle training row groups and the rows inside each, anew every epoch."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.eval_batch_size <= 0:
+            raise ValueError("data.batch_size and data.eval_batch_size must be positive")
+        if self.num_workers < 0:
+            raise ValueError("data.num_workers must be >= 0")

@@ -1,0 +1,186 @@
+"""The data contract: `dataset.json` next to Parquet files, and the checks that hold data to it.
+
+Every check that can be made from Parquet metadata alone (files exist, columns exist, column types)
+runs before training starts, on every rank, so a bad dataset fails fast with one clear message
+instead of a hang or a traceback from inside torch. Checks that need the values (id ranges, nulls
+inside lists, labels outside [0, 1]) run on each row group as it is read (`check_row_group`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+SCHEMA_FILE = "dataset.json"
+FORMAT_VERSION = 1
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file, column and row group where it can."""
+
+
+@dataclass(frozen=True)
+class SparseFeature:
+    name: str
+    """Column name; also the KeyedJaggedTensor key and the embedding table's feature name."""
+    num_embeddings: int
+    """Id space size: ids must lie in [0, num_embeddings)."""
+    multi_hot: bool = False
+    """True for a `list<int64>` column (several ids per row), False for one id per row."""
+
+
+@dataclass
+class SplitInfo:
+    path: str
+    """Directory (relative to the dataset root) holding this split's `*.parquet` files."""
+    rows: int | None = None
+    oracle_auc: float | None = None
+    """AUC of the true click probabilities (synthetic data only): the best any model can do."""
+
+
+@dataclass
+class DatasetSchema:
+    root: Path
+    label: str
+    dense: list[str]
+    sparse: list[SparseFeature]
+    splits: dict[str, SplitInfo]
+    weight: str | None = None
+    """Optional per-row weight column (float); rows of weight 0 do not count in loss or metrics."""
+    name: str = "dataset"
+    extra: dict = field(default_factory=dict)
+    """Free-form provenance (generator settings, preprocessing options)."""
+
+    @property
+    def sparse_names(self) -> list[str]:
+        return [f.name for f in self.sparse]
+
+    def columns(self) -> list[str]:
+        cols = [self.label, *self.dense, *self.sparse_names]
+        return cols + ([self.weight] if self.weight else [])
+
+    def split_files(self, split: str) -> list[Path]:
+        """The split's Parquet files, sorted; raises DataError if the split or its files are missing."""
+        if split not in self.splits:
+            raise DataError(
+                f"{self.root / SCHEMA_FILE}: no split '{split}' (splits: {sorted(self.splits)})"
+            )
+        split_dir = self.root / self.splits[split].path
+        files = sorted(split_dir.glob("*.parquet"))
+        if not files:
+            raise DataError(f"split '{split}': no *.parquet files in {split_dir}")
+        return files
+
+    # ---- dataset.json I/O -------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "label": self.label,
+            "weight": self.weight,
+            "dense": list(self.dense),
+            "sparse": [asdict(f) for f in self.sparse],
+            "splits": {k: asdict(v) for k, v in self.splits.items()},
+            "extra": self.extra,
+        }
+
+    def save(self) -> None:
+        """Write `dataset.json` atomically (a reader never sees half a file)."""
+        path = self.root / SCHEMA_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, root: str | Path) -> "DatasetSchema":
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"dataset directory {root} does not exist")
+        path = root / SCHEMA_FILE
+        if not path.is_file():
+            raise DataError(f"{path} not found: a dataset is a directory of Parquet files plus {SCHEMA_FILE}")
+        try:
+            raw = json.loads(path.read_text())
+            sparse = [SparseFeature(**f) for f in raw["sparse"]]
+            splits = {k: SplitInfo(**v) for k, v in raw["splits"].items()}
+            schema = cls(
+                root=root,
+                label=raw["label"],
+                dense=list(raw["dense"]),
+                sparse=sparse,
+                splits=splits,
+                weight=raw.get("weight"),
+                name=raw.get("name", root.name),
+                extra=raw.get("extra", {}),
+            )
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: malformed ({type(e).__name__}: {e})") from None
+        for f in sparse:
+            if f.num_embeddings <= 0:
+                raise DataError(f"{path}: sparse feature '{f.name}' has num_embeddings {f.num_embeddings}")
+        return schema
+
+
+# ---- checks ------------------------------------------------------------------------------------
+
+def _expected_kind(schema: DatasetSchema, column: str) -> str:
+    if column == schema.label or column == schema.weight or column in schema.dense:
+        return "number"
+    feature = next(f for f in schema.sparse if f.name == column)
+    return "list<integer>" if feature.multi_hot else "integer"
+
+
+def _type_ok(kind: str, t: pa.DataType) -> bool:
+    if kind == "number":
+        return pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t)
+    if kind == "integer":
+        return pa.types.is_integer(t)
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
+
+
+def check_files(schema: DatasetSchema, split: str) -> list[Path]:
+    """Check every file of a split from its Parquet footer: readable, columns present, types right."""
+    files = schema.split_files(split)
+    for path in files:
+        try:
+            arrow_schema = pq.read_schema(path)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        for column in schema.columns():
+            index = arrow_schema.get_field_index(column)
+            if index < 0:
+                raise DataError(
+                    f"{path}: column '{column}' named in {SCHEMA_FILE} is missing "
+                    f"(file has: {', '.join(arrow_schema.names)})"
+                )
+            kind = _expected_kind(schema, column)
+            actual = arrow_schema.field(index).type
+            if not _type_ok(kind, actual):
+                raise DataError(f"{path}: column '{column}' has type {actual}, expected {kind}")
+    return files
+
+
+def check_row_group(schema: DatasetSchema, table: pa.Table, where: str) -> None:
+    """Value checks on one row group; `where` names it ("file.parquet row group 3")."""
+    label = table.column(schema.label)
+    if label.null_count:
+        raise DataError(f"{where}: column '{schema.label}' (label) has {label.null_count} nulls")
+    lo, hi = pc.min_max(label).values()
+    if lo.as_py() is not None and (lo.as_py() < 0 or hi.as_py() > 1):
+        raise DataError(f"{where}: column '{schema.label}' (label) has values outside [0, 1]: min {lo}, max {hi}")
+    for f in schema.sparse:
+        col = table.column(f.name)
+        if f.multi_hot:
+            col = pc.list_flatten(col)
+            if col.null_count:
+                raise DataError(f"{where}: column '{f.name}' has null ids inside lists")
+        lo, hi = pc.min_max(col).values()
+        if lo.as_py() is not None and (lo.as_py() < 0 or hi.as_py() >= f.num_embeddings):
+            raise DataError(
+                f"{where}: column '{f.name}' has ids outside [0, {f.num_embeddings}): min {lo}, max {hi}"
+            )

@@ -1,0 +1,31 @@
+"""Model registry: a new model is one module and one entry here. Models know nothing of sharding:
+the trainer builds their embedding tables on the `meta` device and the planner places them."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from data_pipeline.schema import DatasetSchema
+from models.config import ModelConfig
+from models.dlrm import build_dlrm
+from models.ranking import RankingModel
+
+ModelBuilder = Callable[[ModelConfig, DatasetSchema, torch.device, torch.device], nn.Module]
+
+MODELS: dict[str, ModelBuilder] = {
+    "dlrm": build_dlrm,
+    "dlrm_dcn": build_dlrm,
+}
+
+
+def build_model(cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> RankingModel:
+    """The named model wrapped for training; embedding tables on `sparse_device` (`meta` to shard)."""
+    if cfg.name not in MODELS:
+        raise ValueError(f"model.name '{cfg.name}' is not one of: {', '.join(sorted(MODELS))}")
+    return RankingModel(MODELS[cfg.name](cfg, schema, dense_device, sparse_device))
+
+
+__all__ = ["MODELS", "ModelConfig", "RankingModel", "build_model"]

@@ -1,0 +1,40 @@
+"""DLRM and DLRM-DCNv2 from torchrec, with one embedding table per sparse feature of the dataset."""
+
+from __future__ import annotations
+
+import torch
+from torchrec.models.dlrm import DLRM, DLRM_DCN
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from data_pipeline.schema import DatasetSchema
+from models.config import ModelConfig
+
+
+def embedding_tables(cfg: ModelConfig, schema: DatasetSchema) -> list[EmbeddingBagConfig]:
+    """One table per feature, sized from dataset.json. Multi-hot bags are averaged, so a row's
+    vector does not grow with its list length."""
+    return [
+        EmbeddingBagConfig(
+            name=f"t_{f.name}",
+            feature_names=[f.name],
+            num_embeddings=f.num_embeddings,
+            embedding_dim=cfg.embedding_dim,
+            pooling=PoolingType.MEAN if f.multi_hot else PoolingType.SUM,
+        )
+        for f in schema.sparse
+    ]
+
+
+def build_dlrm(cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> DLRM:
+    ebc = EmbeddingBagCollection(tables=embedding_tables(cfg, schema), device=sparse_device)
+    common = dict(
+        embedding_bag_collection=ebc,
+        dense_in_features=len(schema.dense),
+        dense_arch_layer_sizes=list(cfg.dense_arch_layer_sizes),
+        over_arch_layer_sizes=list(cfg.over_arch_layer_sizes),
+        dense_device=dense_device,
+    )
+    if cfg.name == "dlrm_dcn":
+        return DLRM_DCN(**common, dcn_num_layers=cfg.dcn_num_layers, dcn_low_rank_dim=cfg.dcn_low_rank_dim)
+    return DLRM(**common)

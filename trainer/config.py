@@ -1,0 +1,173 @@
+"""One typed config tree, loaded from TOML and overridden on the command line.
+
+    python -m trainer --config configs/demo.toml --data.batch_size 4096 --model dlrm_dcn
+
+Every knob has one name, `section.key`, used in TOML (`[section] key = ...`), on the command
+line (`--section.key`), in the resolved `config.toml` written to the run directory, and in the
+README's reference. Short aliases: `--model` (model.name), `--data` (data.path), `--run-dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import tyro
+
+from data_pipeline.config import DataConfig
+from models.config import ModelConfig
+
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
+
+
+@dataclass
+class OptimizerConfig:
+    dense: str = "adam"
+    """Optimizer of the dense (data-parallel) MLPs: adam, adagrad or sgd."""
+    dense_lr: float = 1e-3
+    sparse: str = "rowwise_adagrad"
+    """Optimizer fused into the embedding tables' backward: rowwise_adagrad, adagrad or sgd."""
+    sparse_lr: float = 0.05
+    eps: float = 1e-8
+    """Epsilon of the (rowwise) Adagrad and Adam updates."""
+
+    def __post_init__(self) -> None:
+        if self.dense not in ("adam", "adagrad", "sgd"):
+            raise ValueError(f"optimizer.dense must be adam, adagrad or sgd, got '{self.dense}'")
+        if self.sparse not in ("rowwise_adagrad", "adagrad", "sgd"):
+            raise ValueError(f"optimizer.sparse must be rowwise_adagrad, adagrad or sgd, got '{self.sparse}'")
+
+
+@dataclass
+class ShardingConfig:
+    sharding_types: list[str] = field(default_factory=list)
+    """Sharding types the planner may use for every table (empty: any it supports)."""
+    hbm_cap_gb: float = 0.0
+    """Per-device GPU memory the planner may use for tables (0: torchrec's default)."""
+    ddr_cap_gb: float = 0.0
+    """Per-host CPU memory the planner may use for tables (0: torchrec's default)."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.sharding_types) - set(SHARDING_TYPES)
+        if unknown:
+            raise ValueError(f"sharding.sharding_types: unknown {sorted(unknown)}; choose from {SHARDING_TYPES}")
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 1
+    max_steps: int = 0
+    """Stop after this many steps in all (0: run every epoch to the end)."""
+    eval_every: int = 0
+    """Evaluate on the valid split every this many steps (0: at the end of each epoch)."""
+    log_every: int = 50
+    """Steps between loss/throughput records in metrics.jsonl and TensorBoard."""
+    seed: int = 0
+    """Seeds model initialisation and the shuffling order."""
+    pipelined: bool = True
+    """Use TrainPipelineSparseDist (overlaps input all-to-all with compute); false runs the
+    plain, non-overlapped step, for debugging."""
+    progress_bar: bool = True
+    auroc_thresholds: int = 0
+    """0: exact AUC (keeps every score); N: binned AUC over N thresholds, for huge eval sets."""
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 or self.max_steps < 0 or self.eval_every < 0 or self.log_every <= 0:
+            raise ValueError("training: epochs and log_every must be positive; max_steps and eval_every >= 0")
+
+
+@dataclass
+class Config:
+    config: Annotated[str, tyro.conf.arg(aliases=("-c",))] = ""
+    """TOML file the defaults come from (its stem names the run)."""
+    run_dir: Annotated[str, tyro.conf.arg(aliases=("--run-dir",))] = ""
+    """Output directory (default: runs/<config file stem>)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            self.run_dir = str(Path("runs") / (Path(self.config).stem if self.config else "default"))
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML (what `--config` reads back)."""
+        top = {k: v for k, v in dataclasses.asdict(self).items() if not isinstance(v, dict)}
+        sections = {k: v for k, v in dataclasses.asdict(self).items() if isinstance(v, dict)}
+        lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
+        for name, values in sections.items():
+            lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def from_dict(cls: type, values: dict, where: str) -> Any:
+    """Build dataclass `cls` from a TOML table; unknown keys are an error, not silently ignored."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in values.items():
+        kind = typing.get_args(hints[key])[0] if typing.get_origin(hints[key]) is Annotated else hints[key]
+        kwargs[key] = from_dict(kind, value, f"{where}[{key}]") if dataclasses.is_dataclass(kind) else value
+    return cls(**kwargs)
+
+
+# Short flags for the knobs set most often; each stands for one `--section.key`.
+ALIASES = {"--model": "--model.name", "--data": "--data.path"}
+
+
+def _normalise(argv: list[str]) -> list[str]:
+    """Expand aliases, and accept TOML's `true`/`false` where the parser wants True/False."""
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if not eq and flag in ("true", "false"):
+            flag = flag.capitalize()
+        elif value in ("true", "false"):
+            value = value.capitalize()
+        out.append(ALIASES.get(flag, flag) + eq + value)
+    return out
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    """`--config FILE` gives the defaults; every other flag overrides one field."""
+    argv = _normalise(sys.argv[1:] if argv is None else list(argv))
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", "-c", default="")
+    known, _ = pre.parse_known_args(argv)
+    default = Config()
+    if known.config:
+        path = Path(known.config)
+        if not path.is_file():
+            raise SystemExit(f"error: config file {path} not found")
+        with path.open("rb") as f:
+            default = from_dict(Config, {**tomllib.load(f), "config": str(path)}, str(path))
+    description = __doc__.split("\n\n")[0] + " Aliases: " + ", ".join(f"{a} = {k}" for a, k in ALIASES.items())
+    return tyro.cli(
+        Config,
+        default=default,
+        args=argv,
+        use_underscores=True,
+        description=description,
+        config=(tyro.conf.FlagConversionOff,),  # booleans take a value, as in TOML: --data.shuffle false
+    )

@@ -1,0 +1,33 @@
+"""Evaluation metrics that are correct across ranks: torchmetrics keeps per-rank state and
+gathers it on `compute()` (a collective, so every rank must call it)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAUROC
+
+
+class ClickMetrics:
+    """AUC, log loss and normalised entropy (log loss / entropy of the base CTR) of a split."""
+
+    def __init__(self, device: torch.device, auroc_thresholds: int = 0) -> None:
+        self.auc = BinaryAUROC(thresholds=auroc_thresholds or None).to(device)
+        self.logloss = MeanMetric().to(device)
+        self.ctr = MeanMetric().to(device)
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> None:
+        real = weights > 0  # padding rows (weight 0) are not scored
+        self.auc.update(torch.sigmoid(logits[real]), labels[real].long())
+        losses = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+        self.logloss.update(losses[real], weights[real])
+        self.ctr.update(labels[real], weights[real])
+
+    def compute(self) -> dict[str, float]:
+        auc, logloss, ctr = self.auc.compute().item(), self.logloss.compute().item(), self.ctr.compute().item()
+        entropy = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr)) if 0 < ctr < 1 else float("nan")
+        return {"auc": auc, "logloss": logloss, "ne": logloss / entropy, "ctr": ctr}
