@@ -39,8 +39,9 @@ NUM_SPARSE = 26
 MULTI_HOT = (24, 25)  # indices of the multi-hot sparse features
 MISSING_IDS = (3, 11)  # scalar features with some missing (null) ids
 NULL_DENSE = (2, 9)  # dense features with some nulls (imputed as 0.0)
-PAIRS = ((0, 1), (2, 5), (4, 24))  # sparse feature pairs with a low-rank interaction
+PAIRS = ((0, 1), (2, 5), (4, 7))  # sparse feature pairs with a low-rank interaction
 SPLITS = (("train", 0.8), ("valid", 0.1), ("test", 0.1))
+VERSION = 2  # bump when the click model or layout changes, so stale datasets are regenerated
 
 
 @dataclass(frozen=True)
@@ -118,19 +119,9 @@ class ClickModel:
                 lengths.append(None)
 
         for a, b in PAIRS:
-            ia = ids[a] if a not in MULTI_HOT else None
-            ib = ids[b] if b not in MULTI_HOT else _first_ids(ids[b], lengths[b])
-            logit += np.where(ib >= 0, (self.pair_u[(a, b)][ia] * self.pair_v[(a, b)][ib.clip(0)]).sum(1), 0.0)
+            logit += (self.pair_u[(a, b)][ids[a]] * self.pair_v[(a, b)][ids[b]]).sum(1)
         logit += x[:, 1] * self.dense_x_sparse[ids[6]]
         return dense, ids, lengths, logit
-
-
-def _first_ids(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """First id of each list, -1 for empty lists."""
-    first = np.full(len(lengths), -1)
-    has_ids = lengths > 0
-    first[has_ids] = values[np.r_[0, np.cumsum(lengths)[:-1]][has_ids]]
-    return first
 
 
 def _to_table(dense, ids, lengths, labels) -> pa.Table:
@@ -154,7 +145,7 @@ def generate(out: str | Path, spec: SyntheticSpec, overwrite: bool = False, log=
     out = Path(out)
     if (out / SCHEMA_FILE).is_file():
         existing = DatasetSchema.load(out)
-        if existing.extra.get("generator") == {"synthetic": asdict(spec)}:
+        if existing.extra.get("generator") == _provenance(spec):
             log(f"{out}: up to date ({spec.rows:,} rows, seed {spec.seed}); not regenerated")
             return existing
         if not overwrite:
@@ -193,7 +184,7 @@ def generate(out: str | Path, spec: SyntheticSpec, overwrite: bool = False, log=
             dense=[f"int_{j}" for j in range(NUM_DENSE)],
             sparse=[SparseFeature(f"cat_{f}", int(model.vocab[f]), f in MULTI_HOT) for f in range(NUM_SPARSE)],
             splits=splits,
-            extra={"generator": {"synthetic": asdict(spec)}},
+            extra={"generator": _provenance(spec)},
         )
         schema.save()
         if out.exists():
@@ -203,6 +194,10 @@ def generate(out: str | Path, spec: SyntheticSpec, overwrite: bool = False, log=
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return DatasetSchema.load(out)
+
+
+def _provenance(spec: SyntheticSpec) -> dict:
+    return {"synthetic": asdict(spec), "version": VERSION}
 
 
 def _schema() -> pa.Schema:
