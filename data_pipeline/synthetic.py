@@ -41,7 +41,7 @@ MISSING_IDS = (3, 11)  # scalar features with some missing (null) ids
 NULL_DENSE = (2, 9)  # dense features with some nulls (imputed as 0.0)
 PAIRS = ((0, 1), (2, 5), (4, 7))  # sparse feature pairs with a low-rank interaction
 SPLITS = (("train", 0.8), ("valid", 0.1), ("test", 0.1))
-VERSION = 2  # bump when the click model or layout changes, so stale datasets are regenerated
+VERSION = 3  # bump when the click model or layout changes, so stale datasets are regenerated
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class ClickModel:
             self.id_of_rank.append(rng.permutation(v))
             # Effect sizes shrink with popularity rank: the head of each id space carries the signal.
             w = np.zeros(v)
-            w[self.id_of_rank[-1]] = rng.normal(0, 0.6, v) / np.sqrt(1 + np.arange(v) / 20)
+            w[self.id_of_rank[-1]] = rng.normal(0, 0.6, v) / (1 + np.arange(v) / 20)
             self.weight.append(w)
         self.pair_u = {pair: rng.normal(0, 0.5, (self.vocab[pair[0]], 4)) for pair in PAIRS}
         self.pair_v = {pair: rng.normal(0, 0.5, (self.vocab[pair[1]], 4)) for pair in PAIRS}

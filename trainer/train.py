@@ -135,24 +135,23 @@ class Trainer:
             self.train_data.set_epoch(epoch)
             steps_per_epoch.append(len(self.train_data))
         total = min(sum(steps_per_epoch), t.max_steps or sum(steps_per_epoch))
-        progress = tqdm(total=total, unit="step", disable=not (main and t.progress_bar), dynamic_ncols=True)
-
         valid: dict[str, float] = {}
-        for epoch in range(t.epochs):
-            if self.step >= total:
-                break
-            self.train_data.set_epoch(epoch)
-            batches = iter(self.train_data)
-            left = steps_per_epoch[epoch]
-            while left > 0 and self.step < total:
-                n = min(left, t.eval_every or left, total - self.step)
-                self.train_steps(itertools.islice(batches, n), progress)
-                left -= n
-                valid = self.evaluate("valid")
-                self.log.record("valid", self.step, epoch=epoch, **valid)
-                if main:
-                    progress.write(f"step {self.step}: valid auc {valid['auc']:.4f} logloss {valid['logloss']:.4f}")
-        progress.close()
+        # `with`: the bar is closed (and its line ended) even when a phase raises.
+        with tqdm(total=total, unit="step", disable=not (main and t.progress_bar), dynamic_ncols=True) as progress:
+            for epoch in range(t.epochs):
+                if self.step >= total:
+                    break
+                self.train_data.set_epoch(epoch)
+                batches = iter(self.train_data)
+                left = steps_per_epoch[epoch]
+                while left > 0 and self.step < total:
+                    n = min(left, t.eval_every or left, total - self.step)
+                    self.train_steps(itertools.islice(batches, n), progress)
+                    left -= n
+                    valid = self.evaluate("valid")
+                    self.log.record("valid", self.step, epoch=epoch, **valid)
+                    if main:
+                        progress.write(f"step {self.step}: valid auc {valid['auc']:.4f} logloss {valid['logloss']:.4f}")
         test = self.evaluate("test")
         self.log.record("test", self.step, **test)
 

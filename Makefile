@@ -1,0 +1,34 @@
+# Two commands for a fresh machine: `make demo` and `make test` (both install first).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+NPROC   ?= 2
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# The CPU triple: torch 2.13.0 (CPU build), fbgemm-gpu-cpu 1.8.0, torchrec 1.8.0 installed with
+# --no-deps (its metadata asks for the CUDA fbgemm-gpu, which would replace the CPU build).
+$(STAMP): pyproject.toml Makefile
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0 fbgemm-gpu-cpu==1.8.0
+	$(BIN)/pip install -q --no-deps torchrec==1.8.0
+	$(BIN)/pip install -q pyre-extensions tensordict iopath pytest
+	$(BIN)/pip install -q -e .
+	$(BIN)/python -c "import torchrec, fbgemm_gpu, torch; print('installed torch', torch.__version__, 'torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '1.8.0')"
+	touch $(STAMP)
+
+data/synthetic/dataset.json: $(STAMP) data_pipeline/synthetic.py
+	$(BIN)/recsys prepare synthetic --rows 500000 --out data/synthetic --overwrite
+
+demo: install data/synthetic/dataset.json
+	$(BIN)/recsys train --config configs/demo.toml --nproc-per-node $(NPROC)
+	@$(BIN)/python -c "import json; s = json.load(open('runs/demo/summary.json')); print('summary: world_size', s['world_size'], '| test auc %.4f (oracle %.4f) | valid auc %.4f | %.0f samples/s' % (s['test']['auc'], s['oracle_auc'], s['valid']['auc'], s['samples_per_s']))"
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) data runs

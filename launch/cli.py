@@ -1,0 +1,56 @@
+"""`recsys`: the command-line front door.
+
+    recsys prepare synthetic --rows 500000 --out data/synthetic
+    recsys train --config configs/demo.toml --nproc-per-node 2 [--section.key VALUE ...]
+
+`recsys train` checks the dataset once (a clear error before any process starts), then runs
+`torchrun --standalone --nproc-per-node N -m trainer ...` with the same flags, like `tune run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _train(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="recsys train", add_help=False)
+    parser.add_argument("--nproc-per-node", "--nproc_per_node", default="1")
+    known, rest = parser.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        print("recsys train [--nproc-per-node N] <trainer flags>; trainer flags:\n")
+        from trainer.config import load_config
+
+        load_config(["--help"])
+        return 0
+    from data_pipeline.schema import DataError
+    from trainer.__main__ import _message
+    from trainer.config import load_config
+    from trainer.train import preflight
+
+    try:
+        preflight(load_config(rest))
+    except DataError as e:
+        print(f"error: {_message(e)}", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(known.nproc_per_node), "-m", "trainer", *rest]
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    usage = "usage: recsys {prepare synthetic | train} ...  (add --help after a command)"
+    if argv[:2] == ["prepare", "synthetic"]:
+        from data_pipeline.synthetic import main as synthetic_main
+
+        return synthetic_main(argv[2:])
+    if argv[:1] == ["train"]:
+        return _train(argv[1:])
+    print(usage, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
