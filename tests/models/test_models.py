@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from data_pipeline.reader import ParquetBatches
+from models import MODELS, ModelConfig, build_model
+from tests.conftest import TINY_SPARSE, write_dataset
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_forward_backward_shapes(tmp_path, tiny_table, name):
+    schema = write_dataset(tmp_path, {"train": [tiny_table]}, TINY_SPARSE, ["d0", "d1"])
+    (batch,) = list(ParquetBatches(schema, "train", batch_size=5))
+    cfg = ModelConfig(name=name, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1], dcn_low_rank_dim=2)
+    model = build_model(cfg, schema, torch.device("cpu"), torch.device("cpu"))
+    loss, (detached, logits, labels, weights) = model(batch)
+    assert logits.shape == (5,) and loss.ndim == 0
+    loss.backward()
+    tables = model.model.sparse_arch.embedding_bag_collection.embedding_bag_configs()
+    assert [t.num_embeddings for t in tables] == [10, 8]
+
+
+def test_padding_rows_do_not_count(tmp_path, tiny_table):
+    schema = write_dataset(tmp_path, {"train": [tiny_table]}, TINY_SPARSE, ["d0", "d1"])
+    (batch,) = list(ParquetBatches(schema, "train", batch_size=5))
+    model = build_model(ModelConfig(embedding_dim=4, dense_arch_layer_sizes=[4]), schema, torch.device("cpu"), torch.device("cpu"))
+    full, _ = model(batch)
+    batch.weights[3:] = 0
+    batch.labels[3:] = 1 - batch.labels[3:]  # flipping labels of weight-0 rows changes nothing
+    masked, (_, logits, _, _) = model(batch)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[:3], batch.labels[:3])
+    torch.testing.assert_close(masked, expected)
+    assert not torch.isclose(full, masked)
+
+
+def test_unknown_model_name(tmp_path, tiny_table):
+    schema = write_dataset(tmp_path, {"train": [tiny_table]}, TINY_SPARSE, ["d0", "d1"])
+    with pytest.raises(ValueError, match="not one of"):
+        build_model(ModelConfig(name="nope"), schema, torch.device("cpu"), torch.device("cpu"))
