@@ -23,7 +23,8 @@ import tyro
 from data_pipeline.config import DataConfig
 from models.config import ModelConfig
 
-SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
+MODEL_PARALLEL_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
+SHARDING_TYPES = (*MODEL_PARALLEL_TYPES, "data_parallel")
 
 
 @dataclass
@@ -46,8 +47,10 @@ class OptimizerConfig:
 
 @dataclass
 class ShardingConfig:
-    sharding_types: list[str] = field(default_factory=list)
-    """Sharding types the planner may use for every table (empty: any it supports)."""
+    sharding_types: list[str] = field(default_factory=lambda: list(MODEL_PARALLEL_TYPES))
+    """Sharding types the planner may use for every table. data_parallel is left out by
+    default: with the fused optimizer it did not match the unsharded reference in our test
+    (tests/trainer/test_sharded_equals_unsharded.py), so it is opt-in until that is understood."""
     hbm_cap_gb: float = 0.0
     """Per-device GPU memory the planner may use for tables (0: torchrec's default)."""
     ddr_cap_gb: float = 0.0

@@ -110,6 +110,7 @@ def describe_plan(plan: ShardingPlan) -> str:
         for table, p in module_plan.items():  # type: ignore[union-attr]
             rows.append((table, p.sharding_type, ",".join(map(str, p.ranks or [])), p.compute_kernel, module_path))
     width = max((len(r[0]) for r in rows), default=5)
-    lines = [f"{'table':<{width}}  {'sharding':<12} {'ranks':<8} {'kernel':<8} module"]
-    lines += [f"{t:<{width}}  {s:<12} {r:<8} {k:<8} {m}" for t, s, r, k, m in rows]
+    kind = max((len(r[1]) for r in rows), default=8)
+    lines = [f"{'table':<{width}}  {'sharding':<{kind}}  {'ranks':<8} {'kernel':<8} module"]
+    lines += [f"{t:<{width}}  {s:<{kind}}  {r:<8} {k:<8} {m}" for t, s, r, k, m in rows]
     return "\n".join(lines)

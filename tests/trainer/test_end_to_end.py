@@ -28,4 +28,6 @@ def test_two_ranks_reach_the_oracle_auc(tmp_path):
     assert resolved["data"]["path"] == str(data.root)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {r["phase"] for r in records} == {"train", "valid", "test"}
-    assert "table_wise" in (run_dir / "plan.txt").read_text() or "data_parallel" in (run_dir / "plan.txt").read_text()
+    plan = [line.split() for line in (run_dir / "plan.txt").read_text().splitlines()[1:]]
+    assert sorted(row[0] for row in plan) == sorted(f"t_{f.name}" for f in data.sparse)
+    assert {rank for row in plan for rank in row[2].split(",")} == {"0", "1"}  # both ranks hold tables

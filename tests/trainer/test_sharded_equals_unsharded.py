@@ -87,7 +87,14 @@ def dataset(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("syn") / "d", SyntheticSpec(rows=8000, files=2, row_group_rows=500, max_vocab=2000), log=lambda *_: None)
 
 
-@pytest.mark.parametrize("sharding_type", ["table_wise"])
+@pytest.mark.parametrize("sharding_type", [
+    "table_wise",
+    "table_column_wise",  # what the planner picks for the demo on CPU
+    # Known gap, kept visible: data-parallel tables with the fused optimizer drift from the
+    # reference from step 2 on. The trainer leaves data_parallel out of the default
+    # sharding.sharding_types until this is understood; strict, so a fix makes it fail loudly.
+    pytest.param("data_parallel", marks=pytest.mark.xfail(strict=True, reason="data_parallel tables drift")),
+])
 def test_two_sharded_ranks_match_one_unsharded_process(tmp_path, dataset, sharding_type):
     torch.manual_seed(0)
     reference = build_model(MODEL, dataset, torch.device("cpu"), torch.device("cpu"))
