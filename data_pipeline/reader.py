@@ -15,7 +15,6 @@ and one rank with an extra batch would hang the others:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
@@ -79,10 +78,6 @@ class ParquetBatches(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for a new epoch (call before iterating; same value on every rank)."""
         self.epoch = epoch
-
-    @cached_property
-    def num_rows(self) -> int:
-        return sum(g.rows for g in self.row_groups)
 
     def assignment(self, rank: int, worker: int) -> list[int]:
         """Indices into `self.row_groups` read by this rank's worker, in reading order."""

@@ -18,16 +18,15 @@ def _train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="recsys train", add_help=False)
     parser.add_argument("--nproc-per-node", "--nproc_per_node", default="1")
     known, rest = parser.parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
-        print("recsys train [--nproc-per-node N] <trainer flags>; trainer flags:\n")
-        from trainer.config import load_config
-
-        load_config(["--help"])
-        return 0
     from data_pipeline.schema import DataError
     from trainer.__main__ import _message
     from trainer.config import load_config
     from trainer.train import preflight
+
+    if "-h" in rest or "--help" in rest:
+        print("recsys train [--nproc-per-node N] <trainer flags>; trainer flags:\n")
+        load_config(["--help"])
+        return 0
 
     try:
         preflight(load_config(rest))
