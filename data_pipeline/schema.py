@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 SCHEMA_FILE = "dataset.json"
 FORMAT_VERSION = 1
+TASKS = ("binary", "regression")
 
 
 class DataError(ValueError):
@@ -52,6 +53,10 @@ class DatasetSchema:
     splits: dict[str, SplitInfo]
     weight: str | None = None
     """Optional per-row weight column (float); rows of weight 0 do not count in loss or metrics."""
+    task: str = "binary"
+    """"binary" (labels 0/1; BCE, AUC) or "regression" (numeric labels; MSE, RMSE)."""
+    label_range: list[float] | None = None
+    """[min, max] of the label for regression (e.g. [1, 5] stars): predictions are clipped to it."""
     name: str = "dataset"
     extra: dict = field(default_factory=dict)
     """Free-form provenance (generator settings, preprocessing options)."""
@@ -83,6 +88,8 @@ class DatasetSchema:
             "name": self.name,
             "label": self.label,
             "weight": self.weight,
+            "task": self.task,
+            "label_range": self.label_range,
             "dense": list(self.dense),
             "sparse": [asdict(f) for f in self.sparse],
             "splits": {k: asdict(v) for k, v in self.splits.items()},
@@ -115,11 +122,15 @@ class DatasetSchema:
                 sparse=sparse,
                 splits=splits,
                 weight=raw.get("weight"),
+                task=raw.get("task", "binary"),
+                label_range=raw.get("label_range"),
                 name=raw.get("name", root.name),
                 extra=raw.get("extra", {}),
             )
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise DataError(f"{path}: malformed ({type(e).__name__}: {e})") from None
+        if schema.task not in TASKS:
+            raise DataError(f"{path}: task '{schema.task}' is not one of {', '.join(TASKS)}")
         for f in sparse:
             if f.num_embeddings <= 0:
                 raise DataError(f"{path}: sparse feature '{f.name}' has num_embeddings {f.num_embeddings}")
@@ -144,13 +155,18 @@ def _type_ok(kind: str, t: pa.DataType) -> bool:
 
 
 def check_files(schema: DatasetSchema, split: str) -> list[Path]:
-    """Check every file of a split from its Parquet footer: readable, columns present, types right."""
+    """Check every file of a split from its Parquet footer: readable, columns present, types right,
+    the same column types in every file, and the row count that `dataset.json` states."""
     files = schema.split_files(split)
+    first: tuple[Path, pa.Schema] | None = None
+    rows = 0
     for path in files:
         try:
-            arrow_schema = pq.read_schema(path)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+            metadata = pq.read_metadata(path)
+            arrow_schema = metadata.schema.to_arrow_schema()
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: not a readable Parquet file (truncated or corrupt? {e})") from None
+        rows += metadata.num_rows
         for column in schema.columns():
             index = arrow_schema.get_field_index(column)
             if index < 0:
@@ -162,17 +178,53 @@ def check_files(schema: DatasetSchema, split: str) -> list[Path]:
             actual = arrow_schema.field(index).type
             if not _type_ok(kind, actual):
                 raise DataError(f"{path}: column '{column}' has type {actual}, expected {kind}")
+            if first is not None and first[1].field(column).type != actual:
+                raise DataError(
+                    f"{path}: column '{column}' has type {actual}, but {first[0].name} has "
+                    f"{first[1].field(column).type} (all files of a dataset must share one schema)"
+                )
+        if first is None:
+            first = (path, arrow_schema)
+    if rows == 0:
+        raise DataError(f"split '{split}' ({schema.root / schema.splits[split].path}) is empty: its files hold 0 rows")
+    expected = schema.splits[split].rows
+    if expected is not None and expected != rows:
+        raise DataError(
+            f"{schema.root / SCHEMA_FILE}: split '{split}' should hold {expected:,} rows but its "
+            f"{len(files)} files hold {rows:,} (files added or removed after the dataset was made?)"
+        )
     return files
 
 
+def _first_bad_row(mask: pa.ChunkedArray | pa.Array) -> int:
+    """Index of the first true value of a boolean mask (nulls count as false)."""
+    return int(pc.index(pc.fill_null(mask, False), True).as_py())
+
+
 def check_row_group(schema: DatasetSchema, table: pa.Table, where: str) -> None:
-    """Value checks on one row group; `where` names it ("file.parquet row group 3")."""
+    """Value checks on one row group; `where` names it ("file.parquet row group 3").
+
+    Errors name the column and the first offending row (counted from the row group's start).
+    """
     label = table.column(schema.label)
     if label.null_count:
-        raise DataError(f"{where}: column '{schema.label}' (label) has {label.null_count} nulls")
-    lo, hi = pc.min_max(label).values()
-    if lo.as_py() is not None and (lo.as_py() < 0 or hi.as_py() > 1):
-        raise DataError(f"{where}: column '{schema.label}' (label) has values outside [0, 1]: min {lo}, max {hi}")
+        row = _first_bad_row(pc.is_null(label))
+        raise DataError(f"{where}: column '{schema.label}' (label) has {label.null_count} nulls (first at row {row})")
+    if schema.task == "binary":
+        bad = pc.and_(pc.not_equal(label, 0), pc.not_equal(label, 1))
+        if pc.any(bad).as_py():
+            row = _first_bad_row(bad)
+            raise DataError(
+                f"{where}: column '{schema.label}' (label) must be 0 or 1 for a binary task, "
+                f"row {row} holds {label[row].as_py()!r}"
+            )
+    for column in ([schema.label] if schema.task == "regression" else []) + list(schema.dense):
+        values = table.column(column)
+        if pa.types.is_floating(values.type):
+            bad = pc.invert(pc.is_finite(values))
+            if pc.any(bad).as_py():
+                row = _first_bad_row(bad)
+                raise DataError(f"{where}: column '{column}' has a non-finite value ({values[row].as_py()}) at row {row}")
     for f in schema.sparse:
         col = table.column(f.name)
         if f.multi_hot:
@@ -181,6 +233,9 @@ def check_row_group(schema: DatasetSchema, table: pa.Table, where: str) -> None:
                 raise DataError(f"{where}: column '{f.name}' has null ids inside lists")
         lo, hi = pc.min_max(col).values()
         if lo.as_py() is not None and (lo.as_py() < 0 or hi.as_py() >= f.num_embeddings):
+            bad = pc.or_(pc.less(col, 0), pc.greater_equal(col, f.num_embeddings))
+            first = _first_bad_row(bad)
+            at = f", first at row {first}" if not f.multi_hot else f", first at list element {first}"
             raise DataError(
-                f"{where}: column '{f.name}' has ids outside [0, {f.num_embeddings}): min {lo}, max {hi}"
+                f"{where}: column '{f.name}' has ids outside [0, {f.num_embeddings}): min {lo}, max {hi}{at}"
             )

@@ -1,6 +1,9 @@
 """`recsys`: the command-line front door.
 
     recsys prepare synthetic --rows 500000 --out data/synthetic
+    recsys prepare criteo --input day_*.gz --out data/criteo
+    recsys prepare tabular --input adult.csv --label income --positive '>50K' --out data/adult
+    recsys prepare movielens --input ml-100k/ --out data/ml100k
     recsys train --config configs/demo.toml --nproc-per-node 2 [--section.key VALUE ...]
 
 `recsys train` checks the dataset once (a clear error before any process starts), then runs
@@ -38,13 +41,22 @@ def _train(argv: list[str]) -> int:
     return 0  # not reached
 
 
+# `recsys prepare KIND` -> the module whose `main(argv)` prepares that kind of input.
+PREPARERS = {
+    "synthetic": "data_pipeline.synthetic",
+    "criteo": "data_pipeline.criteo",
+    "tabular": "data_pipeline.tabular",
+    "movielens": "data_pipeline.movielens",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    usage = "usage: recsys {prepare synthetic | train} ...  (add --help after a command)"
-    if argv[:2] == ["prepare", "synthetic"]:
-        from data_pipeline.synthetic import main as synthetic_main
+    usage = f"usage: recsys {{prepare {{{' | '.join(PREPARERS)}}} | train}} ...  (add --help after a command)"
+    if argv[:1] == ["prepare"] and len(argv) > 1 and argv[1] in PREPARERS:
+        import importlib
 
-        return synthetic_main(argv[2:])
+        return importlib.import_module(PREPARERS[argv[1]]).main(argv[2:])
     if argv[:1] == ["train"]:
         return _train(argv[1:])
     print(usage, file=sys.stderr)

@@ -1,0 +1,102 @@
+"""Writing a dataset directory safely: refuse to clobber, resume what was interrupted, atomic files.
+
+Every preparer (`recsys prepare criteo | tabular | movielens`) writes through `DatasetOutput`:
+  - an output directory that holds a *different* dataset (or anything else) is refused unless
+    `overwrite=True`; one that holds the *same* dataset (same provenance) is reported up to date;
+  - while a dataset is being written, `.prepare.json` records its provenance, so a run that was
+    interrupted can be resumed: files that were finished are kept, the rest are redone;
+  - every file is written under a temporary name and renamed into place when complete, so a file
+    with its final name is always whole; `dataset.json` is written last, so a directory with a
+    `dataset.json` is always a complete dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_pipeline.schema import SCHEMA_FILE, DataError, DatasetSchema
+
+IN_PROGRESS_FILE = ".prepare.json"
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call `write(tmp_path)`, then rename the result to `path` (same directory, so the rename is atomic)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_parquet(table: pa.Table, path: Path, row_group_rows: int) -> None:
+    """Write `table` as one Parquet file, atomically."""
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_rows))
+
+
+def write_json(data, path: Path) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def input_identity(paths: list[Path]) -> list[dict]:
+    """Names, sizes and modification times of the inputs: a changed input means a different dataset."""
+    return [{"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime": int(p.stat().st_mtime)} for p in paths]
+
+
+class DatasetOutput:
+    """The output directory of one preparer run; see the module docstring for the rules."""
+
+    def __init__(self, out: str | Path, provenance: dict, overwrite: bool = False) -> None:
+        self.root = Path(out)
+        self.provenance = json.loads(json.dumps(provenance))  # plain JSON types, comparable with a loaded copy
+        self.overwrite = overwrite
+
+    def up_to_date(self) -> DatasetSchema | None:
+        """The existing dataset if `out` already holds this exact dataset, else None."""
+        if (self.root / SCHEMA_FILE).is_file():
+            try:
+                existing = DatasetSchema.load(self.root)
+            except DataError:
+                return None
+            if existing.extra.get("provenance") == self.provenance:
+                return existing
+        return None
+
+    def start(self) -> bool:
+        """Claim the directory. Returns True when resuming an interrupted run of the same dataset."""
+        marker = self.root / IN_PROGRESS_FILE
+        if marker.is_file() and not (self.root / SCHEMA_FILE).exists():
+            try:
+                same = json.loads(marker.read_text()) == self.provenance
+            except json.JSONDecodeError:
+                same = False
+            if same:
+                return True
+        if self.root.exists() and any(self.root.iterdir()):
+            if not self.overwrite:
+                what = "a different dataset" if (self.root / SCHEMA_FILE).exists() else "other files"
+                raise FileExistsError(f"{self.root} already holds {what}; pass --overwrite to replace it")
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json(self.provenance, marker)
+        return False
+
+    def split_dir(self, split: str) -> Path:
+        path = self.root / split
+        path.mkdir(exist_ok=True)
+        return path
+
+    def finish(self, schema: DatasetSchema) -> DatasetSchema:
+        """Write `dataset.json` (with the provenance) last, and drop the in-progress marker."""
+        schema.root = self.root
+        schema.extra = {**schema.extra, "provenance": self.provenance}
+        schema.save()
+        (self.root / IN_PROGRESS_FILE).unlink(missing_ok=True)
+        return DatasetSchema.load(self.root)
