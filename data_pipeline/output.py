@@ -81,7 +81,11 @@ class DatasetOutput:
                 return True
         if self.root.exists() and any(self.root.iterdir()):
             if not self.overwrite:
-                what = "a different dataset" if (self.root / SCHEMA_FILE).exists() else "other files"
+                what = (
+                    "a different dataset" if (self.root / SCHEMA_FILE).exists()
+                    else "an unfinished dataset made from other inputs or options" if marker.exists()
+                    else "other files"
+                )
                 raise FileExistsError(f"{self.root} already holds {what}; pass --overwrite to replace it")
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)

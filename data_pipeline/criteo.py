@@ -1,0 +1,714 @@
+"""Criteo click logs (Kaggle Display Advertising / Terabyte) -> our Parquet dataset.
+
+    recsys prepare criteo --input train.txt --out data/criteo-kaggle --num-embeddings 10000000
+    recsys prepare criteo --input 'day_*.gz' --test-files day_23.gz --out data/criteo-tb --min-count 3
+    torchx run -s local_cwd dist.ddp -j 4x1 -m data_pipeline.criteo -- --input 'day_*.gz' --out D
+
+Input: one example per line, 40 tab-separated fields: label (0/1), 13 integer counts (may be
+negative or empty), 26 categorical values as hex strings (may be empty); `.gz` files are read as is.
+
+Output columns (the names the synthetic data uses too): `label` (int8), `int_0..int_12` (float32,
+missing -> 0, then `log1p(max(x, 0))` unless `--dense-transform none`), `cat_0..cat_25` (int64 ids):
+  - hashing (default): id = int(hex, 16) mod num_embeddings, as MLPerf's `max_ind_range` does; a
+    missing value is id 0 (MLPerf fills it with 0 before hashing);
+  - vocabulary (`--min-count T`): a first pass counts every value on the train split; values seen at
+    least T times get ids 2.. (in value order), rarer or unseen values share id 1, missing is id 0.
+Values that are not hex (or longer than 16 digits) are hashed with 64-bit FNV-1a instead.
+
+How the work is split: every input file is cut into units (uncompressed files into ~256 MB byte
+ranges at line boundaries, gzip files whole), fixed by the file sizes alone, so the output and the
+split of each row do not depend on how many processes run. Units run in a process pool (all cores);
+under torchrun/TorchX (WORLD_SIZE > 1) each replica takes every W-th unit and the replicas meet at
+gloo barriers between passes, with rank 0 merging the value counts into one vocabulary.
+
+Splits: files matching `--test-files` / `--valid-files` (globs on the file name) go to test / valid;
+with only `--test-files`, each test row goes to valid or test with probability 1/2. Otherwise every
+row is assigned to train/valid/test by a seeded random draw (`--split-fractions`, default 0.8,0.1,0.1).
+
+Safety: each unit's Parquet files are written under temporary names and renamed when the unit is
+complete, followed by a small manifest; an interrupted run started again with the same arguments
+skips finished units. `dataset.json` is written last. Malformed lines (wrong field count, a label
+that is not 0/1, a non-integer count) are skipped and reported with file and line number; more than
+`--max-bad-rows` of them (default 0) stops the run with that report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import glob
+import io
+import json
+import os
+import re
+import sys
+import zlib
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from data_pipeline.output import DatasetOutput, input_identity, write_atomic, write_json
+from data_pipeline.schema import DataError, DatasetSchema, SparseFeature, SplitInfo
+
+NUM_DENSE = 13
+NUM_SPARSE = 26
+LABEL = "label"
+DENSE = [f"int_{i}" for i in range(NUM_DENSE)]
+SPARSE = [f"cat_{i}" for i in range(NUM_SPARSE)]
+RAW_COLUMNS = [LABEL, *DENSE, *SPARSE]
+SPLITS = ("train", "valid", "test")
+MISSING_ID, RARE_ID = 0, 1  # vocabulary mode; frequent values get ids from 2
+VERSION = 1  # bump when the output of the same inputs and options changes
+MAX_REPORTED = 20  # malformed lines kept (with line numbers) per unit for the report
+_INTEGER = re.compile(r"^[+-]?[0-9]{1,18}$").pattern
+
+
+@dataclass(frozen=True)
+class CriteoOptions:
+    inputs: list[str]
+    out: str
+    num_embeddings: list[int] = field(default_factory=lambda: [10_000_000] * NUM_SPARSE)
+    """Hashing: the id space of each of the 26 features (MLPerf's max_ind_range, torchrec's
+    num_embeddings_per_feature). Ignored for the id space in vocabulary mode."""
+    min_count: int = 0
+    """0: hash. T > 0: a vocabulary of values seen at least T times on the train split."""
+    dense_transform: str = "log1p"
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    valid_files: str | None = None
+    test_files: str | None = None
+    seed: int = 0
+    max_bad_rows: int = 0
+    row_group_rows: int = 65_536
+    chunk_bytes: int = 256 << 20
+    workers: int = 0
+    """Processes per replica; 0 = every core."""
+
+    def provenance(self) -> dict:
+        settings = asdict(self)
+        for key in ("inputs", "out", "workers", "max_bad_rows"):  # not what is written
+            settings.pop(key)
+        return {"criteo": settings, "version": VERSION, "inputs": input_identity([Path(p) for p in self.inputs])}
+
+
+class BadRows(DataError):
+    """Too many malformed lines."""
+
+
+# ---- units of work -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Unit:
+    file_index: int
+    path: str
+    chunk: int
+    start: int
+    end: int  # -1: to the end of the file
+
+    @property
+    def key(self) -> str:
+        return f"{self.file_index:04d}-{self.chunk:04d}"
+
+    @property
+    def size(self) -> int:
+        return (os.path.getsize(self.path) if self.end < 0 else self.end) - self.start
+
+
+def _line_start_after(f, offset: int) -> int:
+    """The start of the first line that begins at or after `offset`."""
+    if offset == 0:
+        return 0
+    f.seek(offset - 1)
+    f.readline()
+    return f.tell()
+
+
+def plan_units(files: list[str], chunk_bytes: int) -> list[Unit]:
+    units = []
+    for index, path in enumerate(files):
+        size = os.path.getsize(path)
+        if path.endswith((".gz", ".bz2")) or size <= chunk_bytes:
+            units.append(Unit(index, path, 0, 0, -1))
+            continue
+        with open(path, "rb") as f:
+            starts = sorted({_line_start_after(f, k * chunk_bytes) for k in range(-(-size // chunk_bytes))})
+        starts = [s for s in starts if s < size]
+        units += [Unit(index, path, k, s, e) for k, (s, e) in enumerate(zip(starts, [*starts[1:], -1]))]
+    return units
+
+
+class _ByteRange(io.RawIOBase):
+    """A read-only view of bytes [start, end) of a file, for pyarrow's CSV reader."""
+
+    def __init__(self, path: str, start: int, end: int) -> None:
+        self.f = open(path, "rb")
+        self.f.seek(start)
+        self.left = end - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer)[: self.left]
+        n = self.f.readinto(view)
+        self.left -= n
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+# ---- parsing ------------------------------------------------------------------------------------
+
+_HEX = np.full(256, 255, np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+    _HEX[ord(chr(_c).upper())] = _i
+
+
+def _fnv1a(data: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for byte in data:
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def categorical_values(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Hex strings -> (uint64 values, missing mask), vectorised for the usual 8-digit case."""
+    column = column.cast(pa.string()) if column.type != pa.string() else column
+    n = len(column)
+    missing = column.is_null().to_numpy(zero_copy_only=False)
+    offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset : column.offset + n + 1]
+    data = np.frombuffer(column.buffers()[2], np.uint8) if column.buffers()[2] is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    missing |= lengths == 0
+    width = 8
+    values = np.zeros(n, np.uint64)
+    common = (lengths == width) & ~missing
+    if common.any():
+        chars = data[offsets[:-1][common, None] + np.arange(width)]
+        nibbles = _HEX[chars]
+        ok = (nibbles != 255).all(axis=1)
+        shifts = np.arange(4 * (width - 1), -1, -4, dtype=np.uint64)
+        decoded = (nibbles.astype(np.uint64) << shifts).sum(axis=1, dtype=np.uint64)
+        rows = np.flatnonzero(common)
+        values[rows[ok]] = decoded[ok]
+        common[rows[~ok]] = False
+    for row in np.flatnonzero(~common & ~missing):  # rare: other lengths or non-hex text
+        text = data[offsets[row] : offsets[row + 1]].tobytes()
+        try:
+            values[row] = int(text, 16) if len(text) <= 16 else _fnv1a(text)
+        except ValueError:
+            values[row] = _fnv1a(text)
+    return values, missing
+
+
+@dataclass
+class Parsed:
+    """The clean rows of one CSV block."""
+
+    split: np.ndarray  # int8 index into SPLITS
+    label: np.ndarray  # int8
+    dense: np.ndarray  # [n, 13] float32, transformed
+    values: np.ndarray  # [n, 26] uint64 raw categorical values
+    missing: np.ndarray  # [n, 26] bool
+
+
+@dataclass
+class UnitReport:
+    lines: int = 0
+    rows: dict = field(default_factory=lambda: {s: 0 for s in SPLITS})
+    bad: int = 0
+    examples: list = field(default_factory=list)  # (line in unit, reason)
+
+
+class _Parser:
+    """Streams one unit's clean rows; records malformed lines with their line numbers."""
+
+    def __init__(self, unit: Unit, opts: CriteoOptions) -> None:
+        self.unit = unit
+        self.opts = opts
+        self.report = UnitReport()
+        self.skipped_lines: list[int] = []  # physical lines (1-based, in unit) with a wrong field count
+        self.bad_good_rows: list[tuple[int, str]] = []  # (index among well-formed lines, reason)
+        name = os.path.basename(unit.path)
+        self.fixed_split = None
+        if opts.test_files and fnmatch.fnmatch(name, opts.test_files):
+            self.fixed_split = "test"
+        elif opts.valid_files and fnmatch.fnmatch(name, opts.valid_files):
+            self.fixed_split = "valid"
+        self.rng = np.random.default_rng([opts.seed, zlib.crc32(name.encode()), unit.chunk])
+
+    def _field_count(self, row) -> str:
+        """pyarrow's invalid-row handler (its exceptions are swallowed, so it answers "error")."""
+        self.skipped_lines.append(row.number)
+        return "error" if self._over_limit() else "skip"
+
+    def _over_limit(self) -> bool:
+        return len(self.skipped_lines) + len(self.bad_good_rows) > self.opts.max_bad_rows
+
+    def _check_limit(self) -> None:
+        if self._over_limit():
+            raise BadRows(self.message())
+
+    def _assign_splits(self, n: int) -> np.ndarray:
+        u = self.rng.random(n)
+        if self.fixed_split == "valid":
+            return np.full(n, 1, np.int8)
+        if self.fixed_split == "test":
+            return np.where(u < 0.5, 1, 2).astype(np.int8) if not self.opts.valid_files else np.full(n, 2, np.int8)
+        if self.opts.test_files or self.opts.valid_files:
+            return np.zeros(n, np.int8)
+        edges = np.cumsum(self.opts.split_fractions)[:-1]
+        return np.searchsorted(edges, u, side="right").astype(np.int8)
+
+    def _open(self):
+        if self.unit.end < 0 and self.unit.start == 0:
+            return self.unit.path  # pyarrow decompresses .gz / .bz2 by extension
+        end = self.unit.end if self.unit.end >= 0 else os.path.getsize(self.unit.path)
+        return io.BufferedReader(_ByteRange(self.unit.path, self.unit.start, end), 1 << 20)
+
+    def _reader(self) -> pacsv.CSVStreamingReader:
+        return pacsv.open_csv(
+            self._open(),
+            read_options=pacsv.ReadOptions(column_names=RAW_COLUMNS, block_size=8 << 20, use_threads=False),
+            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, invalid_row_handler=self._field_count),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in RAW_COLUMNS}, strings_can_be_null=True, null_values=[""]
+            ),
+        )
+
+    def __iter__(self) -> Iterator[Parsed]:
+        seen = 0
+        reader = None
+        while True:
+            try:
+                if reader is None:  # opening reads (and parses) the first block already
+                    reader = self._reader()
+                block = reader.read_next_batch()
+            except StopIteration:
+                break
+            except pa.ArrowInvalid as e:
+                self._check_limit()  # the handler stopped the reader: too many malformed lines
+                raise DataError(f"{self.unit.path}: cannot be parsed as Criteo TSV ({e})") from None
+            yield self._clean(block, seen)
+            seen += block.num_rows
+        self.report.lines = seen + len(self.skipped_lines)
+
+    def _clean(self, block: pa.RecordBatch, first: int) -> Parsed:
+        n = block.num_rows
+        ok = np.ones(n, bool)
+        label = block.column(LABEL)
+        is_label = pc.fill_null(pc.is_in(label, pa.array(["0", "1"])), False).to_numpy(zero_copy_only=False)
+        self._bad(~is_label & ok, first, lambda r: f"label {label[r].as_py()!r} is not 0 or 1")
+        ok &= is_label
+        dense = np.zeros((n, NUM_DENSE), np.float64)
+        for j, name in enumerate(DENSE):
+            column = block.column(name)
+            try:
+                numbers = pc.cast(column, pa.int64())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                well_formed = pc.fill_null(pc.match_substring_regex(column, _INTEGER), True).to_numpy(zero_copy_only=False)
+                self._bad(~well_formed & ok, first, lambda r, name=name, column=column: f"{name} {column[r].as_py()!r} is not an integer")
+                ok &= well_formed
+                numbers = pc.cast(pc.if_else(pa.array(well_formed), column, pa.scalar(None, pa.string())), pa.int64())
+            dense[:, j] = pc.fill_null(numbers, 0).to_numpy()
+        if self.opts.dense_transform == "log1p":
+            dense = np.log1p(np.maximum(dense, 0))
+        values = np.empty((n, NUM_SPARSE), np.uint64)
+        missing = np.empty((n, NUM_SPARSE), bool)
+        for j, name in enumerate(SPARSE):
+            values[:, j], missing[:, j] = categorical_values(block.column(name))
+        split = self._assign_splits(n)
+        keep = np.flatnonzero(ok)
+        labels = (label.to_numpy(zero_copy_only=False) == "1").astype(np.int8)
+        return Parsed(split[keep], labels[keep], dense[keep].astype(np.float32), values[keep], missing[keep])
+
+    def _bad(self, mask: np.ndarray, first: int, reason) -> None:
+        for row in np.flatnonzero(mask):
+            self.bad_good_rows.append((first + int(row), reason(int(row)) if len(self.bad_good_rows) < MAX_REPORTED else ""))
+        if mask.any():
+            self._check_limit()
+
+    def line_of(self, good_row: int) -> int:
+        """Physical line (1-based, in the unit) of the `good_row`-th well-formed line."""
+        line = good_row + 1
+        for skipped in sorted(self.skipped_lines):
+            if skipped <= line:
+                line += 1
+        return line
+
+    def finish(self) -> UnitReport:
+        report = self.report
+        report.bad = len(self.skipped_lines) + len(self.bad_good_rows)
+        examples = [(n, f"wrong number of fields (expected {len(RAW_COLUMNS)})") for n in self.skipped_lines[:MAX_REPORTED]]
+        examples += [(self.line_of(r), why) for r, why in self.bad_good_rows[:MAX_REPORTED]]
+        report.examples = sorted(examples)[:MAX_REPORTED]
+        return report
+
+    def message(self) -> str:
+        report = self.finish()
+        return (f"{report.bad} malformed lines in {self.unit.path} (more than --max-bad-rows {self.opts.max_bad_rows}): "
+                + "; ".join(_examples(self.unit, report.examples)))
+
+
+def _lines_before(path: str, offset: int) -> int:
+    """Newlines in the first `offset` bytes (to turn a unit's line numbers into the file's)."""
+    count = 0
+    with open(path, "rb") as f:
+        while offset > 0:
+            block = f.read(min(offset, 16 << 20))
+            count += block.count(b"\n")
+            offset -= len(block)
+    return count
+
+
+def _examples(unit: Unit, examples: list, limit: int = 5) -> list[str]:
+    """"file line N: reason" for a unit's malformed lines, with line numbers counted in the file."""
+    first = _lines_before(unit.path, unit.start) if unit.start and examples else 0
+    return [f"{unit.path} line {first + n}: {why}" for n, why in examples[:limit]]
+
+
+# ---- the two passes over one unit (run in worker processes) --------------------------------------
+
+def count_unit(unit: Unit, opts: CriteoOptions, out: str) -> UnitReport:
+    """Pass 1 (vocabulary mode): distinct values and their counts on the train rows of one unit."""
+    parser = _Parser(unit, opts)
+    counts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(NUM_SPARSE)]
+    for parsed in parser:
+        train = (parsed.split == 0)
+        for j in range(NUM_SPARSE):
+            present = parsed.values[train & ~parsed.missing[:, j], j]
+            counts[j].append(np.unique(present, return_counts=True))
+    arrays = {}
+    for j in range(NUM_SPARSE):
+        values, totals = _merge_counts(counts[j])
+        arrays[f"v{j}"], arrays[f"c{j}"] = values, totals
+    target = Path(out) / "_counts" / f"{unit.key}.npz"
+    write_atomic(target, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+    return parser.finish()
+
+
+def _merge_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if not parts:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    values, inverse = np.unique(np.concatenate([v for v, _ in parts]), return_inverse=True)
+    return values, np.bincount(inverse, weights=np.concatenate([c for _, c in parts]), minlength=len(values)).astype(np.int64)
+
+
+def _ids(parsed: Parsed, vocab: list[np.ndarray] | None, sizes: list[int]) -> np.ndarray:
+    ids = np.empty(parsed.values.shape, np.int64)
+    for j in range(NUM_SPARSE):
+        values = parsed.values[:, j]
+        if vocab is None:
+            ids[:, j] = np.where(parsed.missing[:, j], 0, values % np.uint64(sizes[j])).astype(np.int64)
+        else:
+            known = vocab[j]
+            index = np.searchsorted(known, values).clip(max=max(len(known) - 1, 0))
+            found = known[index] == values if len(known) else np.zeros(len(values), bool)
+            ids[:, j] = np.where(parsed.missing[:, j], MISSING_ID, np.where(found, index + 2, RARE_ID))
+    return ids
+
+
+def _table(parsed: Parsed, ids: np.ndarray, rows: np.ndarray) -> pa.Table:
+    columns = {LABEL: pa.array(parsed.label[rows], pa.int8())}
+    columns.update({name: pa.array(parsed.dense[rows, j]) for j, name in enumerate(DENSE)})
+    columns.update({name: pa.array(ids[rows, j]) for j, name in enumerate(SPARSE)})
+    return pa.table(columns)
+
+
+def write_unit(unit: Unit, opts: CriteoOptions, out: str, sizes: list[int]) -> UnitReport:
+    """Pass 2: write one unit's rows into per-split Parquet files, then its manifest."""
+    vocab = None
+    if opts.min_count:
+        with np.load(Path(out) / "vocabulary.npz") as saved:
+            vocab = [saved[name] for name in SPARSE]
+    parser = _Parser(unit, opts)
+    finals = {s: Path(out) / s / f"part-{unit.key}.parquet" for s in SPLITS}
+    temps = {s: p.with_name(f".{p.name}.tmp-{os.getpid()}") for s, p in finals.items()}
+    writers: dict[str, pq.ParquetWriter] = {}
+    pending: dict[str, list[pa.Table]] = {s: [] for s in SPLITS}
+    try:
+        for parsed in parser:
+            ids = _ids(parsed, vocab, sizes)
+            for index, split in enumerate(SPLITS):
+                rows = np.flatnonzero(parsed.split == index)
+                if len(rows) == 0:
+                    continue
+                pending[split].append(_table(parsed, ids, rows))
+                parser.report.rows[split] += len(rows)
+                if sum(t.num_rows for t in pending[split]) >= opts.row_group_rows:
+                    _flush(pending, split, writers, temps, opts.row_group_rows, final=False)
+        for split in SPLITS:
+            _flush(pending, split, writers, temps, opts.row_group_rows, final=True)
+            if split in writers:
+                writers.pop(split).close()
+                os.replace(temps[split], finals[split])
+    except BaseException:
+        for writer in writers.values():
+            writer.close()
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    report = parser.finish()
+    write_json(asdict(report), Path(out) / "_units" / f"{unit.key}.json")
+    return report
+
+
+def _flush(pending, split, writers, temps, row_group_rows: int, final: bool) -> None:
+    if not pending[split]:
+        return
+    table = pa.concat_tables(pending[split]).combine_chunks()
+    keep = table.num_rows if final else table.num_rows - table.num_rows % row_group_rows
+    if keep:
+        if split not in writers:
+            writers[split] = pq.ParquetWriter(temps[split], table.schema)
+        writers[split].write_table(table.slice(0, keep), row_group_size=row_group_rows)
+    pending[split] = [table.slice(keep)] if keep < table.num_rows else []
+
+
+# ---- orchestration ---------------------------------------------------------------------------------
+
+class _Replicas:
+    """This process's place among the replicas of a TorchX/torchrun job (a world of 1 otherwise)."""
+
+    def __init__(self) -> None:
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo")
+
+    def agree(self, ok: bool) -> bool:
+        """A barrier that also tells every replica whether all of them succeeded."""
+        if self.world == 1:
+            return ok
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if ok else 1])
+        dist.all_reduce(flag)
+        return int(flag) == 0
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run_units(fn, units: list[Unit], opts: CriteoOptions, out: str, done_dir: Path, label: str, show: bool, *args) -> None:
+    """Run `fn(unit, opts, out, *args)` over the units not yet done, in a process pool."""
+    todo = [u for u in units if not (done_dir / f"{u.key}.{'json' if done_dir.name == '_units' else 'npz'}").exists()]
+    if len(todo) < len(units) and show:
+        print(f"  {label}: {len(units) - len(todo)} of {len(units)} units already done, resuming")
+    workers = min(opts.workers or os.cpu_count() or 1, max(len(todo), 1))
+    bad = 0
+    bar = tqdm(total=sum(u.size for u in todo), unit="B", unit_scale=True, desc=label, disable=not show or not todo)
+    with bar, ProcessPoolExecutor(workers) as pool:
+        running = {pool.submit(fn, u, opts, out, *args): u for u in todo}
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                unit = running.pop(future)
+                report = future.result()  # re-raises BadRows / DataError from the worker
+                bar.update(unit.size)
+                bad += report.bad
+                if bad > opts.max_bad_rows:
+                    for other in running:
+                        other.cancel()
+                    raise BadRows(
+                        f"{bad} malformed lines so far (more than --max-bad-rows {opts.max_bad_rows}): "
+                        + "; ".join(_examples(unit, report.examples))
+                    )
+
+
+def _inputs(patterns: list[str]) -> list[str]:
+    files: list[str] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matched:
+            raise DataError(f"--input {pattern}: no file matches")
+        for path in matched:
+            if not os.path.isfile(path):
+                raise DataError(f"--input {path}: no such file")
+            if os.path.getsize(path) == 0:
+                raise DataError(f"--input {path}: the file is empty")
+        files += matched
+    return list(dict.fromkeys(os.path.abspath(f) for f in files))
+
+
+def prepare(opts: CriteoOptions, overwrite: bool = False, log=print) -> DatasetSchema:
+    files = _inputs(opts.inputs)
+    opts = CriteoOptions(**{**asdict(opts), "inputs": files})
+    if len(opts.num_embeddings) != NUM_SPARSE or min(opts.num_embeddings) <= 0:
+        raise DataError(f"--num-embeddings-per-feature needs {NUM_SPARSE} positive sizes")
+    output = DatasetOutput(opts.out, opts.provenance(), overwrite)
+    replicas = _Replicas()
+    main = replicas.rank == 0
+    try:
+        existing = output.up_to_date()
+        if existing is not None:
+            if main:
+                log(f"{opts.out}: up to date; not prepared again")
+            return existing
+        error: BaseException | None = None
+        if main:
+            try:
+                resuming = output.start()
+                for sub in (*SPLITS, "_units", "_counts"):
+                    (Path(opts.out) / sub).mkdir(exist_ok=True)
+                log(f"criteo: {len(files)} input files -> {opts.out}{' (resuming)' if resuming else ''}")
+            except BaseException as e:
+                error = e
+        if not replicas.agree(error is None):
+            raise error or DataError("replica 0 could not claim the output directory")
+        units = plan_units(files, opts.chunk_bytes)
+        mine = units[replicas.rank :: replicas.world]
+        sizes = list(opts.num_embeddings)
+        out = opts.out
+        if opts.min_count:
+            error = _guard(lambda: _run_units(count_unit, mine, opts, out, Path(out) / "_counts", "count values", main))
+            if not replicas.agree(error is None):
+                raise error or DataError("another replica failed while counting values")
+            if main:
+                error = _guard(lambda: _build_vocabulary(units, opts, log))
+            if not replicas.agree(error is None):
+                raise error or DataError("replica 0 failed to build the vocabulary")
+            with np.load(Path(out) / "vocabulary.npz") as saved:
+                sizes = [len(saved[name]) + 2 for name in SPARSE]
+        error = _guard(lambda: _run_units(write_unit, mine, opts, out, Path(out) / "_units", "write parquet", main, sizes))
+        if not replicas.agree(error is None):
+            raise error or DataError("another replica failed while writing")
+        schema = _finish(output, units, opts, sizes, log) if main else None
+        replicas.agree(True)
+        return schema or DatasetSchema.load(opts.out)
+    finally:
+        replicas.close()
+
+
+def _guard(fn) -> BaseException | None:
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 - handed to every replica, then re-raised
+        return e
+    return None
+
+
+def _build_vocabulary(units: list[Unit], opts: CriteoOptions, log) -> None:
+    counts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(NUM_SPARSE)]
+    for unit in units:
+        with np.load(Path(opts.out) / "_counts" / f"{unit.key}.npz") as saved:
+            for j in range(NUM_SPARSE):
+                counts[j].append((saved[f"v{j}"], saved[f"c{j}"]))
+    vocab = {}
+    for j, name in enumerate(SPARSE):
+        values, totals = _merge_counts(counts[j])
+        vocab[name] = values[totals >= opts.min_count]
+        counts[j] = []
+    write_atomic(Path(opts.out) / "vocabulary.npz", lambda tmp: np.savez(open(tmp, "wb"), **vocab))
+    log("  vocabulary (ids = values seen >= %d times, + missing, + rare): %s" % (
+        opts.min_count, ", ".join(f"{n} {len(v) + 2:,}" for n, v in vocab.items())))
+
+
+def _finish(output: DatasetOutput, units: list[Unit], opts: CriteoOptions, sizes: list[int], log) -> DatasetSchema:
+    rows = {s: 0 for s in SPLITS}
+    bad, lines, examples = 0, 0, []
+    for unit in units:
+        report = json.loads((Path(opts.out) / "_units" / f"{unit.key}.json").read_text())
+        for split in SPLITS:
+            rows[split] += report["rows"][split]
+        bad += report["bad"]
+        lines += report["lines"]
+        if len(examples) < MAX_REPORTED:
+            examples += _examples(unit, report["examples"], MAX_REPORTED)
+    for split in SPLITS:
+        if rows[split] == 0:
+            raise DataError(f"split '{split}' would be empty: check --split-fractions / --valid-files / --test-files")
+    schema = DatasetSchema(
+        root=output.root,
+        name="criteo",
+        label=LABEL,
+        dense=list(DENSE),
+        sparse=[SparseFeature(name, int(size)) for name, size in zip(SPARSE, sizes)],
+        splits={s: SplitInfo(path=s, rows=rows[s]) for s in SPLITS},
+        extra={
+            "ids": "vocabulary" if opts.min_count else "hash",
+            "vocabulary": "vocabulary.npz" if opts.min_count else None,
+            "lines": lines,
+            "malformed_lines": bad,
+            "malformed_examples": examples[:MAX_REPORTED],
+        },
+    )
+    schema = output.finish(schema)
+    for sub in ("_units", "_counts"):
+        for path in (Path(opts.out) / sub).glob("*"):
+            path.unlink()
+        (Path(opts.out) / sub).rmdir()
+    log(f"  {lines:,} lines: " + ", ".join(f"{s} {rows[s]:,}" for s in SPLITS) + f"; {bad} malformed lines skipped")
+    for example in examples[:5]:
+        log(f"    {example}")
+    return schema
+
+
+# ---- command line -----------------------------------------------------------------------------------
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="recsys prepare criteo", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, help="TSV files or globs (.gz allowed)")
+    parser.add_argument("--out", required=True, help="output dataset directory")
+    parser.add_argument("--num-embeddings", type=int, default=10_000_000, help="hash id space for every feature (MLPerf max_ind_range)")
+    parser.add_argument("--num-embeddings-per-feature", type=_ints, help="26 comma-separated hash id spaces")
+    parser.add_argument("--min-count", type=int, default=0, help="build a vocabulary of values seen >= this often on train (0: hash)")
+    parser.add_argument("--dense-transform", choices=["log1p", "none"], default="log1p")
+    parser.add_argument("--split-fractions", type=lambda s: tuple(float(x) for x in s.split(",")), default=(0.8, 0.1, 0.1))
+    parser.add_argument("--valid-files", help="glob on file names that make the valid split")
+    parser.add_argument("--test-files", help="glob on file names that make the test split (Terabyte: day_23*)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-bad-rows", type=int, default=0, help="malformed lines to skip before failing")
+    parser.add_argument("--row-group-rows", type=int, default=65_536)
+    parser.add_argument("--chunk-mb", type=float, default=256, help="uncompressed files are split into units of this size")
+    parser.add_argument("--workers", type=int, default=0, help="processes per replica (0: every core)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a different dataset at --out")
+    args = parser.parse_args(argv)
+    if len(args.split_fractions) != 3 or abs(sum(args.split_fractions) - 1) > 1e-6 or min(args.split_fractions) < 0:
+        parser.error("--split-fractions needs three non-negative fractions that sum to 1")
+    opts = CriteoOptions(
+        inputs=args.input,
+        out=args.out,
+        num_embeddings=args.num_embeddings_per_feature or [args.num_embeddings] * NUM_SPARSE,
+        min_count=args.min_count,
+        dense_transform=args.dense_transform,
+        split_fractions=args.split_fractions,
+        valid_files=args.valid_files,
+        test_files=args.test_files,
+        seed=args.seed,
+        max_bad_rows=args.max_bad_rows,
+        row_group_rows=args.row_group_rows,
+        chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
+        workers=args.workers,
+    )
+    try:
+        prepare(opts, overwrite=args.overwrite)
+    except (DataError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
