@@ -10,20 +10,27 @@ from data_pipeline.batch import Batch
 
 
 class RankingModel(nn.Module):
-    """Binary click model: weighted log loss over `model(batch.dense, batch.sparse)` logits.
+    """Pointwise model: weighted loss over `model(batch.dense, batch.sparse)` outputs.
 
-    Rows of weight 0 (evaluation padding) contribute nothing; the loss is the weighted mean.
+    The task comes from `dataset.json`: "binary" -> log loss on logits; "regression" -> squared
+    error on the raw output (metrics clip it to the label range). Rows of weight 0 (evaluation padding) contribute nothing; the loss is the weighted mean.
     `forward` only reads attributes of `batch` before calling the model, so the train pipeline's
     tracer can find the sharded embedding lookup's input (`batch.sparse`) and overlap its
     all-to-all with the previous step.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, task: str = "binary") -> None:
         super().__init__()
+        if task not in ("binary", "regression"):
+            raise ValueError(f"task '{task}' is not binary or regression")
         self.model = model
+        self.task = task
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         logits = self.model(batch.dense, batch.sparse).squeeze(-1)
-        losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+        if self.task == "binary":
+            losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+        else:
+            losses = (logits - batch.labels) ** 2
         loss = (losses * batch.weights).sum() / batch.weights.sum().clamp(min=1.0)
         return loss, (loss.detach(), logits.detach(), batch.labels, batch.weights)

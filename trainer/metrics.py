@@ -11,6 +11,32 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
 
+class RatingMetrics:
+    """RMSE and MAE of predictions clipped to the label range (e.g. 1-5 stars), weighted."""
+
+    def __init__(self, device: torch.device, label_range: list[float] | None = None) -> None:
+        self.squared = MeanMetric().to(device)
+        self.absolute = MeanMetric().to(device)
+        self.label_range = label_range
+
+    @torch.no_grad()
+    def update(self, predictions: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> None:
+        if self.label_range:
+            predictions = predictions.clamp(*self.label_range)
+        real = weights > 0
+        errors = predictions[real].float() - labels[real].float()
+        self.squared.update(errors**2, weights[real])
+        self.absolute.update(errors.abs(), weights[real])
+
+    def compute(self) -> dict[str, float]:
+        return {"rmse": math.sqrt(self.squared.compute().item()), "mae": self.absolute.compute().item()}
+
+
+def task_metrics(task: str, device: torch.device, label_range: list[float] | None = None, auroc_thresholds: int = 0):
+    """The metrics of a dataset's task; the first key of `compute()` is the headline metric."""
+    return ClickMetrics(device, auroc_thresholds) if task == "binary" else RatingMetrics(device, label_range)
+
+
 class ClickMetrics:
     """AUC, log loss and normalised entropy (log loss / entropy of the base CTR) of a split."""
 

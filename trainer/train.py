@@ -24,7 +24,7 @@ from data_pipeline.schema import DataError, DatasetSchema, check_files
 from models import build_model
 from trainer.config import Config
 from trainer.distributed import DistEnv, describe_plan, plan_sharding, shard_model
-from trainer.metrics import ClickMetrics
+from trainer.metrics import task_metrics
 from trainer.optim import apply_sparse_optimizer, build_optimizer
 from trainer.run_log import RunLog
 
@@ -103,7 +103,7 @@ class Trainer:
     def evaluate(self, split: str) -> dict[str, float]:
         """Score every row of `split` once (ranks pad to equal batch counts; padding is not scored)."""
         self.model.eval()
-        metrics = ClickMetrics(self.env.device, self.cfg.training.auroc_thresholds)
+        metrics = task_metrics(self.schema.task, self.env.device, self.schema.label_range, self.cfg.training.auroc_thresholds)
         batches = iter(self.eval_data[split])
         while True:
             try:
@@ -151,7 +151,7 @@ class Trainer:
                     valid = self.evaluate("valid")
                     self.log.record("valid", self.step, epoch=epoch, **valid)
                     if main:
-                        progress.write(f"step {self.step}: valid auc {valid['auc']:.4f} logloss {valid['logloss']:.4f}")
+                        progress.write(f"step {self.step}: valid " + _format(valid))
         test = self.evaluate("test")
         self.log.record("test", self.step, **test)
 
@@ -174,8 +174,11 @@ class Trainer:
         self.log.write_file("summary.json", json.dumps(summary, indent=2) + "\n")
         self.log.close()
         if main:
-            oracle = f" (oracle {summary['oracle_auc']:.4f})" if summary["oracle_auc"] else ""
-            print(f"test auc {test['auc']:.4f}{oracle} logloss {test['logloss']:.4f} ne {test['ne']:.4f} | "
-                  f"valid auc {valid.get('auc', float('nan')):.4f} | {summary['samples_per_s']:,.0f} samples/s "
+            oracle = f" (oracle auc {summary['oracle_auc']:.4f})" if summary["oracle_auc"] else ""
+            print(f"test {_format(test)}{oracle} | valid {_format(valid)} | {summary['samples_per_s']:,.0f} samples/s "
                   f"| {self.step} steps | summary: {self.log.dir / 'summary.json'}")
         return summary
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return " ".join(f"{name} {value:.4f}" for name, value in metrics.items() if name != "ctr")

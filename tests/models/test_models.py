@@ -36,3 +36,15 @@ def test_unknown_model_name(tmp_path, tiny_table):
     schema = write_dataset(tmp_path, {"train": [tiny_table]}, TINY_SPARSE, ["d0", "d1"])
     with pytest.raises(ValueError, match="not one of"):
         build_model(ModelConfig(name="nope"), schema, torch.device("cpu"), torch.device("cpu"))
+
+
+def test_regression_task_uses_weighted_squared_error(tmp_path, tiny_table):
+    table = tiny_table.set_column(0, "label", tiny_table.column("label").cast("float32"))
+    schema = write_dataset(tmp_path, {"train": [table]}, TINY_SPARSE, ["d0", "d1"])
+    schema.task = "regression"
+    (batch,) = list(ParquetBatches(schema, "train", batch_size=5))
+    batch.labels = torch.tensor([1.0, 5.0, 3.5, 2.0, 4.0])
+    batch.weights[4] = 0
+    model = build_model(ModelConfig(embedding_dim=4, dense_arch_layer_sizes=[4]), schema, torch.device("cpu"), torch.device("cpu"))
+    loss, (_, predictions, _, _) = model(batch)
+    torch.testing.assert_close(loss, ((predictions[:4] - batch.labels[:4]) ** 2).mean())
