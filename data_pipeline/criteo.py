@@ -515,9 +515,10 @@ class _Replicas:
             dist.destroy_process_group()
 
 
-def _run_units(fn, units: list[Unit], opts: CriteoOptions, out: str, done_dir: Path, label: str, show: bool, *args) -> None:
-    """Run `fn(unit, opts, out, *args)` over the units not yet done, in a process pool."""
-    todo = [u for u in units if not (done_dir / f"{u.key}.{'json' if done_dir.name == '_units' else 'npz'}").exists()]
+def _run_units(fn, units: list[Unit], opts: CriteoOptions, out: str, done: str, label: str, show: bool, *args) -> None:
+    """Run `fn(unit, opts, out, *args)` in a process pool over the units whose `done` file
+    (a format string of the unit key, under `out`) does not exist yet."""
+    todo = [u for u in units if not (Path(out) / done.format(u.key)).exists()]
     if len(todo) < len(units) and show:
         print(f"  {label}: {len(units) - len(todo)} of {len(units)} units already done, resuming")
     workers = min(opts.workers or os.cpu_count() or 1, max(len(todo), 1))
@@ -586,7 +587,7 @@ def prepare(opts: CriteoOptions, overwrite: bool = False, log=print) -> DatasetS
         sizes = list(opts.num_embeddings)
         out = opts.out
         if opts.min_count:
-            error = _guard(lambda: _run_units(count_unit, mine, opts, out, Path(out) / "_counts", "count values", main))
+            error = _guard(lambda: _run_units(count_unit, mine, opts, out, "_counts/{}.npz", "count values", main))
             if not replicas.agree(error is None):
                 raise error or DataError("another replica failed while counting values")
             if main:
@@ -595,7 +596,7 @@ def prepare(opts: CriteoOptions, overwrite: bool = False, log=print) -> DatasetS
                 raise error or DataError("replica 0 failed to build the vocabulary")
             with np.load(Path(out) / "vocabulary.npz") as saved:
                 sizes = [len(saved[name]) + 2 for name in SPARSE]
-        error = _guard(lambda: _run_units(write_unit, mine, opts, out, Path(out) / "_units", "write parquet", main, sizes))
+        error = _guard(lambda: _run_units(write_unit, mine, opts, out, "_units/{}.json", "write parquet", main, sizes))
         if not replicas.agree(error is None):
             raise error or DataError("another replica failed while writing")
         schema = _finish(output, units, opts, sizes, log) if main else None
