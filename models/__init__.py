@@ -10,14 +10,18 @@ from torch import nn
 
 from data_pipeline.schema import DatasetSchema
 from models.config import ModelConfig
+from models.deepfm import build_deepfm
 from models.dlrm import build_dlrm
 from models.ranking import RankingModel
+from models.wide_deep import build_wide_deep
 
 ModelBuilder = Callable[[ModelConfig, DatasetSchema, torch.device, torch.device], nn.Module]
 
 MODELS: dict[str, ModelBuilder] = {
     "dlrm": build_dlrm,
     "dlrm_dcn": build_dlrm,
+    "wide_deep": build_wide_deep,
+    "deepfm": build_deepfm,
 }
 
 

@@ -4,27 +4,50 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+DLRM_MODELS = ("dlrm", "dlrm_dcn")
+DEEP_MODELS = ("wide_deep", "deepfm")
+
 
 @dataclass
 class ModelConfig:
     name: str = "dlrm"
-    """Registered model name: see `models.MODELS` (dlrm, dlrm_dcn)."""
+    """Registered model name: see `models.MODELS` (dlrm, dlrm_dcn, wide_deep, deepfm)."""
     embedding_dim: int = 16
-    """Embedding size of every table (DLRM's interaction needs one size for all)."""
+    """Embedding size of every table (DLRM's interaction and DeepFM's FM need one size for all)."""
     dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 16])
-    """Bottom MLP over the dense features; its last size must equal embedding_dim."""
+    """dlrm, dlrm_dcn: bottom MLP over the dense features; its last size must equal embedding_dim."""
     over_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 32, 1])
-    """Top MLP over the feature interactions; its last size must be 1 (one logit)."""
+    """dlrm, dlrm_dcn: top MLP over the feature interactions; its last size must be 1 (one logit)."""
     dcn_num_layers: int = 3
     """dlrm_dcn only: number of low-rank cross layers."""
     dcn_low_rank_dim: int = 16
     """dlrm_dcn only: rank of each cross layer."""
+    deep_layer_sizes: list[int] = field(default_factory=lambda: [256, 128])
+    """wide_deep, deepfm: hidden layers of the deep MLP over [dense features, embeddings]; a last
+    layer to one logit is added."""
+    dropout: float = 0.0
+    """wide_deep, deepfm: dropout after each hidden layer of the deep MLP (0: none)."""
+    batch_norm: bool = False
+    """wide_deep, deepfm: BatchNorm after each hidden linear layer of the deep MLP."""
+    wide_lr: float = 0.05
+    """wide_deep only: learning rate of the wide (linear) part's own Adagrad, fused into its
+    tables' backward; the deep tables keep optimizer.sparse and the MLPs optimizer.dense, as in
+    the paper, where the wide part is trained by a per-coordinate method (FTRL) of its own."""
 
     def __post_init__(self) -> None:
-        if self.dense_arch_layer_sizes[-1] != self.embedding_dim:
-            raise ValueError(
-                f"model.dense_arch_layer_sizes must end in model.embedding_dim ({self.embedding_dim}), "
-                f"got {self.dense_arch_layer_sizes}"
-            )
-        if self.over_arch_layer_sizes[-1] != 1:
-            raise ValueError(f"model.over_arch_layer_sizes must end in 1, got {self.over_arch_layer_sizes}")
+        # Each check only for the models that read the field, so every model works with the defaults.
+        if self.name in DLRM_MODELS:
+            if self.dense_arch_layer_sizes[-1] != self.embedding_dim:
+                raise ValueError(
+                    f"model.dense_arch_layer_sizes must end in model.embedding_dim ({self.embedding_dim}), "
+                    f"got {self.dense_arch_layer_sizes}"
+                )
+            if self.over_arch_layer_sizes[-1] != 1:
+                raise ValueError(f"model.over_arch_layer_sizes must end in 1, got {self.over_arch_layer_sizes}")
+        if self.name in DEEP_MODELS:
+            if any(size <= 0 for size in self.deep_layer_sizes):
+                raise ValueError(f"model.deep_layer_sizes must be positive, got {self.deep_layer_sizes}")
+            if not 0.0 <= self.dropout < 1.0:
+                raise ValueError(f"model.dropout must lie in [0, 1), got {self.dropout}")
+        if self.name == "wide_deep" and self.wide_lr <= 0:
+            raise ValueError(f"model.wide_lr must be positive, got {self.wide_lr}")

@@ -23,10 +23,24 @@ def _kwargs(name: str, lr: float, eps: float) -> dict:
     return {"lr": lr} if name == "sgd" else {"lr": lr, "eps": eps}
 
 
+SPARSE_OPTIMIZER_HINT = "sparse_optimizer"
+"""Optional attribute of an EmbeddingBagCollection, set by the model: `{"name": ..., "lr": ...}`
+(either key may be left out) to train that collection's tables with another sparse optimizer or
+rate than the configured one."""
+
+
 def apply_sparse_optimizer(model: nn.Module, name: str, lr: float, eps: float) -> None:
+    """Fuse optimizer `name` at `lr` into every EmbeddingBagCollection's backward, or what the
+    collection's `SPARSE_OPTIMIZER_HINT` asks for. The hint lets a model train some tables
+    differently (Wide&Deep's wide part: its own Adagrad and rate, as in the paper) from its own
+    config, so the trainer never switches on model names."""
     for module in model.modules():
         if isinstance(module, EmbeddingBagCollection):
-            apply_optimizer_in_backward(SPARSE[name], module.parameters(), _kwargs(name, lr, eps))
+            hint = getattr(module, SPARSE_OPTIMIZER_HINT, None) or {}
+            module_name, module_lr = hint.get("name", name), hint.get("lr", lr)
+            if module_name not in SPARSE:
+                raise ValueError(f"sparse optimizer '{module_name}' is not one of: {', '.join(SPARSE)}")
+            apply_optimizer_in_backward(SPARSE[module_name], module.parameters(), _kwargs(module_name, module_lr, eps))
 
 
 def build_optimizer(model: nn.Module, dense: str, lr: float, eps: float) -> CombinedOptimizer:

@@ -1,0 +1,122 @@
+"""Wide & Deep (Cheng et al. 2016): a linear model over the sparse ids and their crosses, trained
+jointly with an MLP over embeddings and dense features; logit = wide + deep.
+
+The wide part trains with its own Adagrad at `model.wide_lr` (the paper uses FTRL, another
+per-coordinate method): its collection carries a hint that `trainer.optim.apply_sparse_optimizer`
+honours. The deep tables get `optimizer.sparse`, the MLP and the dense linear term `optimizer.dense`.
+
+`SparseLinear` and `deep_mlp` are shared with DeepFM (its first-order term and deep part).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.models.deepfm import SparseArch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from data_pipeline.schema import DatasetSchema, SparseFeature
+from models.config import ModelConfig
+
+LINEAR_WIDTH = 4
+"""Stored width of a linear (one weight per id) table. fbgemm's sharded kernels need rows of a
+multiple of 4 floats, so a width-1 table cannot be sharded; each weight is kept as 4 copies that
+start at 0 and get the same gradient, so they stay equal, and the model reads their mean. Under
+Adagrad (plain or rowwise; both scale-free in the gradient) each copy, and so the mean, moves as a
+width-1 weight would (eps aside); plain SGD would move it 4 times slower."""
+
+
+def crossed_features(schema: DatasetSchema) -> set[str]:
+    """Features named `a_x_b[_x_c]` whose parts are features too: the crosses that
+    `recsys prepare tabular --cross` writes. They feed the wide part only, as in the paper."""
+    names = set(schema.sparse_names)
+    return {n for n in names if "_x_" in n and all(part in names for part in n.split("_x_"))}
+
+
+def embedding_tables(features: list[SparseFeature], dim: int) -> list[EmbeddingBagConfig]:
+    """One `t_<name>` table per feature; multi-hot bags are averaged so a vector does not grow
+    with the list length."""
+    return [
+        EmbeddingBagConfig(
+            name=f"t_{f.name}",
+            feature_names=[f.name],
+            num_embeddings=f.num_embeddings,
+            embedding_dim=dim,
+            pooling=PoolingType.MEAN if f.multi_hot else PoolingType.SUM,
+        )
+        for f in features
+    ]
+
+
+def deep_mlp(in_features: int, layer_sizes: list[int], dropout: float, batch_norm: bool, device: torch.device) -> nn.Sequential:
+    """Linear [-> BatchNorm] -> ReLU [-> Dropout] per hidden layer, then a linear layer to one logit."""
+    layers: list[nn.Module] = []
+    for size in layer_sizes:
+        layers.append(nn.Linear(in_features, size, device=device))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(size, device=device))
+        layers.append(nn.ReLU())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        in_features = size
+    layers.append(nn.Linear(in_features, 1, device=device))
+    return nn.Sequential(*layers)
+
+
+class SparseLinear(nn.Module):
+    """A linear model: one weight per id of every feature (summed over a multi-hot bag), plus a
+    linear term on the dense features. Output [B, 1], no bias (the deep part has one).
+
+    The weights are an EmbeddingBagCollection of `<prefix>_<name>` tables, so they shard like
+    any table; they start at 0, as a linear model trained online does."""
+
+    def __init__(self, features: list[SparseFeature], num_dense: int, prefix: str,
+                 dense_device: torch.device, sparse_device: torch.device) -> None:
+        super().__init__()
+        tables = [
+            EmbeddingBagConfig(
+                name=f"{prefix}_{f.name}",
+                feature_names=[f.name],
+                num_embeddings=f.num_embeddings,
+                embedding_dim=LINEAR_WIDTH,
+                pooling=PoolingType.SUM,
+                init_fn=nn.init.zeros_,
+            )
+            for f in features
+        ]
+        self.embedding_bag_collection = EmbeddingBagCollection(tables=tables, device=sparse_device)
+        self.dense = nn.Linear(num_dense, 1, bias=False, device=dense_device) if num_dense else None
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        weights = self.embedding_bag_collection(sparse).values()  # [B, F * LINEAR_WIDTH]
+        out = weights.sum(dim=1, keepdim=True) / LINEAR_WIDTH  # the mean of equal copies
+        if self.dense is not None:
+            out = out + self.dense(dense)
+        return out
+
+
+class WideDeep(nn.Module):
+    """forward(dense [B, n_dense], sparse KJT) -> logits [B, 1] = wide + deep."""
+
+    def __init__(self, cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> None:
+        super().__init__()
+        num_dense = len(schema.dense)
+        self.wide = SparseLinear(schema.sparse, num_dense, "wide", dense_device, sparse_device)
+        self.wide.embedding_bag_collection.sparse_optimizer = {"name": "adagrad", "lr": cfg.wide_lr}  # see trainer.optim
+        crosses = crossed_features(schema)
+        deep_features = [f for f in schema.sparse if f.name not in crosses]
+        ebc = EmbeddingBagCollection(tables=embedding_tables(deep_features, cfg.embedding_dim), device=sparse_device)
+        self.sparse_arch = SparseArch(ebc)  # the name DLRM and torchrec's DeepFM use for the deep tables
+        in_features = num_dense + len(deep_features) * cfg.embedding_dim
+        self.deep = deep_mlp(in_features, cfg.deep_layer_sizes, cfg.dropout, cfg.batch_norm, dense_device)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        embedded = self.sparse_arch(sparse).values()  # [B, F * D]; the tables ignore the cross keys
+        deep = self.deep(torch.cat([dense, embedded], dim=1))
+        return self.wide(dense, sparse) + deep
+
+
+def build_wide_deep(cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> WideDeep:
+    return WideDeep(cfg, schema, dense_device, sparse_device)
