@@ -27,22 +27,61 @@ MODEL_PARALLEL_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise
 SHARDING_TYPES = (*MODEL_PARALLEL_TYPES, "data_parallel")
 
 
+LR_SCHEDULES = ("constant", "linear", "cosine", "plateau")
+
+
 @dataclass
 class OptimizerConfig:
     dense: str = "adam"
-    """Optimizer of the dense (data-parallel) MLPs: adam, adagrad or sgd."""
+    """Optimizer of the dense (data-parallel) MLPs: adam, adamw, adagrad or sgd."""
     dense_lr: float = 1e-3
     sparse: str = "rowwise_adagrad"
     """Optimizer fused into the embedding tables' backward: rowwise_adagrad, adagrad or sgd."""
     sparse_lr: float = 0.05
+    table_lr: list[str] = field(default_factory=list)
+    """Per-table sparse learning rates overriding sparse_lr, as "table=lr" (e.g. "t_user_id=0.1")."""
     eps: float = 1e-8
     """Epsilon of the (rowwise) Adagrad and Adam updates."""
+    weight_decay: float = 0.0
+    """Weight decay of the dense parameters (decoupled for adamw, L2 otherwise); tables get none."""
+    grad_clip_norm: float = 0.0
+    """Clip the dense gradients to this global norm (0: off). Fused table updates happen inside
+    the backward pass and are not clipped."""
+    lr_schedule: str = "constant"
+    """Learning-rate schedule of every optimizer (dense and fused sparse) after warmup: constant,
+    linear or cosine decay to min_lr_ratio at the last step, or plateau (ReduceLROnPlateau on the
+    validation metric)."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 over this many steps."""
+    min_lr_ratio: float = 0.0
+    """linear/cosine: the final learning rate as a fraction of the initial one."""
+    plateau_factor: float = 0.5
+    """plateau: multiply the learning rates by this when the validation metric stops improving."""
+    plateau_patience: int = 0
+    """plateau: evaluations without improvement before the rates drop."""
 
     def __post_init__(self) -> None:
-        if self.dense not in ("adam", "adagrad", "sgd"):
-            raise ValueError(f"optimizer.dense must be adam, adagrad or sgd, got '{self.dense}'")
+        if self.dense not in ("adam", "adamw", "adagrad", "sgd"):
+            raise ValueError(f"optimizer.dense must be adam, adamw, adagrad or sgd, got '{self.dense}'")
         if self.sparse not in ("rowwise_adagrad", "adagrad", "sgd"):
             raise ValueError(f"optimizer.sparse must be rowwise_adagrad, adagrad or sgd, got '{self.sparse}'")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"optimizer.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip_norm < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("optimizer: warmup_steps, weight_decay, grad_clip_norm must be >= 0, min_lr_ratio in [0, 1]")
+        self.table_lrs()  # validate the "table=lr" entries now
+
+    def table_lrs(self) -> dict[str, float]:
+        rates = {}
+        for entry in self.table_lr:
+            table, sep, lr = entry.partition("=")
+            try:
+                rates[table.strip()] = float(lr)
+            except ValueError:
+                sep = ""
+            if not sep or not table.strip():
+                raise ValueError(f"optimizer.table_lr entries look like 't_user_id=0.1', got '{entry}'")
+        return rates
 
 
 @dataclass
@@ -79,10 +118,15 @@ class TrainingConfig:
     progress_bar: bool = True
     auroc_thresholds: int = 0
     """0: exact AUC (keeps every score); N: binned AUC over N thresholds, for huge eval sets."""
+    early_stopping_patience: int = 0
+    """Stop when the validation metric (auc, or rmse for regression) has not improved for this many
+    evaluations in a row (0: never stop early)."""
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.max_steps < 0 or self.eval_every < 0 or self.log_every <= 0:
             raise ValueError("training: epochs and log_every must be positive; max_steps and eval_every >= 0")
+        if self.early_stopping_patience < 0:
+            raise ValueError("training.early_stopping_patience must be >= 0")
 
 
 @dataclass

@@ -57,3 +57,31 @@ class ClickMetrics:
         auc, logloss, ctr = self.auc.compute().item(), self.logloss.compute().item(), self.ctr.compute().item()
         entropy = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr)) if 0 < ctr < 1 else float("nan")
         return {"auc": auc, "logloss": logloss, "ne": logloss / entropy, "ctr": ctr}
+
+
+class BestValidation:
+    """Tracks the best validation result and how many evaluations have passed without beating it.
+
+    The headline metric is the first one a task's metrics report (auc: higher is better; rmse:
+    lower is better). `should_stop` turns true after `patience` evaluations without improvement
+    (never, with patience 0).
+    """
+
+    def __init__(self, higher_is_better: bool, patience: int = 0) -> None:
+        self.higher_is_better, self.patience = higher_is_better, patience
+        self.metrics: dict[str, float] = {}
+        self.step: int | None = None
+        self.evals_since_best = 0
+
+    def update(self, metrics: dict[str, float], step: int) -> bool:
+        """Record one evaluation; True if it is the best so far."""
+        value, best = next(iter(metrics.values())), next(iter(self.metrics.values()), None)
+        if best is None or (value > best if self.higher_is_better else value < best):
+            self.metrics, self.step, self.evals_since_best = dict(metrics), step, 0
+            return True
+        self.evals_since_best += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return 0 < self.patience <= self.evals_since_best

@@ -7,16 +7,19 @@ runs the same update as a backward hook, which is what lets tests compare the tw
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.clipping import GradientClipping, GradientClippingOptimizer
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 SPARSE = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
-DENSE = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+DENSE = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
 
 
 def _kwargs(name: str, lr: float, eps: float) -> dict:
@@ -29,24 +32,84 @@ SPARSE_OPTIMIZER_HINT = "sparse_optimizer"
 rate than the configured one."""
 
 
-def apply_sparse_optimizer(model: nn.Module, name: str, lr: float, eps: float) -> None:
+def apply_sparse_optimizer(model: nn.Module, name: str, lr: float, eps: float, table_lr: dict[str, float] | None = None) -> None:
     """Fuse optimizer `name` at `lr` into every EmbeddingBagCollection's backward, or what the
-    collection's `SPARSE_OPTIMIZER_HINT` asks for. The hint lets a model train some tables
-    differently (Wide&Deep's wide part: its own Adagrad and rate, as in the paper) from its own
-    config, so the trainer never switches on model names."""
+    collection's `SPARSE_OPTIMIZER_HINT` asks for; `table_lr` overrides the rate of single tables
+    (by table name). The hint lets a model train some tables differently (Wide&Deep's wide part:
+    its own Adagrad and rate, as in the paper) from its own config, so the trainer never switches
+    on model names. Tables with different rates become separate fused kernels after sharding."""
+    table_lr = dict(table_lr or {})
     for module in model.modules():
         if isinstance(module, EmbeddingBagCollection):
             hint = getattr(module, SPARSE_OPTIMIZER_HINT, None) or {}
             module_name, module_lr = hint.get("name", name), hint.get("lr", lr)
             if module_name not in SPARSE:
                 raise ValueError(f"sparse optimizer '{module_name}' is not one of: {', '.join(SPARSE)}")
-            apply_optimizer_in_backward(SPARSE[module_name], module.parameters(), _kwargs(module_name, module_lr, eps))
+            for table, bag in module.embedding_bags.items():
+                rate = table_lr.pop(table, module_lr)
+                apply_optimizer_in_backward(SPARSE[module_name], bag.parameters(), _kwargs(module_name, rate, eps))
+    if table_lr:
+        raise ValueError(f"optimizer.table_lr names tables the model does not have: {', '.join(sorted(table_lr))}")
 
 
-def build_optimizer(model: nn.Module, dense: str, lr: float, eps: float) -> CombinedOptimizer:
+def build_optimizer(model: nn.Module, dense: str, lr: float, eps: float, weight_decay: float = 0.0,
+                    grad_clip_norm: float = 0.0) -> CombinedOptimizer:
     """Dense optimizer over every parameter not already updated in backward, combined with the
-    sharded model's fused optimizer (so one `step`/`zero_grad`/`state_dict` covers both)."""
+    sharded model's fused optimizer (so one `step`/`zero_grad`/`state_dict` covers both).
+    Clipping (torchrec's GradientClippingOptimizer) sees the dense gradients after DDP's
+    all-reduce, so every rank clips the same global norm."""
     params = dict(in_backward_optimizer_filter(model.named_parameters(), include=False))
-    dense_opt = KeyedOptimizerWrapper(params, lambda p: DENSE[dense](p, **_kwargs(dense, lr, eps)))
+    kwargs = {**_kwargs(dense, lr, eps), "weight_decay": weight_decay}
+    dense_opt = KeyedOptimizerWrapper(params, lambda p: DENSE[dense](p, **kwargs))
+    if grad_clip_norm > 0:
+        dense_opt = GradientClippingOptimizer(dense_opt, clipping=GradientClipping.NORM, max_gradient=grad_clip_norm)
     fused = getattr(model, "fused_optimizer", None)
     return CombinedOptimizer([fused, dense_opt] if fused is not None else [dense_opt])
+
+
+def lr_multiplier(step: int, total_steps: int, schedule: str, warmup_steps: int, min_lr_ratio: float) -> float:
+    """The factor on the initial learning rates at `step` (0-based): linear warmup, then constant
+    or linear/cosine decay to `min_lr_ratio` at `total_steps` ("plateau" decays elsewhere)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule not in ("linear", "cosine") or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    decay = 1 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1 - min_lr_ratio) * decay
+
+
+class LearningRates:
+    """Every optimizer's learning rate over the run (dense and fused sparse alike: torchrec's fused
+    optimizer applies a changed param-group lr at its next step).
+
+    Warmup and linear/cosine decay are a per-step LambdaLR; "plateau" is torch's ReduceLROnPlateau
+    on the validation metric, and the LambdaLR stops after warmup so it does not undo the drops.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, schedule: str, warmup_steps: int,
+                 min_lr_ratio: float, plateau_factor: float, plateau_patience: int, higher_is_better: bool) -> None:
+        self.schedule, self.warmup_steps = schedule, warmup_steps
+        self.optimizer = optimizer
+        self.per_step = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, total_steps, schedule, warmup_steps, min_lr_ratio)
+        )
+        self.on_plateau = None
+        if schedule == "plateau":
+            self.on_plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max" if higher_is_better else "min", factor=plateau_factor, patience=plateau_patience
+            )
+        self.steps = 0
+
+    def after_step(self) -> None:
+        self.steps += 1
+        if self.schedule != "plateau" or self.steps <= self.warmup_steps:
+            self.per_step.step()
+
+    def after_eval(self, metric: float) -> None:
+        if self.on_plateau is not None and self.steps >= self.warmup_steps:
+            self.on_plateau.step(metric)
+
+    def current(self) -> float:
+        """The dense optimizer's learning rate now (the last param group), for the logs."""
+        return self.optimizer.param_groups[-1]["lr"]
