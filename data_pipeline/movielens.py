@@ -64,7 +64,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from data_pipeline.output import DatasetOutput, input_identity, write_json, write_parquet
+from data_pipeline.output import DatasetOutput, input_identity, row_group_size, write_json, write_parquet
 from data_pipeline.schema import DataError, DatasetSchema, SparseFeature, SplitInfo
 
 VERSION = 1  # bump when features or layout change, so stale datasets are not reported up to date
@@ -511,7 +511,7 @@ def prepare(input_dir: str | Path, out: str | Path, opts: MovieLensOptions = Mov
     output.start()
     splits = {}
     for name, table in tables.items():
-        write_parquet(table, output.split_dir(name) / "part-00000.parquet", opts.row_group_rows)
+        write_parquet(table, output.split_dir(name) / "part-00000.parquet", row_group_size(table.num_rows, opts.row_group_rows))
         splits[name] = SplitInfo(path=name, rows=table.num_rows)
     write_json(t, output.root / TRANSFORMS_FILE)
     items_table = item_features(items_sorted, t)

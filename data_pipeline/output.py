@@ -36,6 +36,17 @@ def write_atomic(path: Path, write) -> None:
         raise
 
 
+MIN_ROW_GROUPS = 64
+
+
+def row_group_size(rows: int, limit: int) -> int:
+    """Rows per row group for a file of `rows`: at most `limit`, and small enough for the file to
+    have about MIN_ROW_GROUPS of them. Row groups are the unit shared out to ranks and loader
+    workers, so a small split cut into few big groups leaves ranks with unequal shares (and, in
+    training, every rank stops at the smallest share)."""
+    return min(limit, max(256, -(-rows // MIN_ROW_GROUPS)))
+
+
 def write_parquet(table: pa.Table, path: Path, row_group_rows: int) -> None:
     """Write `table` as one Parquet file, atomically."""
     write_atomic(path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_rows))

@@ -54,7 +54,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from data_pipeline.output import DatasetOutput, input_identity, write_json, write_parquet
+from data_pipeline.output import DatasetOutput, input_identity, row_group_size, write_json, write_parquet
 from data_pipeline.schema import DataError, DatasetSchema, SparseFeature, SplitInfo
 
 VERSION = 1  # bump when the transforms change meaning, so stale datasets are not reported up to date
@@ -614,7 +614,7 @@ def prepare(input_path: str | Path, out: str | Path, options: TabularOptions, ov
     for name, part in parts.items():
         file = output.split_dir(name) / "part-00000.parquet"
         if not (resuming and file.is_file()):  # a finished file of the same dataset is kept
-            write_parquet(part, file, options.row_group_rows)
+            write_parquet(part, file, row_group_size(part.num_rows, options.row_group_rows))
     write_json(transforms.to_json(), output.root / TRANSFORMS_FILE)
     train_y = parts["train"].column(LABEL).to_numpy()
     schema = DatasetSchema(
