@@ -16,10 +16,16 @@ class DataConfig:
     num_workers: int = 1
     """DataLoader worker processes per rank (0 reads in the training process)."""
     shuffle: bool = True
-    """Shuffle training row groups and the rows inside each, anew every epoch."""
+    """Shuffle training row groups and mix their rows (see shuffle_buffer_rows), anew every epoch."""
+    shuffle_buffer_rows: int = 131_072
+    """Training rows each loader worker mixes at a time (rows of several row groups): the batches of
+    a random permutation of at least this many rows. Memory per worker is about this many rows plus
+    one row group (~350 bytes a row for Criteo-shaped data). At least one batch is always mixed."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
             raise ValueError("data.batch_size and data.eval_batch_size must be positive")
         if self.num_workers < 0:
             raise ValueError("data.num_workers must be >= 0")
+        if self.shuffle_buffer_rows < 0:
+            raise ValueError("data.shuffle_buffer_rows must be >= 0")

@@ -3,28 +3,43 @@
 How work is split (the same on every rank, computed from Parquet footers, no collective needed):
   - the split's row groups are listed in file order and, when shuffling, permuted by (seed, epoch);
   - rank r of W takes every W-th row group, and DataLoader worker w of K every K-th of those;
-  - each worker streams its row groups into batches of exactly `batch_size` rows.
+  - each worker streams its row groups, one at a time, into batches of exactly `batch_size` rows.
+Shuffling also mixes rows across row groups, in a bounded buffer: a worker reads row groups until
+it holds at least `shuffle_buffer_rows` rows (never more than that plus one row group), emits all
+the full batches of a random permutation of those rows, and carries the rest (less than a batch)
+into the next window. Inside a batch, rows come grouped by the row group they were drawn from (a
+batch's loss is a mean: only which rows share a batch matters). Everything is seeded by (seed,
+epoch, rank, worker), so a run can be repeated exactly with the same number of ranks and workers.
+
 Every rank yields the same number of batches, because sharded embedding lookups are collectives
 and one rank with an extra batch would hang the others:
   - training (`drop_last=True`) drops each worker's final partial batch and stops every rank at the
     smallest per-rank count, so up to about (batch_size x workers) rows per rank are skipped per epoch;
   - evaluation (`drop_last=False`) pads the final partial batch, and ranks with fewer batches
     add all-padding batches, with weight-0 rows, so every row is scored exactly once.
+
+Workers hand batches to the training process through a small ring of shared-memory slots per
+worker instead of a fresh shared-memory segment per batch (see `RankLoader`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.batch import Batch, pad_batch, table_to_batch
+from data_pipeline.batch import Batch, BatchLayout, RowStore, Runs, pad_batch
 from data_pipeline.schema import DataError, DatasetSchema, check_files, check_row_group
+
+DEFAULT_SHUFFLE_BUFFER_ROWS = 131_072  # the default of data.shuffle_buffer_rows
 
 
 @dataclass(frozen=True)
@@ -59,9 +74,12 @@ class ParquetBatches(IterableDataset):
         shuffle: bool = False,
         drop_last: bool = True,
         seed: int = 0,
+        shuffle_buffer_rows: int = DEFAULT_SHUFFLE_BUFFER_ROWS,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if shuffle_buffer_rows < 0:
+            raise ValueError(f"shuffle_buffer_rows must be >= 0, got {shuffle_buffer_rows}")
         self.schema = schema
         self.split = split
         self.batch_size = batch_size
@@ -72,8 +90,10 @@ class ParquetBatches(IterableDataset):
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.seed = seed
+        self.shuffle_buffer_rows = shuffle_buffer_rows
         self.epoch = 0
         self.row_groups = list_row_groups(check_files(schema, split))
+        self.transport: _Transport | None = None  # set by RankLoader for the workers it starts
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for a new epoch (call before iterating; same value on every rank)."""
@@ -99,50 +119,159 @@ class ParquetBatches(IterableDataset):
         counts = [self.batches_of(r) for r in range(self.world_size)]
         return min(counts) if self.drop_last else max(counts)
 
-    def _read(self, index: int, files: dict[Path, pq.ParquetFile]) -> pa.Table:
+    def window_rows(self) -> int:
+        """Rows a worker gathers before it emits batches: the shuffle buffer, at least one batch."""
+        return max(self.shuffle_buffer_rows, self.batch_size) if self.shuffle else self.batch_size
+
+    def _read(self, index: int) -> pa.Table:
         group = self.row_groups[index]
-        if group.file not in files:
-            files[group.file] = pq.ParquetFile(group.file)
         try:
-            table = files[group.file].read_row_group(group.index, columns=self.schema.columns())
+            # Opened per row group: a kept-open file holds on to its last pre-buffered row group, so
+            # memory would grow with the number of files. pre_buffer: one coalesced read per row
+            # group (also pyarrow.parquet.read_table's default). use_threads=False: one core per
+            # worker; parallelism comes from the workers, not Arrow's thread pool.
+            with pq.ParquetFile(group.file, pre_buffer=True) as file:
+                table = file.read_row_group(group.index, columns=self.schema.columns(), use_threads=False)
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{group}: cannot be read ({e})") from None
         check_row_group(self.schema, table, str(group))
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            table = table.take(rng.permutation(table.num_rows))
         return table
 
-    def __iter__(self) -> Iterator[Batch]:
+    def row_batches(self, worker: int) -> Iterator[tuple[RowStore, Runs]]:
+        """(store, rows) for each batch of this rank's `worker`: full batches, then, if `drop_last`
+        is off, the last partial one. The rows are valid until the next item is asked for."""
+        indices = self.assignment(self.rank, worker)
+        target = self.window_rows()
+        largest = max((self.row_groups[i].rows for i in indices), default=0)
+        store = RowStore(self.schema, capacity=target - 1 + largest)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        blocks: list[list[int]] = []  # [next, end) of each row group in the store
+        for n, index in enumerate(indices):
+            table = self._read(index)
+            blocks.append([store.rows, store.rows + table.num_rows])
+            store.append(table, rng.permutation(table.num_rows) if self.shuffle else None)
+            if store.rows >= target or n == len(indices) - 1:
+                yield from self._drain(store, blocks, rng)
+        if store.rows and not self.drop_last:
+            yield store, [(0, store.rows)]
+
+    def _drain(
+        self, store: RowStore, blocks: list[list[int]], rng: np.random.Generator
+    ) -> Iterator[tuple[RowStore, Runs]]:
+        """Emit every full batch the store holds; keep the rest (less than a batch) for later.
+
+        Shuffled, each block (row group) was stored in random order, so drawing a batch's count
+        from each block by sampling rows without replacement (multivariate hypergeometric) and
+        taking that many rows from the block's front gives batches distributed exactly as those of
+        a random permutation of all the rows, while reading contiguous runs of memory.
+        """
+        b, full = self.batch_size, store.rows // self.batch_size
+        if not self.shuffle:
+            for i in range(full):
+                yield store, [(i * b, (i + 1) * b)]
+            store.keep(slice(full * b, store.rows))
+        else:
+            for _ in range(full):
+                counts = rng.multivariate_hypergeometric([end - next for next, end in blocks], b)
+                yield store, [(block[0], block[0] + c) for block, c in zip(blocks, counts) if c]
+                for block, c in zip(blocks, counts):
+                    block[0] += c
+            store.keep(rng.permutation(_runs(blocks)))  # the rest, as one block in random order
+        blocks[:] = [[0, store.rows]]
+
+    def __iter__(self) -> Iterator[Batch | SharedBatch]:
         info = get_worker_info()
         worker = 0 if info is None else info.id
         if (0 if info is None else info.num_workers) != self.num_workers:
-            raise RuntimeError(f"built for {self.num_workers} loader workers, run with {info and info.num_workers}")
-        files: dict[Path, pq.ParquetFile] = {}
-        pending: list[pa.Table] = []
-        pending_rows = 0
-        for index in self.assignment(self.rank, worker):
-            pending.append(self._read(index, files))
-            pending_rows += self.row_groups[index].rows
-            if pending_rows < self.batch_size:
-                continue
-            table = pa.concat_tables(pending)
-            start = 0
-            while table.num_rows - start >= self.batch_size:
-                yield table_to_batch(table.slice(start, self.batch_size), self.schema)
-                start += self.batch_size
-            pending = [table.slice(start)]
-            pending_rows = table.num_rows - start
-        if pending_rows and not self.drop_last:
-            last = table_to_batch(pa.concat_tables(pending), self.schema)
-            yield pad_batch(last, self.batch_size, self.schema)
+            raise RuntimeError(
+                f"built for {self.num_workers} loader workers, run with {info and info.num_workers}"
+            )
+        ring = None
+        if info is not None and self.transport is not None:
+            ring = _Ring(worker, self.transport.free[worker], self.transport.slots)
+        for store, runs in self.row_batches(worker):
+            full = sum(stop - start for start, stop in runs) == self.batch_size
+            item = ring.put(store, runs) if ring is not None and full else None
+            if item is None:
+                item = store.batch(runs)
+                if not full:
+                    item = pad_batch(item, self.batch_size, self.schema)
+            yield item
+
+
+def _runs(ranges: list[list[int]]) -> np.ndarray:
+    """The row indices of [start, stop) ranges, in order."""
+    return np.concatenate([np.arange(start, stop) for start, stop in ranges] or [np.arange(0)])
+
+
+# ---- worker -> training process transport -----------------------------------------------------
+
+@dataclass
+class _Transport:
+    free: list[SimpleQueue]  # per worker: slots the training process has copied out
+    slots: int  # ring slots per worker
+
+
+@dataclass
+class SharedBatch:
+    """A batch waiting in slot `slot` of worker `worker`'s ring; `ring` is sent once per worker."""
+
+    worker: int
+    slot: int
+    layout: BatchLayout
+    length_per_key: list[int]
+    ring: torch.Tensor | None
+
+    def pin_memory(self) -> "SharedBatch":
+        return self  # the DataLoader's pin thread must not copy the ring; RankLoader pins the copy
+
+
+class _Ring:
+    """Worker side of a ring of shared-memory batch slots.
+
+    Handing a tensor to the training process normally moves it into a fresh shared-memory segment:
+    the worker allocates, zero-fills and copies it, and the other side maps it and takes a page
+    fault per page, which costs about as much as decoding the batch. A ring is allocated once per
+    worker (with slots for every batch that can be in flight) and then only slot numbers travel;
+    the training process copies each batch out and hands its slot back through `free`. If no slot
+    is free or a batch does not fit, the batch goes the normal way.
+    """
+
+    def __init__(self, worker: int, free: SimpleQueue, slots: int) -> None:
+        self.worker, self.free, self.slots = worker, free, slots
+        self.buffer: torch.Tensor | None = None
+        self.idle: list[int] = []
+        self.sent = False
+
+    def put(self, store: RowStore, runs: Runs) -> SharedBatch | None:
+        layout, counts = store.plan(runs)
+        if self.buffer is None:
+            # Size slots from the first batch, with room for 50% more ids; 64-byte aligned.
+            roomy = BatchLayout(layout.rows, layout.num_dense, layout.num_keys, layout.num_values * 3 // 2)
+            slot_bytes = -(-roomy.nbytes // 64) * 64
+            self.buffer = torch.empty(self.slots, slot_bytes, dtype=torch.uint8).share_memory_()
+            self.idle = list(range(self.slots))
+        while not self.free.empty():
+            self.idle.append(self.free.get())
+        if not self.idle or layout.nbytes > self.buffer.shape[1]:
+            return None
+        slot = self.idle.pop()
+        store.fill(runs, layout, counts, self.buffer[slot].numpy())
+        ring, self.sent = (None if self.sent else self.buffer), True
+        return SharedBatch(self.worker, slot, layout, counts, ring)
 
 
 class RankLoader:
-    """A DataLoader over `ParquetBatches` that yields exactly `len(self)` batches on every rank."""
+    """A DataLoader over `ParquetBatches` that yields exactly `len(self)` batches on every rank.
+
+    With workers, batches arrive through per-worker shared-memory rings (see `_Ring`): each is
+    copied out into private memory, or straight into pinned memory when `pin_memory` (the copy the
+    pin thread would otherwise make), and its slot is handed back at once.
+    """
 
     def __init__(self, dataset: ParquetBatches, pin_memory: bool = False) -> None:
         self.dataset = dataset
+        self.pin_memory = pin_memory
         self.loader = DataLoader(
             dataset,
             batch_size=None,  # the dataset yields whole batches
@@ -158,8 +287,26 @@ class RankLoader:
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[Batch]:
+        free = [mp.SimpleQueue() for _ in range(self.dataset.num_workers)]
+        if free:
+            # Set before the workers start, so each inherits its queue. Enough slots for every
+            # batch a worker can have in flight: prefetched, being received, being written.
+            self.dataset.transport = _Transport(free, slots=self.loader.prefetch_factor + 2)
         batches = iter(self.loader)
+        self.dataset.transport = None  # the workers have their copy; in-process iteration needs none
+        rings: dict[int, torch.Tensor] = {}
+        keys = self.dataset.schema.sparse_names
         for _ in range(len(self)):
-            batch = next(batches, None)
-            # Only evaluation can run short here (training stops at the smallest count).
-            yield batch if batch is not None else pad_batch(None, self.dataset.batch_size, self.dataset.schema)
+            item = next(batches, None)
+            if isinstance(item, SharedBatch):
+                if item.ring is not None:
+                    rings[item.worker] = item.ring
+                buf = torch.empty(item.layout.nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+                # numpy: one thread (torch's copy_ would wake its OpenMP pool, which then spins)
+                np.copyto(buf.numpy(), rings[item.worker][item.slot, : item.layout.nbytes].numpy())
+                free[item.worker].put(item.slot)
+                item = item.layout.batch(buf, keys, item.length_per_key)
+            elif item is None:  # only evaluation can run short here (training stops at the smallest count)
+                item = pad_batch(None, self.dataset.batch_size, self.dataset.schema)
+                item = item.pin_memory() if self.pin_memory else item
+            yield item

@@ -24,8 +24,8 @@ from data_pipeline.schema import DataError, DatasetSchema, check_files
 from models import build_model
 from trainer.config import Config
 from trainer.distributed import DistEnv, describe_plan, plan_sharding, shard_model
-from trainer.metrics import task_metrics
-from trainer.optim import apply_sparse_optimizer, build_optimizer
+from trainer.metrics import BestValidation, task_metrics
+from trainer.optim import LearningRates, apply_sparse_optimizer, build_optimizer
 from trainer.run_log import RunLog
 
 SPLITS = ("train", "valid", "test")
@@ -47,7 +47,8 @@ class Trainer:
         data = cfg.data
         common = dict(schema=schema, rank=env.rank, world_size=env.world_size, num_workers=data.num_workers, seed=cfg.training.seed)
         pin = env.device.type == "cuda"
-        self.train_data = RankLoader(ParquetBatches(split="train", batch_size=data.batch_size, shuffle=data.shuffle, drop_last=True, **common), pin)
+        self.train_data = RankLoader(ParquetBatches(split="train", batch_size=data.batch_size, shuffle=data.shuffle, drop_last=True,
+                                                    shuffle_buffer_rows=data.shuffle_buffer_rows, **common), pin)
         self.eval_data = {
             split: RankLoader(ParquetBatches(split=split, batch_size=data.eval_batch_size, shuffle=False, drop_last=False, **common), pin)
             for split in ("valid", "test")
@@ -61,17 +62,26 @@ class Trainer:
 
         model = build_model(cfg.model, schema, dense_device=env.device, sparse_device=torch.device("meta"))
         opt = cfg.optimizer
-        apply_sparse_optimizer(model, opt.sparse, opt.sparse_lr, opt.eps)
+        apply_sparse_optimizer(model, opt.sparse, opt.sparse_lr, opt.eps, opt.table_lrs())
         sharding = cfg.sharding
         self.plan = plan_sharding(model, env, data.batch_size, sharding.sharding_types, sharding.hbm_cap_gb, sharding.ddr_cap_gb)
         self.model = shard_model(model, env, self.plan)
-        self.optimizer = build_optimizer(self.model, opt.dense, opt.dense_lr, opt.eps)
+        self.optimizer = build_optimizer(self.model, opt.dense, opt.dense_lr, opt.eps, opt.weight_decay, opt.grad_clip_norm)
         pipeline = TrainPipelineSparseDist if cfg.training.pipelined else TrainPipelineBase
         self.pipeline = pipeline(self.model, self.optimizer, env.device)
 
         self.log = RunLog(cfg.run_dir, enabled=env.is_main)
         self.step = 0
         self.train_time = 0.0
+        self.steps_per_epoch = []
+        for epoch in range(cfg.training.epochs):
+            self.train_data.set_epoch(epoch)
+            self.steps_per_epoch.append(len(self.train_data))
+        every_step = sum(self.steps_per_epoch)
+        self.total_steps = min(every_step, cfg.training.max_steps or every_step)
+        self.higher_is_better = schema.task == "binary"  # the headline metric: auc up, rmse down
+        self.lr = LearningRates(self.optimizer, self.total_steps, opt.lr_schedule, opt.warmup_steps, opt.min_lr_ratio,
+                                opt.plateau_factor, opt.plateau_patience, self.higher_is_better)
 
     # ---- phases -------------------------------------------------------------------------------
     def train_steps(self, batches: Iterator[Batch], progress: tqdm) -> None:
@@ -86,6 +96,7 @@ class Trainer:
             except StopIteration:
                 break
             self.step += 1
+            self.lr.after_step()
             loss_sum += torch.stack([loss.float(), torch.ones((), device=loss.device)])
             progress.update(1)
             if self.step % every == 0:
@@ -93,7 +104,7 @@ class Trainer:
                 now = time.perf_counter()
                 rate = loss_sum[1].item() / self.env.world_size * self.global_batch / (now - last)
                 mean_loss = (loss_sum[0] / loss_sum[1]).item()
-                self.log.record("train", self.step, loss=mean_loss, samples_per_s=rate)
+                self.log.record("train", self.step, loss=mean_loss, samples_per_s=rate, lr=self.lr.current())
                 progress.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:,.0f}")
                 loss_sum.zero_()
                 last = now
@@ -130,21 +141,18 @@ class Trainer:
         self.log.write_file("config.toml", cfg.to_toml())
         self.log.write_file("plan.txt", plan_text + "\n")
 
-        steps_per_epoch = []
-        for epoch in range(t.epochs):
-            self.train_data.set_epoch(epoch)
-            steps_per_epoch.append(len(self.train_data))
-        total = min(sum(steps_per_epoch), t.max_steps or sum(steps_per_epoch))
+        total = self.total_steps
         valid: dict[str, float] = {}
+        best = BestValidation(self.higher_is_better, t.early_stopping_patience)
         # `with`: the bar is closed (and its line ended) even when a phase raises.
         with tqdm(total=total, unit="step", disable=not (main and t.progress_bar), dynamic_ncols=True) as progress:
             for epoch in range(t.epochs):
-                if self.step >= total:
+                if self.step >= total or best.should_stop:
                     break
                 self.train_data.set_epoch(epoch)
                 batches = iter(self.train_data)
-                left = steps_per_epoch[epoch]
-                while left > 0 and self.step < total:
+                left = self.steps_per_epoch[epoch]
+                while left > 0 and self.step < total and not best.should_stop:
                     n = min(left, t.eval_every or left, total - self.step)
                     self.train_steps(itertools.islice(batches, n), progress)
                     left -= n
@@ -152,6 +160,11 @@ class Trainer:
                     self.log.record("valid", self.step, epoch=epoch, **valid)
                     if main:
                         progress.write(f"step {self.step}: valid " + _format(valid))
+                    self.lr.after_eval(next(iter(valid.values())))
+                    best.update(valid, self.step)
+                    if best.should_stop and main:
+                        progress.write(f"early stop at step {self.step}: no better valid {next(iter(valid))} "
+                                       f"for {best.evals_since_best} evaluations (best at step {best.step})")
         test = self.evaluate("test")
         self.log.record("test", self.step, **test)
 
@@ -167,6 +180,9 @@ class Trainer:
             "samples_per_s": round(self.step * self.global_batch / max(self.train_time, 1e-9), 1),
             "valid": valid,
             "test": test,
+            "best_valid": best.metrics,
+            "best_valid_step": best.step,
+            "stopped_early": best.should_stop,
             "oracle_auc": self.schema.splits["test"].oracle_auc,
             "valid_oracle_auc": self.schema.splits["valid"].oracle_auc,
             "sharding_plan": plan_text.splitlines()[1:],

@@ -1,7 +1,10 @@
 import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 
+from data_pipeline import reader
+from data_pipeline.batch import BatchLayout, RowStore, table_to_batch
 from data_pipeline.reader import ParquetBatches, RankLoader
 from data_pipeline.schema import SparseFeature
 from tests.conftest import TINY_SPARSE, write_dataset
@@ -20,6 +23,7 @@ def test_batch_tensors_are_exact(tmp_path, tiny_table):
     # key-major: a's lengths (null id -> 0), then m's (empty and null lists -> 0)
     assert kjt.lengths().tolist() == [1, 0, 1, 1, 1, 2, 0, 0, 1, 3]
     assert kjt.values().tolist() == [3, 0, 9, 1, 1, 2, 4, 5, 6, 7]
+    assert kjt.length_per_key() == [4, 6]  # given by the reader, so no device sync computes it
     assert kjt["m"].to_dense()[4].tolist() == [5, 6, 7]
 
 
@@ -73,3 +77,163 @@ def test_training_batches_equal_across_ranks_and_workers(tmp_path):
         seen += [int(x) for b in batches for x in b.dense[:, 0]]
     assert len(seen) == len(set(seen))  # shuffled, but no row twice
     assert len(seen) > 2300 - 2 * 2 * 64  # at most one partial batch dropped per worker
+
+
+# ---- exactness through the worker transport ----------------------------------------------------
+
+def _nulls_table(start: int, n: int) -> pa.Table:
+    """Rows numbered by `row`, with null and empty lists, null ids and null dense values."""
+    ids = np.arange(start, start + n)
+    return pa.table({
+        "label": pa.array(ids % 2, pa.int8()),
+        "row": pa.array(ids.astype(np.float32)),
+        "d": pa.array([None if i % 7 == 0 else float(i % 5) for i in ids], pa.float32()),
+        "a": pa.array([None if i % 4 == 0 else int(i % 50) for i in ids], pa.int64()),
+        "m": pa.array([None if i % 5 == 0 else [int(i % 50)] * int(i % 3) for i in ids], pa.list_(pa.int64())),
+    })
+
+
+NULLS_SPARSE = [SparseFeature("a", 50), SparseFeature("m", 50, True)]
+
+
+def _rows(batches) -> dict[int, tuple]:
+    """row number -> (label, dense, ids per key) of every real (weight > 0) row."""
+    out = {}
+    for b in batches:
+        features = b.sparse.to_dict()
+        offsets = {k: torch.cat([torch.zeros(1, dtype=torch.long), jt.lengths().cumsum(0)]) for k, jt in features.items()}
+        # the KJT carries its per-key counts (so a device needs no sync); they must match the lengths
+        assert b.sparse.length_per_key() == [int(jt.lengths().sum()) for jt in features.values()]
+        for i in torch.nonzero(b.weights > 0).flatten().tolist():
+            ids = tuple(tuple(features[k].values()[offsets[k][i] : offsets[k][i + 1]].tolist()) for k in features)
+            row = int(b.dense[i, 0])
+            assert row not in out, f"row {row} twice"
+            out[row] = (float(b.labels[i]), tuple(b.dense[i].tolist()), ids)
+    return out
+
+
+def _expected_row(i: int) -> tuple:
+    a = () if i % 4 == 0 else (i % 50,)
+    m = () if i % 5 == 0 else (i % 50,) * (i % 3)
+    return float(i % 2), (float(i), 0.0 if i % 7 == 0 else float(i % 5)), (a, m)
+
+
+def _nulls_dataset(tmp_path, split="valid"):
+    tables = [_nulls_table(0, 1000), _nulls_table(1000, 750), _nulls_table(1750, 550)]
+    return write_dataset(tmp_path, {split: tables}, NULLS_SPARSE, ["row", "d"], row_group_rows=100)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_every_row_exact_through_worker_rings(tmp_path, monkeypatch, shuffle):
+    schema = _nulls_dataset(tmp_path)
+    received = []  # ring batches are turned into Batches here, in this process
+    original = BatchLayout.batch
+    monkeypatch.setattr(BatchLayout, "batch", lambda self, *a: received.append(1) or original(self, *a))
+    dataset = ParquetBatches(schema, "valid", batch_size=96, num_workers=2, shuffle=shuffle, drop_last=False, shuffle_buffer_rows=300)
+    rows = _rows(RankLoader(dataset))
+    assert rows == {i: _expected_row(i) for i in range(2300)}
+    assert len(received) >= len(dataset) - 2  # all but each worker's padded last batch came by ring
+
+
+def test_batches_go_the_normal_way_when_no_ring_slot_is_free(tmp_path, monkeypatch):
+    schema = _nulls_dataset(tmp_path)
+    monkeypatch.setattr(reader._Ring, "put", lambda self, store, runs: None)  # inherited by the forked workers
+    rows = _rows(RankLoader(ParquetBatches(schema, "valid", batch_size=96, num_workers=2, drop_last=False)))
+    assert rows == {i: _expected_row(i) for i in range(2300)}
+
+
+def test_table_to_batch_matches_the_reader(tmp_path, tiny_table):
+    schema = write_dataset(tmp_path, {"train": [tiny_table]}, TINY_SPARSE, ["d0", "d1"])
+    (read,) = list(ParquetBatches(schema, "train", batch_size=5, shuffle=False))
+    direct = table_to_batch(tiny_table, schema)
+    for name in ("dense", "labels", "weights"):
+        torch.testing.assert_close(getattr(direct, name), getattr(read, name))
+    assert direct.sparse.lengths().tolist() == read.sparse.lengths().tolist()
+    assert direct.sparse.values().tolist() == read.sparse.values().tolist()
+    assert direct.sparse.length_per_key() == [4, 6]
+
+
+# ---- the shuffle buffer --------------------------------------------------------------------------
+
+def _row_order(schema, split="train", **kwargs) -> list[list[int]]:
+    dataset = ParquetBatches(schema, split, batch_size=64, shuffle=True, **kwargs)
+    return [[int(x) for x in b.dense[b.weights > 0, 0]] for b in dataset]
+
+
+def _rows_dataset(tmp_path):
+    tables = [_rows_table(0, 1000), _rows_table(1000, 750), _rows_table(1750, 550)]
+    return write_dataset(tmp_path, {"train": tables}, [SparseFeature("a", 50), SparseFeature("m", 50, True)], ["row"], row_group_rows=100)
+
+
+def test_shuffle_buffer_mixes_rows_of_several_row_groups(tmp_path):
+    schema = _rows_dataset(tmp_path)
+    mixed = _row_order(schema, shuffle_buffer_rows=400)
+    groups = [len({row // 100 for row in batch}) for batch in mixed]
+    assert min(groups) >= 3  # 64 rows drawn from 4-5 row groups of 100
+    # a batch is a random sample of its window, not runs of neighbouring rows
+    assert all(sorted(batch) != list(range(min(batch), min(batch) + 64)) for batch in mixed)
+
+
+def test_a_window_is_shuffled_uniformly(tmp_path):
+    schema = _rows_dataset(tmp_path)
+    batches = _row_order(schema, shuffle_buffer_rows=10_000)  # one window: every row
+    assert len({row // 100 for row in batches[0]}) >= 15  # of 23 row groups (about 22 expected)
+    means = [np.mean(batch) for batch in batches]  # no drift from early rows to late ones
+    assert abs(np.mean(means[:10]) - np.mean(means[-10:])) < 300 and np.std(means) < 200
+
+
+def test_shuffle_is_deterministic_per_seed_and_epoch(tmp_path):
+    schema = _rows_dataset(tmp_path)
+    first = _row_order(schema, shuffle_buffer_rows=400, seed=1)
+    assert _row_order(schema, shuffle_buffer_rows=400, seed=1) == first
+    assert _row_order(schema, shuffle_buffer_rows=400, seed=2) != first
+    dataset = ParquetBatches(schema, "train", batch_size=64, shuffle=True, shuffle_buffer_rows=400, seed=1)
+    dataset.set_epoch(1)
+    second = [[int(x) for x in b.dense[:, 0]] for b in dataset]
+    assert second != first
+    assert sorted(sum(second, [])) != sorted(sum(first, []))  # even the rows dropped differ
+
+
+@pytest.mark.parametrize("buffer_rows", [0, 150, 400, 10_000])
+def test_shuffle_keeps_every_row_exactly_once(tmp_path, buffer_rows):
+    schema = _rows_dataset(tmp_path)
+    seen, counts = [], []
+    for rank in range(2):
+        dataset = ParquetBatches(schema, "train", batch_size=64, rank=rank, world_size=2, num_workers=2, shuffle=True,
+                                 drop_last=False, shuffle_buffer_rows=buffer_rows, seed=5)
+        batches = list(RankLoader(dataset))
+        counts.append(len(batches))
+        seen += [int(x) for b in batches for x in b.dense[b.weights > 0, 0]]
+    assert counts[0] == counts[1]
+    assert sorted(seen) == list(range(2300))
+
+
+def test_shuffle_buffer_holds_at_most_its_size_plus_one_row_group(tmp_path, monkeypatch):
+    schema = _rows_dataset(tmp_path)  # row groups of at most 100 rows
+    held = []
+    original = RowStore.append
+    monkeypatch.setattr(RowStore, "append", lambda self, *a: (original(self, *a), held.append((self.rows, self.capacity))))
+    rows = sum(len(batch) for batch in _row_order(schema, shuffle_buffer_rows=250))
+    assert rows == 2300 // 64 * 64
+    assert max(r for r, _ in held) > 250  # it did fill up...
+    assert all(r <= 250 + 100 and capacity <= 250 + 100 for r, capacity in held)  # ...and no further
+
+
+def test_row_store_refuses_rows_beyond_its_capacity(tmp_path):
+    schema = _rows_dataset(tmp_path)
+    store = RowStore(schema, capacity=150)
+    store.append(_rows_table(0, 100))
+    with pytest.raises(ValueError, match="cannot add 100"):
+        store.append(_rows_table(100, 100))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_pinned_batches_from_workers(tmp_path):
+    schema = _nulls_dataset(tmp_path)
+    batches = list(RankLoader(ParquetBatches(schema, "valid", batch_size=96, num_workers=2, drop_last=False), pin_memory=True))
+    for b in batches:
+        assert b.dense.is_pinned() and b.labels.is_pinned() and b.weights.is_pinned()
+        assert b.sparse.values().is_pinned() and b.sparse.lengths().is_pinned()
+    moved = batches[0].to(torch.device("cuda"), non_blocking=True)
+    assert moved.sparse.values().is_cuda
+    assert _rows(batches) == {i: _expected_row(i) for i in range(2300)}
