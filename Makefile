@@ -31,5 +31,10 @@ demo: install data/synthetic/dataset.json
 test: install
 	$(BIN)/python -m pytest -q tests
 
+# Benchmarks print ratios against a reference measured in the same run (see BENCHMARKS.md).
+bench: install
+	$(BIN)/python benchmarks/bench_reader.py --quick
+	$(BIN)/python benchmarks/bench_prepare_criteo.py --lines 1000000
+
 clean:
 	rm -rf $(VENV) data runs
