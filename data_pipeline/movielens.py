@@ -67,7 +67,7 @@ import pyarrow.parquet as pq
 from data_pipeline.output import DatasetOutput, input_identity, row_group_size, write_json, write_parquet
 from data_pipeline.schema import DataError, DatasetSchema, SparseFeature, SplitInfo
 
-VERSION = 1  # bump when features or layout change, so stale datasets are not reported up to date
+VERSION = 2  # bump when features or layout change, so stale datasets are not reported up to date
 GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
     "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
@@ -87,6 +87,11 @@ SPLITS = ("train", "valid", "test")
 SPARSE = ("user_id", "movie_id", "age_bucket", "gender", "occupation", "zip_prefix", "release_year", "genres")
 DENSE = ("age_z", "release_year_z", "user_log_count_z", "movie_log_count_z")
 TRANSFORMS_FILE = "transforms.json"
+# Which columns describe the user and which the item (for two-tower models).
+TOWERS = {
+    "user": ["user_id", "age_bucket", "gender", "occupation", "zip_prefix", "age_z", "user_log_count_z"],
+    "item": ["movie_id", "release_year", "genres", "release_year_z", "movie_log_count_z"],
+}
 
 
 @dataclass(frozen=True)
@@ -539,6 +544,7 @@ def prepare(input_dir: str | Path, out: str | Path, opts: MovieLensOptions = Mov
             "items": "items.parquet",
             "users": "users.parquet",
             "positives": {name: int((split_of == s).sum()) for s, name in enumerate(SPLITS)},
+            "towers": TOWERS,
         },
     )
     return output.finish(schema)

@@ -13,6 +13,7 @@ from models.config import ModelConfig
 from models.deepfm import build_deepfm
 from models.dlrm import build_dlrm
 from models.ranking import RankingModel
+from models.two_tower import build_two_tower
 from models.wide_deep import build_wide_deep
 
 ModelBuilder = Callable[[ModelConfig, DatasetSchema, torch.device, torch.device], nn.Module]
@@ -22,6 +23,7 @@ MODELS: dict[str, ModelBuilder] = {
     "dlrm_dcn": build_dlrm,
     "wide_deep": build_wide_deep,
     "deepfm": build_deepfm,
+    "two_tower": build_two_tower,
 }
 
 

@@ -11,7 +11,7 @@ DEEP_MODELS = ("wide_deep", "deepfm")
 @dataclass
 class ModelConfig:
     name: str = "dlrm"
-    """Registered model name: see `models.MODELS` (dlrm, dlrm_dcn, wide_deep, deepfm)."""
+    """Registered model name: see `models.MODELS` (dlrm, dlrm_dcn, wide_deep, deepfm, two_tower)."""
     embedding_dim: int = 16
     """Embedding size of every table (DLRM's interaction and DeepFM's FM need one size for all)."""
     dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 16])
@@ -34,6 +34,14 @@ class ModelConfig:
     tables' backward; the deep tables keep optimizer.sparse and the MLPs optimizer.dense, as in
     the paper, where the wide part is trained by a per-coordinate method (FTRL) of its own."""
 
+    tower_layer_sizes: list[int] = field(default_factory=lambda: [64])
+    """two_tower: hidden layers of each tower's MLP; a last layer to embedding_dim is added."""
+    user_features: list[str] = field(default_factory=list)
+    """two_tower: the columns (sparse or dense) of the user tower; empty: the dataset's
+    `extra.towers.user` (written by `recsys prepare movielens`)."""
+    item_features: list[str] = field(default_factory=list)
+    """two_tower: the columns of the item tower; empty: the dataset's `extra.towers.item`."""
+
     def __post_init__(self) -> None:
         # Each check only for the models that read the field, so every model works with the defaults.
         if self.name in DLRM_MODELS:
@@ -49,5 +57,7 @@ class ModelConfig:
                 raise ValueError(f"model.deep_layer_sizes must be positive, got {self.deep_layer_sizes}")
             if not 0.0 <= self.dropout < 1.0:
                 raise ValueError(f"model.dropout must lie in [0, 1), got {self.dropout}")
+        if self.name == "two_tower" and any(size <= 0 for size in self.tower_layer_sizes):
+            raise ValueError(f"model.tower_layer_sizes must be positive, got {self.tower_layer_sizes}")
         if self.name == "wide_deep" and self.wide_lr <= 0:
             raise ValueError(f"model.wide_lr must be positive, got {self.wide_lr}")

@@ -148,12 +148,16 @@ def test_sharded_wide_tables_step_with_wide_lr(tmp_path, dataset):
     assert set(moves) <= {0.0, 0.3} and 0.3 in moves
 
 
-@pytest.mark.parametrize("name,table_prefix", [("wide_deep", "wide_"), ("deepfm", "linear_")])
-def test_two_sharded_ranks_train(tmp_path, dataset, name, table_prefix):
+TOWERS = ["--model.user_features", *[f"cat_{i}" for i in range(13)], *[f"int_{i}" for i in range(7)],
+          "--model.item_features", *[f"cat_{i}" for i in range(13, 26)], *[f"int_{i}" for i in range(7, 13)]]
+
+
+@pytest.mark.parametrize("name,table_prefix,extra", [("wide_deep", "wide_", []), ("deepfm", "linear_", []), ("two_tower", "bias_", TOWERS)])
+def test_two_sharded_ranks_train(tmp_path, dataset, name, table_prefix, extra):
     run_dir = tmp_path / "run"
     result = run_trainer(
         ["--data.path", str(dataset.root), "--model", name, "--run-dir", str(run_dir),
-         "--data.batch_size", "256", "--training.progress_bar", "false"],
+         "--data.batch_size", "256", "--training.progress_bar", "false", *extra],
         nproc=2,
     )
     assert result.returncode == 0, result.stderr[-4000:]
