@@ -1,0 +1,340 @@
+"""Model quality on three datasets, through the real CLI: `recsys prepare`, then `recsys train` on 2 ranks.
+
+    python benchmarks/quality.py synthetic     # every binary model vs the oracle AUC (~5 min)
+    python benchmarks/quality.py movielens     # rating RMSE/MAE vs global-mean and bias baselines (~6 min)
+    python benchmarks/quality.py census        # census-style CSV: AUC vs gradient-boosted trees (~4 min)
+    python benchmarks/quality.py all
+    python benchmarks/quality.py movielens --only deepfm   # the runs whose label contains 'deepfm'
+    python benchmarks/quality.py census --rerun            # train again instead of reading old results
+
+Each section prepares its data once under data/quality/ (git-ignored; a preparer run again with the
+same inputs says "up to date"), trains every listed run as a subprocess
+`recsys train ... --nproc-per-node 2 --run-dir runs/quality/<section>/<label>`, reads the run's
+`summary.json`, and prints a Markdown table followed by the exact commands. A run whose directory
+already holds a `summary.json` written for the same command is read back, not trained again
+(--rerun forces training). The runs of a section are the settings tried for BENCHMARKS.md: the
+first run of each model is the plain preset, the others change one or two things.
+
+  synthetic  `recsys prepare synthetic --rows 500000` (the demo data): test AUC, the oracle AUC of the
+             test split (from the click model that drew the labels) and the gap.
+  movielens  ../shared/data/movielens-100k (skipped with a message when absent), `recsys prepare
+             movielens` (random 80/10/10, seed 0), rating regression: test RMSE and MAE, next to two
+             baselines fitted on the train split in numpy: the global mean, and mean + user bias +
+             item bias (alternating least squares with L2, regularisation picked on valid).
+  census     benchmarks/census_like.py writes 100k census-style rows with known true probabilities;
+             `recsys prepare tabular --cross education,occupation`: test AUC, the oracle AUC of the
+             test rows, and scikit-learn's HistGradientBoostingClassifier on the raw columns of the
+             same train/test rows (re-derived with the preparer's `assign_splits`), if importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+DATA = Path("data/quality")  # relative to ROOT, which every command runs in
+RUNS = Path("runs/quality")
+MOVIELENS_INPUT = Path("../shared/data/movielens-100k")
+NPROC = "2"
+
+
+@dataclass
+class Run:
+    label: str
+    model: str
+    flags: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+# ---- the runs of each section ------------------------------------------------------------------
+
+# configs/demo.toml: batch 256 per rank, dense adam 0.01, sparse rowwise adagrad 0.02, 1 epoch,
+# eval every 400 steps (781 steps an epoch on 2 ranks).
+SYNTHETIC_CONFIG = "configs/demo.toml"
+COSINE = ["--optimizer.lr_schedule", "cosine", "--optimizer.warmup_steps", "100"]
+SYNTHETIC_RUNS = [
+    Run("dlrm", "dlrm", note="demo preset"),
+    Run("dlrm_dcn", "dlrm_dcn", note="demo preset"),
+    Run("wide_deep", "wide_deep", note="demo preset"),
+    Run("deepfm", "deepfm", note="demo preset"),
+    Run("dlrm+cosine", "dlrm", COSINE, "cosine decay, 100 warmup steps"),
+]
+
+MOVIELENS_CONFIG = "configs/movielens.toml"
+ML_LONGER = ["--training.epochs", "10", "--training.early_stopping_patience", "2"]
+MOVIELENS_RUNS = [
+    Run("dlrm", "dlrm", ["--training.epochs", "5"], "5 epochs"),
+    Run("dlrm_dcn", "dlrm_dcn", ["--training.epochs", "5"], "5 epochs"),
+    Run("wide_deep", "wide_deep", ["--training.epochs", "5"], "5 epochs"),
+    Run("deepfm", "deepfm", ["--training.epochs", "5"], "5 epochs"),
+    Run("dlrm_dcn+10ep", "dlrm_dcn", ML_LONGER, "10 epochs, early stop (patience 2)"),
+    Run("deepfm+10ep", "deepfm", ML_LONGER, "10 epochs, early stop (patience 2)"),
+    Run("dlrm_dcn+6ep", "dlrm_dcn", [], "preset: 6 epochs (the best valid epoch of the 10-epoch run)"),
+    Run("two_tower", "two_tower", ["--training.epochs", "5"], "5 epochs; towers from the dataset"),
+]
+
+CENSUS_ROWS = 100_000
+CENSUS_CONFIG = "configs/census.toml"
+CENSUS_PREPARE = ["--label", "income", "--positive", ">50K", "--cross", "education,occupation"]
+CENSUS_RUNS = [
+    Run("wide_deep", "wide_deep", ["--training.epochs", "5"], "5 epochs"),
+    Run("deepfm", "deepfm", ["--training.epochs", "5"], "5 epochs"),
+    Run("dlrm", "dlrm", ["--training.epochs", "5"], "5 epochs"),
+    Run("dlrm_dcn", "dlrm_dcn", ["--training.epochs", "5"], "5 epochs"),
+    Run("wide_deep+2ep", "wide_deep", [], "preset: 2 epochs (valid AUC peaks at epoch 2 in the 5-epoch runs)"),
+]
+
+
+# ---- running the CLI ---------------------------------------------------------------------------
+
+def _recsys() -> list[str]:
+    script = Path(sys.executable).parent / "recsys"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "launch.cli"]
+
+
+def shown(args: list[str]) -> str:
+    """The command as a user types it (`recsys ...` from the repository root)."""
+    return shlex.join(["recsys", *args])
+
+
+def prepare(args: list[str]) -> None:
+    print(f"$ {shown(args)}", flush=True)
+    done = subprocess.run([*_recsys(), *args], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"error: prepare failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+
+def train_args(section: str, config: str, data: Path, run: Run) -> list[str]:
+    return ["train", "--config", config, "--data", str(data), "--model", run.model, *run.flags,
+            "--nproc-per-node", NPROC, "--run-dir", str(RUNS / section / run.label)]
+
+
+def train(args: list[str], rerun: bool) -> dict:
+    """`recsys train ARGS` (or its earlier result for the same ARGS): the run's summary.json."""
+    run_dir = ROOT / args[args.index("--run-dir") + 1]
+    stamp = run_dir / "quality_command.json"
+    key = {"args": args, "config": (ROOT / args[args.index("--config") + 1]).read_text()}
+    if not rerun and stamp.exists() and (run_dir / "summary.json").exists() and json.loads(stamp.read_text()) == key:
+        print(f"  (cached) {shown(args)}", flush=True)
+        return json.loads((run_dir / "summary.json").read_text())
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a stale summary.json must not pass for this run's
+    print(f"$ {shown(args)}", flush=True)
+    start = time.monotonic()
+    done = subprocess.run([*_recsys(), *args, "--training.progress_bar", "false"], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode or not (run_dir / "summary.json").exists():
+        sys.exit(f"error: training failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stamp.write_text(json.dumps(key) + "\n")
+    print(f"  {time.monotonic() - start:.0f} s, test {_metrics(summary['test'])}", flush=True)
+    return summary
+
+
+def _metrics(metrics: dict) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "ctr")
+
+
+def _settings(run: Run) -> str:
+    return " ".join(run.flags) if run.flags else "(preset)"
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]], commands: list[str]) -> None:
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    if commands:
+        print("\n```")
+        print("\n".join(commands))
+        print("```")
+    print(flush=True)
+
+
+def selected(runs: list[Run], only: list[str] | None) -> list[Run]:
+    return [r for r in runs if not only or any(o in r.label for o in only)]
+
+
+# ---- synthetic ---------------------------------------------------------------------------------
+
+def synthetic(opts) -> None:
+    data = DATA / "synthetic"
+    prep = ["prepare", "synthetic", "--rows", "500000", "--out", str(data)]
+    prepare(prep)
+    rows, commands = [], [shown(prep)]
+    for run in selected(SYNTHETIC_RUNS, opts.only):
+        args = train_args("synthetic", SYNTHETIC_CONFIG, data, run)
+        s = train(args, opts.rerun)
+        commands.append(shown(args))
+        auc, oracle = s["test"]["auc"], s["oracle_auc"]
+        rows.append([run.label, run.note or _settings(run), f"{auc:.4f}", f"{oracle:.4f}", f"{oracle - auc:+.4f}",
+                     f"{s['best_valid'].get('auc', float('nan')):.4f}", str(s["steps"]), f"{s['train_time_s']:.0f}"])
+    print_table("Synthetic (500k rows, 2 ranks): test AUC vs oracle",
+                ["run", "settings", "test AUC", "oracle AUC", "gap", "best valid AUC", "steps", "train s"], rows, commands)
+
+
+# ---- movielens ---------------------------------------------------------------------------------
+
+def _ratings(data: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    table = pq.read_table(ROOT / data / split, columns=["user_id", "movie_id", "rating"])
+    return (table["user_id"].to_numpy(), table["movie_id"].to_numpy(), table["rating"].to_numpy().astype(np.float64))
+
+
+def bias_baseline(train, valid, test, sweeps: int = 10) -> dict:
+    """Global mean, and mean + b_user + b_item fitted by alternating ridge solves on train; the
+    L2 weight picked by valid RMSE. RMSE/MAE on test, predictions clipped to [1, 5]."""
+    (tu, ti, tr), (vu, vi, vr), (su, si, sr) = train, valid, test
+    mu = tr.mean()
+    n_users, n_items = max(tu.max(), vu.max(), su.max()) + 1, max(ti.max(), vi.max(), si.max()) + 1
+    n_u, n_i = np.bincount(tu, minlength=n_users), np.bincount(ti, minlength=n_items)
+
+    def fit(lam: float):
+        bu, bi = np.zeros(n_users), np.zeros(n_items)
+        for _ in range(sweeps):
+            bi = np.bincount(ti, tr - mu - bu[tu], n_items) / (n_i + lam)
+            bu = np.bincount(tu, tr - mu - bi[ti], n_users) / (n_u + lam)
+        return bu, bi
+
+    def errors(bu, bi, u, i, r):
+        e = np.clip(mu + bu[u] + bi[i], 1, 5) - r
+        return float(np.sqrt((e**2).mean())), float(np.abs(e).mean())
+
+    lams = (1, 2, 3, 5, 8, 12, 20, 30)
+    best = min(lams, key=lambda lam: errors(*fit(lam), vu, vi, vr)[0])
+    e = np.clip(mu, 1, 5) - sr
+    return {"global_mean": (float(np.sqrt((e**2).mean())), float(np.abs(e).mean())),
+            "bias": errors(*fit(best), su, si, sr), "bias_lambda": best}
+
+
+def movielens(opts) -> None:
+    if not (ROOT / MOVIELENS_INPUT).is_dir():
+        print(f"movielens: skipped, {MOVIELENS_INPUT} (relative to the repository root) is not there")
+        return
+    data = DATA / "movielens"
+    prep = ["prepare", "movielens", "--input", str(MOVIELENS_INPUT), "--out", str(data), "--split", "random", "--seed", "0"]
+    prepare(prep)
+    base = bias_baseline(*(_ratings(data, s) for s in ("train", "valid", "test")))
+    rows = [["global mean", "train mean rating", f"{base['global_mean'][0]:.4f}", f"{base['global_mean'][1]:.4f}", "", "", ""],
+            ["user + item bias", f"ALS, 10 sweeps, L2 {base['bias_lambda']} (picked on valid)", f"{base['bias'][0]:.4f}",
+             f"{base['bias'][1]:.4f}", "", "", ""]]
+    commands = [shown(prep)]
+    for run in selected(MOVIELENS_RUNS, opts.only):
+        args = train_args("movielens", MOVIELENS_CONFIG, data, run)
+        s = train(args, opts.rerun)
+        commands.append(shown(args))
+        rows.append([run.label, run.note or _settings(run), f"{s['test']['rmse']:.4f}", f"{s['test']['mae']:.4f}",
+                     f"{s['best_valid'].get('rmse', float('nan')):.4f}", str(s["steps"]), f"{s['train_time_s']:.0f}"])
+    print_table("MovieLens-100K ratings (random 80/10/10, 2 ranks): test RMSE / MAE in stars",
+                ["run", "settings", "test RMSE", "test MAE", "best valid RMSE", "steps", "train s"], rows, commands)
+
+
+# ---- census ------------------------------------------------------------------------------------
+
+def census_baselines(csv: Path) -> tuple[float, dict]:
+    """(oracle AUC of the test rows, {name: test AUC}) for the GBDT baseline on the same splits."""
+    import pyarrow.compute as pc
+
+    from census_like import auc
+    from data_pipeline.tabular import assign_splits, read_table
+
+    table = read_table(ROOT / csv)
+    labels = (np.array(table["income"].to_pylist()) == ">50K").astype(np.int64)
+    split = assign_splits(labels, [0.8, 0.1, 0.1], seed=0)  # as `recsys prepare tabular` (default --seed 0)
+    prob = np.load(ROOT / csv.with_name(csv.name + ".truth.npz"))["prob"]
+    test = split == 2
+    oracle = auc(prob[test], labels[test])
+    results = {}
+    try:
+        from sklearn.ensemble import HistGradientBoostingClassifier
+    except ImportError:
+        print("census: scikit-learn is not importable, GBDT baseline skipped")
+        return oracle, results
+    columns, categorical = [], []
+    for name in table.column_names:
+        if name == "income":
+            continue
+        col = table[name]
+        if pa_is_numeric(col.type):
+            columns.append(pc.fill_null(pc.cast(col, "float64"), np.nan).to_numpy())
+            categorical.append(False)
+        else:  # codes by train frequency; HGB takes at most 255 categories, the rest share one
+            values = np.array([str(v) if v is not None else "" for v in col.to_pylist()])
+            uniq, inverse = np.unique(values, return_inverse=True)
+            counts = np.bincount(inverse[split == 0], minlength=len(uniq))
+            rank = np.empty(len(uniq), np.int64)
+            rank[np.argsort(-counts, kind="stable")] = np.arange(len(uniq))
+            codes = np.minimum(rank[inverse], 250).astype(np.float64)
+            codes[values == ""] = np.nan
+            columns.append(codes)
+            categorical.append(True)
+    x = np.stack(columns, axis=1)
+    start = time.monotonic()
+    # early stopping on a 10% slice of train (sklearn's own), so the test rows are never looked at
+    gbdt = HistGradientBoostingClassifier(max_iter=500, learning_rate=0.1, categorical_features=np.array(categorical),
+                                          early_stopping=True, validation_fraction=0.1, n_iter_no_change=20, random_state=0)
+    gbdt.fit(x[split == 0], labels[split == 0])
+    test_prob = gbdt.predict_proba(x[test])[:, 1]
+    results[f"GBDT (HistGradientBoosting, raw columns, {gbdt.n_iter_} trees, early stop on 10% of train, "
+            f"{time.monotonic() - start:.0f} s)"] = auc(test_prob, labels[test])
+    return oracle, results
+
+
+def pa_is_numeric(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def census(opts) -> None:
+    csv = DATA / "census.csv"
+    gen = [sys.executable, "benchmarks/census_like.py", "--rows", str(CENSUS_ROWS), "--out", str(csv)]
+    truth = ROOT / csv.with_name(csv.name + ".truth.json")
+    if not (truth.exists() and json.loads(truth.read_text())["rows"] == CENSUS_ROWS):
+        subprocess.run(gen, cwd=ROOT, check=True)
+    data = DATA / "census"
+    prep = ["prepare", "tabular", "--input", str(csv), *CENSUS_PREPARE, "--out", str(data)]
+    prepare(prep)
+    oracle, baselines = census_baselines(csv)
+    rows = [["oracle", "true probabilities of the generator", f"{oracle:.4f}", "", "", ""]]
+    rows += [[name.split(" (")[0], name.split(" (", 1)[1].rstrip(")"), f"{value:.4f}", "", "", ""] for name, value in baselines.items()]
+    commands = [f"python benchmarks/census_like.py --rows {CENSUS_ROWS} --out {csv}", shown(prep)]
+    for run in selected(CENSUS_RUNS, opts.only):
+        args = train_args("census", CENSUS_CONFIG, data, run)
+        s = train(args, opts.rerun)
+        commands.append(shown(args))
+        rows.append([run.label, run.note or _settings(run), f"{s['test']['auc']:.4f}", f"{s['test']['logloss']:.4f}",
+                     f"{s['best_valid'].get('auc', float('nan')):.4f}", str(s["steps"])])
+    print_table(f"Census-like ({CENSUS_ROWS:,} rows, stratified 80/10/10, 2 ranks): test AUC",
+                ["run", "settings", "test AUC", "test logloss", "best valid AUC", "steps"], rows, commands)
+
+
+SECTIONS = {"synthetic": synthetic, "movielens": movielens, "census": census}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("section", choices=(*SECTIONS, "all"))
+    parser.add_argument("--only", nargs="+", help="only the runs whose label contains one of these")
+    parser.add_argument("--rerun", action="store_true", help="train again even where a result for the same command exists")
+    opts = parser.parse_args(argv)
+    for name in SECTIONS if opts.section == "all" else [opts.section]:
+        SECTIONS[name](opts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
