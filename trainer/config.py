@@ -122,6 +122,10 @@ class TrainingConfig:
     """Stop when the validation metric (auc, or rmse for regression) has not improved for this many
     evaluations in a row (0: never stop early)."""
 
+    keep_best: bool = False
+    """Keep a copy of the weights of the best validation (in memory: one more copy of every table
+    shard on each rank) and score the test split with them instead of the last weights."""
+
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.max_steps < 0 or self.eval_every < 0 or self.log_every <= 0:
             raise ValueError("training: epochs and log_every must be positive; max_steps and eval_every >= 0")

@@ -114,3 +114,18 @@ def describe_plan(plan: ShardingPlan) -> str:
     lines = [f"{'table':<{width}}  {'sharding':<{kind}}  {'ranks':<8} {'kernel':<8} module"]
     lines += [f"{t:<{width}}  {s:<{kind}}  {r:<8} {k:<8} {m}" for t, s, r, k, m in rows]
     return "\n".join(lines)
+
+
+def local_state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's part of every state tensor (a sharded table's local shards), as views into the
+    live weights: copying into them changes the model. Used to keep and restore the best weights."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            for i, shard in enumerate(value.local_shards()):
+                tensors[f"{key}#{i}"] = shard.tensor
+        elif isinstance(value, torch.Tensor):
+            tensors[key] = value
+    return tensors

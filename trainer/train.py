@@ -23,7 +23,7 @@ from data_pipeline.reader import ParquetBatches, RankLoader
 from data_pipeline.schema import DataError, DatasetSchema, check_files
 from models import build_model
 from trainer.config import Config
-from trainer.distributed import DistEnv, describe_plan, plan_sharding, shard_model
+from trainer.distributed import DistEnv, describe_plan, local_state_tensors, plan_sharding, shard_model
 from trainer.metrics import BestValidation, task_metrics
 from trainer.optim import LearningRates, apply_sparse_optimizer, build_optimizer
 from trainer.run_log import RunLog
@@ -144,6 +144,7 @@ class Trainer:
         total = self.total_steps
         valid: dict[str, float] = {}
         best = BestValidation(self.higher_is_better, t.early_stopping_patience)
+        best_weights: dict[str, torch.Tensor] = {}
         # `with`: the bar is closed (and its line ended) even when a phase raises.
         with tqdm(total=total, unit="step", disable=not (main and t.progress_bar), dynamic_ncols=True) as progress:
             for epoch in range(t.epochs):
@@ -161,12 +162,20 @@ class Trainer:
                     if main:
                         progress.write(f"step {self.step}: valid " + _format(valid))
                     self.lr.after_eval(next(iter(valid.values())))
-                    best.update(valid, self.step)
+                    if best.update(valid, self.step) and t.keep_best:
+                        best_weights = {k: v.detach().clone() for k, v in local_state_tensors(self.model).items()}
                     if best.should_stop and main:
                         progress.write(f"early stop at step {self.step}: no better valid {next(iter(valid))} "
                                        f"for {best.evals_since_best} evaluations (best at step {best.step})")
+        tested_step = self.step
+        if best_weights and best.step != self.step:
+            for key, tensor in local_state_tensors(self.model).items():
+                tensor.detach().copy_(best_weights[key])
+            tested_step = best.step
+            if main:
+                print(f"test with the weights of step {best.step} (best valid {next(iter(best.metrics))})")
         test = self.evaluate("test")
-        self.log.record("test", self.step, **test)
+        self.log.record("test", tested_step, **test)
 
         summary = {
             "world_size": self.env.world_size,
@@ -180,6 +189,7 @@ class Trainer:
             "samples_per_s": round(self.step * self.global_batch / max(self.train_time, 1e-9), 1),
             "valid": valid,
             "test": test,
+            "test_weights_step": tested_step,
             "best_valid": best.metrics,
             "best_valid_step": best.step,
             "stopped_early": best.should_stop,

@@ -1,0 +1,29 @@
+"""Early stopping keeps the best weights: with `training.keep_best`, the test split is scored with
+the weights of the best validation, on 2 sharded ranks.
+
+The dataset's test split points at the valid files, so test metrics must equal the best (not the
+last) validation metrics exactly."""
+
+import json
+
+from data_pipeline.schema import DatasetSchema
+from data_pipeline.synthetic import SyntheticSpec, generate
+from tests.conftest import run_trainer
+
+
+def test_test_split_is_scored_with_the_best_weights(tmp_path):
+    schema = generate(tmp_path / "data", SyntheticSpec(rows=20_000, files=2, row_group_rows=1024), log=lambda *_: None)
+    raw = json.loads((schema.root / "dataset.json").read_text())
+    raw["splits"]["test"] = raw["splits"]["valid"]
+    (schema.root / "dataset.json").write_text(json.dumps(raw))
+    DatasetSchema.load(schema.root)
+    run_dir = tmp_path / "run"
+    result = run_trainer(["--data", str(schema.root), "--run-dir", str(run_dir), "--data.batch_size", "128",
+                          "--training.epochs", "3", "--training.eval_every", "20", "--training.keep_best", "true",
+                          "--optimizer.dense_lr", "0.05", "--optimizer.sparse_lr", "0.3", "--training.progress_bar", "false"], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_valid_step"] < summary["steps"], summary  # the last weights are not the best ones
+    assert summary["test_weights_step"] == summary["best_valid_step"]
+    assert abs(summary["test"]["auc"] - summary["best_valid"]["auc"]) < 1e-6, summary
+    assert abs(summary["test"]["logloss"] - summary["best_valid"]["logloss"]) < 1e-6
