@@ -31,7 +31,8 @@ def build_model(cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.dev
     """The named model wrapped for training; embedding tables on `sparse_device` (`meta` to shard)."""
     if cfg.name not in MODELS:
         raise ValueError(f"model.name '{cfg.name}' is not one of: {', '.join(sorted(MODELS))}")
-    return RankingModel(MODELS[cfg.name](cfg, schema, dense_device, sparse_device), task=schema.task)
+    offset = sum(schema.label_range) / 2 if schema.task == "regression" and schema.label_range else 0.0
+    return RankingModel(MODELS[cfg.name](cfg, schema, dense_device, sparse_device), task=schema.task, offset=offset)
 
 
 __all__ = ["MODELS", "ModelConfig", "RankingModel", "build_model"]

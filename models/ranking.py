@@ -19,15 +19,18 @@ class RankingModel(nn.Module):
     all-to-all with the previous step.
     """
 
-    def __init__(self, model: nn.Module, task: str = "binary") -> None:
+    def __init__(self, model: nn.Module, task: str = "binary", offset: float = 0.0) -> None:
         super().__init__()
         if task not in ("binary", "regression"):
             raise ValueError(f"task '{task}' is not binary or regression")
         self.model = model
         self.task = task
+        self.offset = offset
+        """Added to the model's output: the middle of a regression label's range, so predictions
+        start near the labels (3 stars, not 0) instead of spending the first steps getting there."""
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        logits = self.model(batch.dense, batch.sparse).squeeze(-1)
+        logits = self.model(batch.dense, batch.sparse).squeeze(-1) + self.offset
         if self.task == "binary":
             losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
         else:

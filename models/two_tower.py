@@ -75,8 +75,7 @@ class TwoTower(nn.Module):
         self.user = Tower(sparse["user"], dense["user"], cfg.embedding_dim, cfg.tower_layer_sizes, dense_device)
         self.item = Tower(sparse["item"], dense["item"], cfg.embedding_dim, cfg.tower_layer_sizes, dense_device)
         self.bias = SparseLinear(features, 0, "bias", dense_device, sparse_device)
-        start = sum(schema.label_range) / 2 if schema.task == "regression" and schema.label_range else 0.0
-        self.global_bias = nn.Parameter(torch.tensor([start], device=dense_device))
+        self.global_bias = nn.Parameter(torch.zeros(1, device=dense_device))  # RankingModel adds the label's mid-range
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         embedded = self.sparse_arch(sparse).to_dict()  # feature -> [B, D]
