@@ -145,7 +145,10 @@ def test_sharded_wide_tables_step_with_wide_lr(tmp_path, dataset):
 
     mp.spawn(_sharded_step, args=(_free_port(), str(dataset.root), str(tmp_path / "out.json")), nprocs=1)
     moves = json.loads((tmp_path / "out.json").read_text())["moves"]
-    assert set(moves) <= {0.0, 0.3} and 0.3 in moves
+    # Adagrad's first step is wide_lr * |g| / (|g| + eps): wide_lr for every id in the batch, a hair less
+    # for an id whose gradient is within a few orders of eps (the init is random); 0 for the rest.
+    assert all(m == 0.0 or 0.29 < m <= 0.3 for m in moves), moves
+    assert max(moves) == 0.3
 
 
 TOWERS = ["--model.user_features", *[f"cat_{i}" for i in range(13)], *[f"int_{i}" for i in range(7)],
