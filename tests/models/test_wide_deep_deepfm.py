@@ -84,7 +84,8 @@ def test_wide_part_gets_its_own_adagrad(tmp_path, tiny_table):
         delta = next(after[k] - before[k] for k in before if f".{table}." in k)
         moved = delta.abs().amax(dim=1) > 0
         assert moved.nonzero().flatten().tolist() == sorted(present)
-        torch.testing.assert_close(delta[moved].abs(), torch.full_like(delta[moved], 0.3))
+        # lr * |g| / (|g| + eps): lr, a hair less for a gradient near eps (the init is random)
+        torch.testing.assert_close(delta[moved].abs(), torch.full_like(delta[moved], 0.3), rtol=0, atol=3e-3)
         assert (delta == delta[:, :1]).all()  # the copies of a weight stay equal
     dense_key = "model.wide.dense.weight"  # the dense optimizer's: not stepped in backward
     torch.testing.assert_close(after[dense_key], before[dense_key])
