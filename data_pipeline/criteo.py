@@ -212,11 +212,9 @@ def categorical_values(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     slow = np.ones(n, bool)
     slow[eight[hex_ok]] = False
     for row in np.flatnonzero(slow & ~missing):
-        text = data[offsets[row] : offsets[row + 1]].tobytes()
-        try:
-            values[row] = int(text, 16) if len(text) <= 16 else _fnv1a(text)
-        except ValueError:
-            values[row] = _fnv1a(text)
+        raw = data[offsets[row] : offsets[row + 1]]
+        is_hex = len(raw) <= 16 and bool((_HEX[raw] != 255).all())
+        values[row] = int(raw.tobytes(), 16) if is_hex else _fnv1a(raw.tobytes())
     return values, missing
 
 
@@ -402,8 +400,13 @@ def count_unit(unit: Unit, opts: CriteoOptions, out: str) -> UnitReport:
         values, totals = _merge_counts(counts[j])
         arrays[f"v{j}"], arrays[f"c{j}"] = values, totals
     target = Path(out) / "_counts" / f"{unit.key}.npz"
-    write_atomic(target, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+    write_atomic(target, lambda tmp: _savez(tmp, arrays))
     return parser.finish()
+
+
+def _savez(path: Path, arrays: dict) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+        np.savez(f, **arrays)
 
 
 def _merge_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -495,7 +498,11 @@ class _Replicas:
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.init_process_group("gloo")
+            from datetime import timedelta
+
+            # Replicas wait at barriers while others finish whole gzip files or rank 0 merges
+            # the vocabulary: far longer than the default 30 minutes on Terabyte-sized inputs.
+            dist.init_process_group("gloo", timeout=timedelta(hours=24))
 
     def agree(self, ok: bool) -> bool:
         """A barrier that also tells every replica whether all of them succeeded."""
@@ -522,24 +529,31 @@ def _run_units(fn, units: list[Unit], opts: CriteoOptions, out: str, done: str, 
     if len(todo) < len(units) and show:
         print(f"  {label}: {len(units) - len(todo)} of {len(units)} units already done, resuming")
     workers = min(opts.workers or os.cpu_count() or 1, max(len(todo), 1))
-    bad = 0
     bar = tqdm(total=sum(u.size for u in todo), unit="B", unit_scale=True, desc=label, disable=not show or not todo)
     with bar, ProcessPoolExecutor(workers) as pool:
         running = {pool.submit(fn, u, opts, out, *args): u for u in todo}
-        while running:
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                unit = running.pop(future)
-                report = future.result()  # re-raises BadRows / DataError from the worker
-                bar.update(unit.size)
-                bad += report.bad
-                if bad > opts.max_bad_rows:
-                    for other in running:
-                        other.cancel()
-                    raise BadRows(
-                        f"{bad} malformed lines so far (more than --max-bad-rows {opts.max_bad_rows}): "
-                        + "; ".join(_examples(unit, report.examples))
-                    )
+        try:
+            _collect(running, bar, opts)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # fail now, not after every queued unit
+            raise
+
+
+def _collect(running: dict, bar, opts: CriteoOptions) -> None:
+    """Wait for the units; stop at the first error or when malformed lines pass the limit."""
+    bad = 0
+    while running:
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            unit = running.pop(future)
+            report = future.result()  # re-raises BadRows / DataError from the worker
+            bar.update(unit.size)
+            bad += report.bad
+            if bad > opts.max_bad_rows:
+                raise BadRows(
+                    f"{bad} malformed lines so far (more than --max-bad-rows {opts.max_bad_rows}): "
+                    + "; ".join(_examples(unit, report.examples))
+                )
 
 
 def _inputs(patterns: list[str]) -> list[str]:
@@ -599,9 +613,11 @@ def prepare(opts: CriteoOptions, overwrite: bool = False, log=print) -> DatasetS
         error = _guard(lambda: _run_units(write_unit, mine, opts, out, "_units/{}.json", "write parquet", main, sizes))
         if not replicas.agree(error is None):
             raise error or DataError("another replica failed while writing")
-        schema = _finish(output, units, opts, sizes, log) if main else None
-        replicas.agree(True)
-        return schema or DatasetSchema.load(opts.out)
+        if main:
+            error = _guard(lambda: _finish(output, units, opts, sizes, log))
+        if not replicas.agree(error is None):
+            raise error or DataError("replica 0 failed to finish the dataset")
+        return DatasetSchema.load(opts.out)
     finally:
         replicas.close()
 
@@ -625,7 +641,7 @@ def _build_vocabulary(units: list[Unit], opts: CriteoOptions, log) -> None:
         values, totals = _merge_counts(counts[j])
         vocab[name] = values[totals >= opts.min_count]
         counts[j] = []
-    write_atomic(Path(opts.out) / "vocabulary.npz", lambda tmp: np.savez(open(tmp, "wb"), **vocab))
+    write_atomic(Path(opts.out) / "vocabulary.npz", lambda tmp: _savez(tmp, vocab))
     log("  vocabulary (ids = values seen >= %d times, + missing, + rare): %s" % (
         opts.min_count, ", ".join(f"{n} {len(v) + 2:,}" for n, v in vocab.items())))
 
@@ -664,6 +680,8 @@ def _finish(output: DatasetOutput, units: list[Unit], opts: CriteoOptions, sizes
         for path in (Path(opts.out) / sub).glob("*"):
             path.unlink()
         (Path(opts.out) / sub).rmdir()
+    for leftover in Path(opts.out).glob("*/.*.tmp-*"):  # from workers killed mid-write (SIGKILL, OOM)
+        leftover.unlink()
     log(f"  {lines:,} lines: " + ", ".join(f"{s} {rows[s]:,}" for s in SPLITS) + f"; {bad} malformed lines skipped")
     for example in examples[:5]:
         log(f"    {example}")

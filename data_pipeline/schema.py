@@ -211,6 +211,8 @@ def check_row_group(schema: DatasetSchema, table: pa.Table, where: str) -> None:
         row = _first_bad_row(pc.is_null(label))
         raise DataError(f"{where}: column '{schema.label}' (label) has {label.null_count} nulls (first at row {row})")
     if schema.task == "binary":
+        if pa.types.is_boolean(label.type):
+            label = pc.cast(label, pa.int8())
         bad = pc.and_(pc.not_equal(label, 0), pc.not_equal(label, 1))
         if pc.any(bad).as_py():
             row = _first_bad_row(bad)

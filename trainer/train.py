@@ -163,7 +163,8 @@ class Trainer:
                         progress.write(f"step {self.step}: valid " + _format(valid))
                     self.lr.after_eval(next(iter(valid.values())))
                     if best.update(valid, self.step) and t.keep_best:
-                        best_weights = {k: v.detach().clone() for k, v in local_state_tensors(self.model).items()}
+                        # On the host: a second copy of the tables must not take device memory.
+                        best_weights = {k: v.detach().to("cpu", copy=True) for k, v in local_state_tensors(self.model).items()}
                     if best.should_stop and main:
                         progress.write(f"early stop at step {self.step}: no better valid {next(iter(valid))} "
                                        f"for {best.evals_since_best} evaluations (best at step {best.step})")

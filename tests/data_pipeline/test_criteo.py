@@ -60,7 +60,7 @@ def read_split(root, split):
 
 def test_values_exactly(tmp_path):
     lines = [
-        "1\t5\t-3\t\t0\t1\t2\t3\t4\t5\t6\t7\t8\t9\t" + "\t".join(["0000000a", "", "FFFFFFFF", "zz"] + ["00000001"] * 22),
+        "1\t5\t-3\t\t0\t1\t2\t3\t4\t5\t6\t7\t8\t9\t" + "\t".join(["0000000a", "", "FFFFFFFF", "zz", "-5", "1_a"] + ["00000001"] * 20),
     ] * 10
     src = write_tsv(tmp_path / "day_0", lines)
     schema = prepare(options([src], tmp_path / "out", num_embeddings=[7] * 26, split_fractions=(1 / 3, 1 / 3, 1 / 3)), log=lambda *_: None)
@@ -72,6 +72,7 @@ def test_values_exactly(tmp_path):
     assert row["cat_0"] == 10 % 7 and row["cat_1"] == 0  # hex 0xa; missing -> 0 (as MLPerf)
     assert row["cat_2"] == 0xFFFFFFFF % 7
     assert row["cat_3"] == criteo._fnv1a(b"zz") % 7  # not hex: FNV-1a
+    assert row["cat_4"] == criteo._fnv1a(b"-5") % 7 and row["cat_5"] == criteo._fnv1a(b"1_a") % 7  # int() would take these
     assert sum(s.rows for s in schema.splits.values()) == 10
 
 

@@ -121,6 +121,11 @@ def test_bad_values_name_file_column_and_row(tmp_path, tiny_table, column, value
         _read_all(schema)
 
 
+def test_boolean_labels_are_binary(tmp_path, tiny_table):
+    table = tiny_table.set_column(0, "label", pa.array([True, False, True, False, True]))
+    _read_all(_dataset(tmp_path, table))
+
+
 def test_regression_labels_may_be_any_finite_number(tmp_path, tiny_table):
     table = tiny_table.set_column(0, "label", pa.array([3.5, 1.0, 5.0, 2.0, 4.0], pa.float32()))
     schema = _dataset(tmp_path, table)
