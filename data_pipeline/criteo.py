@@ -631,16 +631,15 @@ def _guard(fn) -> BaseException | None:
 
 
 def _build_vocabulary(units: list[Unit], opts: CriteoOptions, log) -> None:
-    counts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(NUM_SPARSE)]
-    for unit in units:
-        with np.load(Path(opts.out) / "_counts" / f"{unit.key}.npz") as saved:
-            for j in range(NUM_SPARSE):
-                counts[j].append((saved[f"v{j}"], saved[f"c{j}"]))
+    """Merge the units' counts one feature at a time (peak memory: one feature's counts)."""
     vocab = {}
     for j, name in enumerate(SPARSE):
-        values, totals = _merge_counts(counts[j])
+        parts = []
+        for unit in units:
+            with np.load(Path(opts.out) / "_counts" / f"{unit.key}.npz") as saved:
+                parts.append((saved[f"v{j}"], saved[f"c{j}"]))
+        values, totals = _merge_counts(parts)
         vocab[name] = values[totals >= opts.min_count]
-        counts[j] = []
     write_atomic(Path(opts.out) / "vocabulary.npz", lambda tmp: _savez(tmp, vocab))
     log("  vocabulary (ids = values seen >= %d times, + missing, + rare): %s" % (
         opts.min_count, ", ".join(f"{n} {len(v) + 2:,}" for n, v in vocab.items())))
