@@ -55,7 +55,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data_pipeline.output import DatasetOutput, input_identity, write_atomic, write_json
+from data_pipeline.atomic import write_atomic
+from data_pipeline.output import DatasetOutput, input_identity, write_json
 from data_pipeline.schema import DataError, DatasetSchema, SparseFeature, SplitInfo
 
 NUM_DENSE = 13

@@ -13,27 +13,16 @@ Every preparer (`recsys prepare criteo | tabular | movielens`) writes through `D
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_pipeline.atomic import write_atomic, write_text_atomic
 from data_pipeline.schema import SCHEMA_FILE, DataError, DatasetSchema
 
 IN_PROGRESS_FILE = ".prepare.json"
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call `write(tmp_path)`, then rename the result to `path` (same directory, so the rename is atomic)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 MIN_ROW_GROUPS = 64
@@ -53,7 +42,7 @@ def write_parquet(table: pa.Table, path: Path, row_group_rows: int) -> None:
 
 
 def write_json(data, path: Path) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def input_identity(paths: list[Path]) -> list[dict]:

@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data_pipeline.atomic import write_text_atomic
+
 SCHEMA_FILE = "dataset.json"
 FORMAT_VERSION = 1
 TASKS = ("binary", "regression")
@@ -98,10 +100,7 @@ class DatasetSchema:
 
     def save(self) -> None:
         """Write `dataset.json` atomically (a reader never sees half a file)."""
-        path = self.root / SCHEMA_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        tmp.replace(path)
+        write_text_atomic(self.root / SCHEMA_FILE, json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
     def load(cls, root: str | Path) -> "DatasetSchema":

@@ -10,17 +10,11 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+from data_pipeline.atomic import write_text_atomic
 
 
 class RunLog:
@@ -39,7 +33,7 @@ class RunLog:
 
     def write_file(self, name: str, text: str) -> None:
         if self.enabled:
-            write_atomic(self.dir / name, text)
+            write_text_atomic(self.dir / name, text)
 
     def record(self, phase: str, step: int, **values: Any) -> None:
         if not self.enabled:
