@@ -7,27 +7,27 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from data_pipeline.schema import DatasetSchema
+from data_pipeline.schema import DatasetSchema, SparseFeature
 from models.config import ModelConfig
 
 
-def embedding_tables(cfg: ModelConfig, schema: DatasetSchema) -> list[EmbeddingBagConfig]:
-    """One table per feature, sized from dataset.json. Multi-hot bags are averaged, so a row's
-    vector does not grow with its list length."""
+def embedding_tables(features: list[SparseFeature], dim: int) -> list[EmbeddingBagConfig]:
+    """One `t_<name>` table per feature, sized from dataset.json. Multi-hot bags are averaged, so a
+    row's vector does not grow with its list length."""
     return [
         EmbeddingBagConfig(
             name=f"t_{f.name}",
             feature_names=[f.name],
             num_embeddings=f.num_embeddings,
-            embedding_dim=cfg.embedding_dim,
+            embedding_dim=dim,
             pooling=PoolingType.MEAN if f.multi_hot else PoolingType.SUM,
         )
-        for f in schema.sparse
+        for f in features
     ]
 
 
 def build_dlrm(cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> DLRM:
-    ebc = EmbeddingBagCollection(tables=embedding_tables(cfg, schema), device=sparse_device)
+    ebc = EmbeddingBagCollection(tables=embedding_tables(schema.sparse, cfg.embedding_dim), device=sparse_device)
     common = dict(
         embedding_bag_collection=ebc,
         dense_in_features=len(schema.dense),

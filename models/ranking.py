@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipeline.batch import Batch
+from data_pipeline.schema import TASKS
 
 
 class RankingModel(nn.Module):
@@ -21,8 +22,8 @@ class RankingModel(nn.Module):
 
     def __init__(self, model: nn.Module, task: str = "binary", offset: float = 0.0) -> None:
         super().__init__()
-        if task not in ("binary", "regression"):
-            raise ValueError(f"task '{task}' is not binary or regression")
+        if task not in TASKS:
+            raise ValueError(f"task '{task}' is not one of {', '.join(TASKS)}")
         self.model = model
         self.task = task
         self.offset = offset

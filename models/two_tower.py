@@ -21,7 +21,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data_pipeline.schema import DatasetSchema
 from models.config import ModelConfig
-from models.wide_deep import SparseLinear, embedding_tables
+from models.dlrm import embedding_tables
+from models.wide_deep import SparseLinear
 
 
 def tower_columns(cfg: ModelConfig, schema: DatasetSchema) -> dict[str, list[str]]:

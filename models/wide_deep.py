@@ -19,6 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data_pipeline.schema import DatasetSchema, SparseFeature
 from models.config import ModelConfig
+from models.dlrm import embedding_tables
 
 LINEAR_WIDTH = 4
 """Stored width of a linear (one weight per id) table. fbgemm's sharded kernels need rows of a
@@ -33,21 +34,6 @@ def crossed_features(schema: DatasetSchema) -> set[str]:
     `recsys prepare tabular --cross` writes. They feed the wide part only, as in the paper."""
     names = set(schema.sparse_names)
     return {n for n in names if "_x_" in n and all(part in names for part in n.split("_x_"))}
-
-
-def embedding_tables(features: list[SparseFeature], dim: int) -> list[EmbeddingBagConfig]:
-    """One `t_<name>` table per feature; multi-hot bags are averaged so a vector does not grow
-    with the list length."""
-    return [
-        EmbeddingBagConfig(
-            name=f"t_{f.name}",
-            feature_names=[f.name],
-            num_embeddings=f.num_embeddings,
-            embedding_dim=dim,
-            pooling=PoolingType.MEAN if f.multi_hot else PoolingType.SUM,
-        )
-        for f in features
-    ]
 
 
 def deep_mlp(in_features: int, layer_sizes: list[int], dropout: float, batch_norm: bool, device: torch.device) -> nn.Sequential:
