@@ -37,9 +37,10 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.batch import Batch, BatchLayout, RowStore, Runs, pad_batch
+from data_pipeline.config import DataConfig
 from data_pipeline.schema import DataError, DatasetSchema, check_files, check_row_group
 
-DEFAULT_SHUFFLE_BUFFER_ROWS = 131_072  # the default of data.shuffle_buffer_rows
+DEFAULT_SHUFFLE_BUFFER_ROWS = DataConfig.shuffle_buffer_rows
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,11 @@ class ClickMetrics:
         return {"auc": auc, "logloss": logloss, "ne": logloss / entropy, "ctr": ctr}
 
 
+def headline(metrics: dict[str, float]) -> tuple[str, float]:
+    """The metric that decides "better": the first a task's metrics report (auc; rmse)."""
+    return next(iter(metrics.items()))
+
+
 class BestValidation:
     """Tracks the best validation result and how many evaluations have passed without beating it.
 
@@ -75,7 +80,8 @@ class BestValidation:
 
     def update(self, metrics: dict[str, float], step: int) -> bool:
         """Record one evaluation; True if it is the best so far."""
-        value, best = next(iter(metrics.values())), next(iter(self.metrics.values()), None)
+        value = headline(metrics)[1]
+        best = headline(self.metrics)[1] if self.metrics else None
         if best is None or (value > best if self.higher_is_better else value < best):
             self.metrics, self.step, self.evals_since_best = dict(metrics), step, 0
             return True

@@ -24,7 +24,7 @@ from data_pipeline.schema import DataError, DatasetSchema, check_files
 from models import build_model
 from trainer.config import Config
 from trainer.distributed import DistEnv, describe_plan, local_state_tensors, plan_sharding, shard_model
-from trainer.metrics import BestValidation, task_metrics
+from trainer.metrics import BestValidation, headline, task_metrics
 from trainer.optim import LearningRates, apply_sparse_optimizer, build_optimizer
 from trainer.run_log import RunLog
 
@@ -161,12 +161,12 @@ class Trainer:
                     self.log.record("valid", self.step, epoch=epoch, **valid)
                     if main:
                         progress.write(f"step {self.step}: valid " + _format(valid))
-                    self.lr.after_eval(next(iter(valid.values())))
+                    self.lr.after_eval(headline(valid)[1])
                     if best.update(valid, self.step) and t.keep_best:
                         # On the host: a second copy of the tables must not take device memory.
                         best_weights = {k: v.detach().to("cpu", copy=True) for k, v in local_state_tensors(self.model).items()}
                     if best.should_stop and main:
-                        progress.write(f"early stop at step {self.step}: no better valid {next(iter(valid))} "
+                        progress.write(f"early stop at step {self.step}: no better valid {headline(valid)[0]} "
                                        f"for {best.evals_since_best} evaluations (best at step {best.step})")
         tested_step = self.step
         if best_weights and best.step != self.step:
@@ -174,7 +174,7 @@ class Trainer:
                 tensor.detach().copy_(best_weights[key])
             tested_step = best.step
             if main:
-                print(f"test with the weights of step {best.step} (best valid {next(iter(best.metrics))})")
+                print(f"test with the weights of step {best.step} (best valid {headline(best.metrics)[0]})")
         test = self.evaluate("test")
         self.log.record("test", tested_step, **test)
 
