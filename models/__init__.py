@@ -13,6 +13,7 @@ from models.config import ModelConfig
 from models.deepfm import build_deepfm
 from models.dlrm import build_dlrm
 from models.ranking import RankingModel
+from models.retrieval import InBatchSoftmax
 from models.two_tower import build_two_tower
 from models.wide_deep import build_wide_deep
 
@@ -27,12 +28,19 @@ MODELS: dict[str, ModelBuilder] = {
 }
 
 
-def build_model(cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> RankingModel:
-    """The named model wrapped for training; embedding tables on `sparse_device` (`meta` to shard)."""
+def build_model(cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> nn.Module:
+    """The named model wrapped for training with `model.loss`; embedding tables on
+    `sparse_device` (`meta` to shard)."""
     if cfg.name not in MODELS:
         raise ValueError(f"model.name '{cfg.name}' is not one of: {', '.join(sorted(MODELS))}")
+    if cfg.loss == "in_batch_softmax":
+        if schema.task != "binary":
+            raise ValueError(f"model.loss in_batch_softmax needs 0/1 labels (positives are 1); {schema.root} has task '{schema.task}'")
+        model = MODELS[cfg.name](cfg, schema, dense_device, sparse_device)
+        num_items = next(f.num_embeddings for f in schema.sparse if f.name == model.item_id)
+        return InBatchSoftmax(model, num_items, cfg.logq_correction, dense_device)
     offset = sum(schema.label_range) / 2 if schema.task == "regression" and schema.label_range else 0.0
     return RankingModel(MODELS[cfg.name](cfg, schema, dense_device, sparse_device), task=schema.task, offset=offset)
 
 
-__all__ = ["MODELS", "ModelConfig", "RankingModel", "build_model"]
+__all__ = ["MODELS", "InBatchSoftmax", "ModelConfig", "RankingModel", "build_model"]

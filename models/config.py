@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 DLRM_MODELS = ("dlrm", "dlrm_dcn")
 DEEP_MODELS = ("wide_deep", "deepfm")
+LOSSES = ("pointwise", "in_batch_softmax")
 
 
 @dataclass
@@ -41,6 +42,15 @@ class ModelConfig:
     `extra.towers.user` (written by `recsys prepare movielens`)."""
     item_features: list[str] = field(default_factory=list)
     """two_tower: the columns of the item tower; empty: the dataset's `extra.towers.item`."""
+    loss: str = "pointwise"
+    """pointwise: the task's loss on each row (log loss on clicks, squared error on ratings).
+    in_batch_softmax (two_tower, binary task): each positive row's item against every other item
+    of the global batch, a softmax over cosine similarities / temperature (Yi et al. 2019)."""
+    temperature: float = 0.05
+    """in_batch_softmax: divides the cosine similarities; smaller sharpens the softmax."""
+    logq_correction: bool = True
+    """in_batch_softmax: subtract log(how often an item is a candidate) from its logit, so popular
+    items are not pushed down merely for appearing as negatives more often (Yi et al. 2019)."""
 
     def __post_init__(self) -> None:
         # Each check only for the models that read the field, so every model works with the defaults.
@@ -59,5 +69,11 @@ class ModelConfig:
                 raise ValueError(f"model.dropout must lie in [0, 1), got {self.dropout}")
         if self.name == "two_tower" and any(size <= 0 for size in self.tower_layer_sizes):
             raise ValueError(f"model.tower_layer_sizes must be positive, got {self.tower_layer_sizes}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"model.loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
+        if self.loss == "in_batch_softmax" and self.name != "two_tower":
+            raise ValueError(f"model.loss in_batch_softmax needs a model with towers (two_tower), not '{self.name}'")
+        if self.temperature <= 0:
+            raise ValueError(f"model.temperature must be positive, got {self.temperature}")
         if self.name == "wide_deep" and self.wide_lr <= 0:
             raise ValueError(f"model.wide_lr must be positive, got {self.wide_lr}")

@@ -8,7 +8,12 @@ numbers; the score is their dot product, so items can be scored for a user by on
 Which columns belong to which tower comes from `model.user_features` / `model.item_features`, or
 from the dataset's `extra.towers` (`recsys prepare movielens` writes it). The biases are one
 weight per id of every sparse feature of both towers (`SparseLinear`, sharded like any table).
-Trained pointwise through `RankingModel`: squared error on ratings, log loss on clicks.
+Trained pointwise through `RankingModel` (squared error on ratings, log loss on clicks), or with
+`model.loss = "in_batch_softmax"` through `models.retrieval.InBatchSoftmax`, where the score is a
+cosine similarity / `model.temperature` (plus the biases) so that the softmax has a set scale.
+
+The first sparse feature of each tower names its entity (user id, item id): the retrieval loss
+masks repeats of an item by it, and the catalogue evaluation (`trainer.retrieval`) ranks by it.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from data_pipeline.schema import DatasetSchema
 from models.config import ModelConfig
 from models.dlrm import embedding_tables
-from models.wide_deep import SparseLinear
+from models.wide_deep import LINEAR_WIDTH, SparseLinear
 
 
 def tower_columns(cfg: ModelConfig, schema: DatasetSchema) -> dict[str, list[str]]:
@@ -63,7 +68,7 @@ class Tower(nn.Module):
 
 
 class TwoTower(nn.Module):
-    """forward(dense [B, n_dense], sparse KJT) -> scores [B, 1]."""
+    """forward(dense [B, n_dense], sparse KJT) -> scores [B, 1]; `encode` gives the parts."""
 
     def __init__(self, cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> None:
         super().__init__()
@@ -77,11 +82,27 @@ class TwoTower(nn.Module):
         self.item = Tower(sparse["item"], dense["item"], cfg.embedding_dim, cfg.tower_layer_sizes, dense_device)
         self.bias = SparseLinear(features, 0, "bias", dense_device, sparse_device)
         self.global_bias = nn.Parameter(torch.zeros(1, device=dense_device))  # RankingModel adds the label's mid-range
+        self.user_id, self.item_id = sparse["user"][0], sparse["item"][0]  # the towers' entity ids
+        self.cosine = cfg.loss == "in_batch_softmax"
+        self.temperature = cfg.temperature
 
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+    def encode(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> tuple[torch.Tensor, ...]:
+        """(user vectors [B, D], item vectors [B, D], user biases [B], item biases [B]) of each
+        row. A row with one side's features only (a catalogue item) gets the other side's
+        vector and bias of no ids, which nothing reads."""
         embedded = self.sparse_arch(sparse).to_dict()  # feature -> [B, D]
         u, v = self.user(embedded, dense), self.item(embedded, dense)
-        return (u * v).sum(dim=1, keepdim=True) + self.bias(dense, sparse) + self.global_bias
+        if self.cosine:
+            u = nn.functional.normalize(u, dim=1) / self.temperature
+            v = nn.functional.normalize(v, dim=1)
+        weights = self.bias.embedding_bag_collection(sparse).to_dict()  # feature -> [B, LINEAR_WIDTH]
+        user_bias = torch.cat([weights[f] for f in self.user.sparse], dim=1).sum(dim=1) / LINEAR_WIDTH
+        item_bias = torch.cat([weights[f] for f in self.item.sparse], dim=1).sum(dim=1) / LINEAR_WIDTH
+        return u, v, user_bias, item_bias
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        u, v, user_bias, item_bias = self.encode(dense, sparse)
+        return ((u * v).sum(dim=1) + user_bias + item_bias + self.global_bias).unsqueeze(1)
 
 
 def build_two_tower(cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> TwoTower:

@@ -122,6 +122,12 @@ class TrainingConfig:
     """Stop when the validation metric (auc, or rmse for regression) has not improved for this many
     evaluations in a row (0: never stop early)."""
 
+    top_k: list[int] = field(default_factory=lambda: [10, 50])
+    """Cut-offs of the retrieval metrics (recall@K, ndcg@K over the whole catalogue, per user),
+    computed for models with towers on datasets that list their items and users (`recsys prepare
+    movielens --implicit`); an empty list turns them off. When on, recall@<smallest K> is the
+    validation metric that decides "best" and early stopping."""
+
     keep_best: bool = False
     """Keep a copy of the weights of the best validation (in memory: one more copy of every table
     shard on each rank) and score the test split with them instead of the last weights."""
@@ -129,6 +135,8 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.max_steps < 0 or self.eval_every < 0 or self.log_every <= 0:
             raise ValueError("training: epochs and log_every must be positive; max_steps and eval_every >= 0")
+        if any(k <= 0 for k in self.top_k):
+            raise ValueError(f"training.top_k must be positive, got {self.top_k}")
         if self.early_stopping_patience < 0:
             raise ValueError("training.early_stopping_patience must be >= 0")
 

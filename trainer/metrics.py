@@ -91,3 +91,23 @@ class BestValidation:
     @property
     def should_stop(self) -> bool:
         return 0 < self.patience <= self.evals_since_best
+
+
+def top_k_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:
+    """Per-user Recall@K and NDCG@K of each row of `scores` [U, N] (items a user must not be
+    recommended already set to -inf) against `relevant` [U, N] (bool; every row has at least one).
+
+    recall@K = relevant items in the top K / relevant items; NDCG@K = DCG of the top K (gain 1 per
+    relevant item, discount log2(position + 1)) / the DCG of a perfect list. With one relevant item
+    per user (leave-last-out) recall@K is the hit rate. Returns name -> [U] values, to be summed.
+    """
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+    hits = relevant.gather(1, top).float()  # [U, K]
+    count = relevant.sum(dim=1).float()
+    discount = 1.0 / torch.log2(torch.arange(2, top.shape[1] + 2, device=scores.device, dtype=torch.float))
+    out = {}
+    for k in ks:
+        ideal = torch.cumsum(discount, 0)[(count.clamp(max=k) - 1).long()]
+        out[f"recall@{k}"] = hits[:, :k].sum(dim=1) / count
+        out[f"ndcg@{k}"] = (hits[:, :k] * discount[:k]).sum(dim=1) / ideal
+    return out

@@ -26,6 +26,7 @@ from trainer.config import Config
 from trainer.distributed import DistEnv, describe_plan, local_state_tensors, plan_sharding, shard_model
 from trainer.metrics import BestValidation, headline, task_metrics
 from trainer.optim import LearningRates, apply_sparse_optimizer, build_optimizer
+from trainer.retrieval import CatalogueRetrieval, supports_retrieval
 from trainer.run_log import RunLog
 
 SPLITS = ("train", "valid", "test")
@@ -69,6 +70,13 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, opt.dense, opt.dense_lr, opt.eps, opt.weight_decay, opt.grad_clip_norm)
         pipeline = TrainPipelineSparseDist if cfg.training.pipelined else TrainPipelineBase
         self.pipeline = pipeline(self.model, self.optimizer, env.device)
+
+        self.towers = self.model.module.model  # the model inside the loss wrapper
+        self.retrieval = None
+        if cfg.training.top_k and hasattr(self.towers, "encode") and supports_retrieval(schema):
+            self.retrieval = CatalogueRetrieval(schema, self.towers.user_id, self.towers.item_id, cfg.training.top_k,
+                                                env.rank, env.world_size, env.device, data.eval_batch_size)
+        self.most_popular: dict[str, dict[str, float]] = {}  # split -> the baseline's retrieval metrics
 
         self.log = RunLog(cfg.run_dir, enabled=env.is_main)
         self.step = 0
@@ -122,8 +130,14 @@ class Trainer:
             except StopIteration:
                 break
             metrics.update(logits, labels, weights)
+        results = metrics.compute()
+        if self.retrieval is not None:
+            if hasattr(self.pipeline, "detach"):
+                self.pipeline.detach()  # the tables' own forward back; the next progress() re-attaches
+            retrieved, self.most_popular[split] = self.retrieval.evaluate(split, lambda b: self.towers.encode(b.dense, b.sparse))
+            results = {**retrieved, **results}  # first: the headline metric
         self.model.train()
-        return metrics.compute()
+        return results
 
     @property
     def global_batch(self) -> int:
@@ -194,6 +208,7 @@ class Trainer:
             "best_valid": best.metrics,
             "best_valid_step": best.step,
             "stopped_early": best.should_stop,
+            "most_popular": self.most_popular,
             "oracle_auc": self.schema.splits["test"].oracle_auc,
             "valid_oracle_auc": self.schema.splits["valid"].oracle_auc,
             "sharding_plan": plan_text.splitlines()[1:],

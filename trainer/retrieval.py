@@ -1,0 +1,143 @@
+"""Full-catalogue retrieval evaluation of a model with towers (two_tower), and the most-popular
+baseline scored the same way.
+
+For each user with positives in a split: score every item of the catalogue (`items.parquet`, which
+`recsys prepare movielens` writes), hide the items the user had positive in earlier splits (train;
+train and valid for test), and rank. Recall@K and NDCG@K are computed per user, then averaged over
+users (`trainer.metrics.top_k_metrics`). Ranks split the users; every rank embeds the whole
+catalogue (the sharded tables need every rank in each lookup, and the catalogue is small next to
+the users x items score matrix).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from data_pipeline.batch import Batch, pad_batch, table_to_batch
+from data_pipeline.schema import DatasetSchema
+from trainer.metrics import top_k_metrics
+
+SPLITS = ("train", "valid", "test")
+Encoder = Callable[[Batch], tuple[torch.Tensor, ...]]
+"""batch -> (user vectors, item vectors, user biases, item biases): `TwoTower.encode`."""
+
+
+def supports_retrieval(schema: DatasetSchema) -> bool:
+    """A binary dataset that lists its catalogue: `extra.items` and `extra.users` files."""
+    extra = schema.extra or {}
+    return schema.task == "binary" and bool(extra.get("items")) and bool(extra.get("users"))
+
+
+def _full_rows(table: pa.Table, schema: DatasetSchema) -> pa.Table:
+    """`table`'s columns plus every other column of the schema, empty (null ids, dense 0)."""
+    n = table.num_rows
+    columns = {schema.label: pa.array(np.zeros(n, np.float32))}
+    for name in schema.dense:
+        columns[name] = table[name] if name in table.column_names else pa.array(np.zeros(n, np.float32))
+    for f in schema.sparse:
+        kind = pa.list_(pa.int64()) if f.multi_hot else pa.int64()
+        columns[f.name] = table[f.name] if f.name in table.column_names else pa.nulls(n, kind)
+    return pa.table(columns)
+
+
+def _batches(table: pa.Table, schema: DatasetSchema, batch_size: int, count: int) -> list[Batch]:
+    """`count` batches of `batch_size` rows: `table`'s rows, then weight-0 padding."""
+    batches = []
+    for i in range(count):
+        part = table.slice(i * batch_size, batch_size)
+        batch = table_to_batch(_full_rows(part, schema), schema) if part.num_rows else None
+        batches.append(pad_batch(batch, batch_size, schema))
+    return batches
+
+
+def _positives(schema: DatasetSchema, split: str, user: str, item: str) -> tuple[np.ndarray, np.ndarray]:
+    """(user ids, item ids) of the split's rows with label 1."""
+    tables = [pq.read_table(f, columns=[user, item, schema.label]) for f in schema.split_files(split)]
+    table = pa.concat_tables(tables)
+    table = table.filter(pc.and_(pc.greater(table[schema.label], 0), pc.and_(pc.is_valid(table[user]), pc.is_valid(table[item]))))
+    return table[user].to_numpy(), table[item].to_numpy()
+
+
+class CatalogueRetrieval:
+    """Recall@K / NDCG@K of the model and of the most-popular baseline on the valid and test splits."""
+
+    def __init__(self, schema: DatasetSchema, user_feature: str, item_feature: str, ks: list[int],
+                 rank: int, world_size: int, device: torch.device, batch_size: int = 4096) -> None:
+        self.schema, self.ks, self.rank, self.world_size, self.device = schema, sorted(ks), rank, world_size, device
+        self.batch_size = batch_size
+        self.user_feature, self.item_feature = user_feature, item_feature
+        sizes = {f.name: f.num_embeddings for f in schema.sparse}
+        self.num_items = sizes[item_feature]
+        self.positives = {split: _positives(schema, split, user_feature, item_feature) for split in SPLITS}
+        items = pq.read_table(schema.root / schema.extra["items"])
+        self.items = items.filter(pc.is_valid(items[item_feature]))
+        self.item_ids = torch.from_numpy(self.items[item_feature].to_numpy().astype(np.int64))
+        self.users = pq.read_table(schema.root / schema.extra["users"])
+        self.popularity = torch.from_numpy(np.bincount(self.positives["train"][1], minlength=self.num_items).astype(np.float32))
+
+    def _relevance(self, split: str, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(relevant [U, N], hidden [U, N]) of `users` (sorted ids): their positives in `split`
+        and in the splits before it."""
+        index = {u: i for i, u in enumerate(users.tolist())}
+        relevant = torch.zeros(len(users), self.num_items, dtype=torch.bool)
+        hidden = torch.zeros_like(relevant)
+        for name in SPLITS[: SPLITS.index(split) + 1]:
+            u, i = self.positives[name]
+            keep = np.isin(u, users)
+            rows = torch.tensor([index[x] for x in u[keep].tolist()], dtype=torch.long)
+            (relevant if name == split else hidden)[rows, torch.from_numpy(i[keep].astype(np.int64))] = True
+        return relevant, hidden & ~relevant
+
+    @torch.no_grad()
+    def evaluate(self, split: str, encode: Encoder) -> tuple[dict[str, float], dict[str, float]]:
+        """(model metrics, most-popular metrics) over every user with positives in `split`.
+        A collective: every rank must call it."""
+        users = np.unique(self.positives[split][0])
+        mine = users[self.rank :: self.world_size]
+        per_rank = -(-len(users) // self.world_size)
+        user_rows = self.users.filter(pc.is_in(self.users[self.user_feature], pa.array(mine)))
+        user_rows = user_rows.take(pc.sort_indices(user_rows[self.user_feature]))
+        mine = user_rows[self.user_feature].to_numpy()  # users without a users.parquet row drop out
+
+        # The catalogue's item vectors (every rank, the same batches), then this rank's user vectors.
+        catalogue = torch.full((self.num_items,), float("-inf"), device=self.device)
+        vectors = None
+        item_batches = _batches(self.items, self.schema, self.batch_size, -(-self.items.num_rows // self.batch_size))
+        done = 0
+        for batch in item_batches:
+            _, v, _, item_bias = encode(batch.to(self.device))
+            n = int((batch.weights > 0).sum())
+            ids = self.item_ids[done : done + n].to(self.device)
+            if vectors is None:
+                vectors = torch.zeros(self.num_items, v.shape[1], device=self.device)
+            vectors[ids] = v[:n].float()
+            catalogue[ids] = item_bias[:n].float()
+            done += n
+        user_vectors = []
+        for batch in _batches(user_rows, self.schema, self.batch_size, -(-per_rank // self.batch_size)):
+            u = encode(batch.to(self.device))[0]
+            user_vectors.append(u[: int((batch.weights > 0).sum())].float())
+        users_u = torch.cat(user_vectors)
+        popularity = self.popularity.to(self.device).masked_fill(catalogue.isinf(), float("-inf"))
+
+        totals = torch.zeros(2, 2 * len(self.ks) + 1, dtype=torch.float64, device=self.device)  # (model, popular) x (metrics, users)
+        chunk = max(1, 2**24 // self.num_items)
+        for start in range(0, len(mine), chunk):
+            relevant, hidden = (m.to(self.device) for m in self._relevance(split, mine[start : start + chunk]))
+            model_scores = users_u[start : start + chunk] @ vectors.T + catalogue
+            for row, scores in enumerate((model_scores, popularity.expand(len(relevant), -1))):
+                metrics = top_k_metrics(scores.masked_fill(hidden, float("-inf")), relevant, self.ks)
+                totals[row, :-1] += torch.stack([m.sum() for m in metrics.values()]).double()
+                totals[row, -1] += len(relevant)
+        names = list(top_k_metrics(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), self.ks))
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        results = [{name: (totals[row, j] / totals[row, -1].clamp(min=1)).item() for j, name in enumerate(names)} for row in (0, 1)]
+        return results[0], results[1]
