@@ -1,20 +1,135 @@
-"""Docker images cannot be built here: check that they pin what `make install` pins."""
+"""Docker images cannot be built here (no Docker engine): parse the Dockerfiles (dockerfile-parse)
+and check that they pin what `make install` pins, keep their layers cache-friendly, run as a
+non-root user that TorchX can start any command as, and copy what the image needs."""
 
+import io
 import re
+import tomllib
+
+import pytest
+from dockerfile_parse import DockerfileParser
 
 from tests.conftest import ROOT
 
-PINS = ("torch==2.13.0", "torchrec==1.8.0")
+DOCKERFILES = {"cpu": ROOT / "docker/Dockerfile.cpu", "gpu": ROOT / "docker/Dockerfile"}
+TRIPLE = {"torch": "2.13.0", "torchrec": "1.8.0"}
+FBGEMM = {"cpu": "fbgemm-gpu-cpu", "gpu": "fbgemm-gpu"}
+# The CUDA builds torch 2.13 and fbgemm-gpu 1.8.0 are published for (no cu128 since torch 2.12).
+CUDA_BUILDS = {"cu126": "12.6", "cu130": "13.0"}
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def instructions(kind: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, value) in order, comments left out, line continuations joined."""
+    parser = DockerfileParser(fileobj=io.BytesIO(DOCKERFILES[kind].read_bytes()))
+    return [(i["instruction"], i["value"]) for i in parser.structure if i["instruction"] != "COMMENT"]
+
+
+def parser_of(kind: str) -> DockerfileParser:
+    return DockerfileParser(fileobj=io.BytesIO(DOCKERFILES[kind].read_bytes()))
+
+
+def pins(text: str) -> dict[str, str]:
+    return dict(re.findall(r"\b([A-Za-z][\w.-]*)==([\w.+-]+)", text))
+
+
+def pip_installs(kind: str) -> list[str]:
+    """Every `pip install ...` command of the RUN instructions."""
+    return [cmd.strip() for op, value in instructions(kind) if op == "RUN" for cmd in re.split(r"&&|;", value)
+            if "pip install" in cmd]
 
 
 def test_dockerfiles_and_makefile_pin_the_same_triple():
     makefile = (ROOT / "Makefile").read_text()
-    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
-        text = (ROOT / "docker" / name).read_text()
-        for pin in PINS:
-            assert pin in text and pin in makefile, (name, pin)
-        assert "--no-deps torchrec" in text
-    assert "fbgemm-gpu-cpu==1.8.0" in makefile and "fbgemm-gpu-cpu==1.8.0" in (ROOT / "docker/Dockerfile.cpu").read_text()
-    assert re.search(r"fbgemm-gpu==1\.8\.0", (ROOT / "docker/Dockerfile.gpu").read_text())
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    assert "torchmetrics==1.0.3" in pyproject
+    make_pins = pins(makefile)
+    for kind, path in DOCKERFILES.items():
+        text = path.read_text()
+        image_pins = pins(text)
+        for package, version in {**TRIPLE, FBGEMM[kind]: "1.8.0"}.items():
+            assert image_pins.get(package) == version, (path.name, package)
+        assert "--no-deps torchrec" in text, path.name
+        # whatever both pin, they pin alike; the unpinned helpers are the same set
+        assert {p: v for p, v in image_pins.items() if p in make_pins} == {p: v for p, v in make_pins.items() if p in image_pins}
+        assert any(c.endswith("pyre-extensions tensordict iopath") for c in pip_installs(kind)), path.name
+    for package, version in {**TRIPLE, "fbgemm-gpu-cpu": "1.8.0"}.items():
+        assert make_pins.get(package) == version, package
+    assert "pyre-extensions tensordict iopath" in makefile
+    dependencies = PYPROJECT["project"]["dependencies"]
+    assert "torchmetrics==1.0.3" in dependencies and "torchx==0.7.0" in dependencies
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_dockerfile_installs_the_project_dependencies_from_pyproject(kind):
+    """The images install pyproject's own dependency list (not a copy of it that could drift), in
+    a layer that only pyproject.toml invalidates; the project itself goes in with --no-deps."""
+    steps = instructions(kind)
+    copy_pyproject = steps.index(("COPY", "pyproject.toml ./"))
+    install_deps = next(i for i, (op, value) in enumerate(steps) if op == "RUN" and "['project']['dependencies']" in value)
+    first_source = next(i for i, (op, value) in enumerate(steps) if op == "COPY" and value.split()[0] in PYPROJECT["tool"]["setuptools"]["packages"])
+    assert copy_pyproject < install_deps < first_source
+    assert "pip install --no-cache-dir -r /tmp/requirements.txt" in steps[install_deps][1]
+    assert any(re.fullmatch(r"pip install --no-cache-dir --no-deps -e \.", c) for c in pip_installs(kind))
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_dockerfile_layers_are_small_and_cache_friendly(kind):
+    steps = instructions(kind)
+    assert [op for op, _ in steps].count("FROM") == 1
+    torch_layer = next(i for i, (op, value) in enumerate(steps) if op == "RUN" and "torch==2.13.0" in value and "pip install" in value)
+    assert all(op != "COPY" for op, _ in steps[:torch_layer])  # no source change rebuilds the torch layer
+    for command in pip_installs(kind):
+        assert "--no-cache-dir" in command, command
+    for op, value in steps:
+        assert not (op in ("COPY", "ADD") and value.split()[0] in (".", "./")), "copies the whole build context"
+        if op == "RUN" and "apt-get install" in value:
+            assert "--no-install-recommends" in value and "rm -rf /var/lib/apt/lists/*" in value
+    # later installs cannot swap the torch build (tensordict, torchmetrics depend on torch)
+    assert parser_of(kind).envs["PIP_CONSTRAINT"] == "/etc/pip-constraints.txt"
+    assert 'echo "torch==2.13.0" > /etc/pip-constraints.txt' in steps[torch_layer][1]
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_dockerfile_runs_as_non_root_without_entrypoint(kind):
+    steps = instructions(kind)
+    users = [i for i, (op, _) in enumerate(steps) if op == "USER"]
+    assert users, "no USER: the image would run as root"
+    last_user = steps[users[-1]][1].split(":")[0]
+    assert last_user not in ("root", "0")
+    assert all(op != "RUN" for op, _ in steps[users[-1]:])  # nothing after it runs as root again
+    assert any(op == "RUN" and re.search(rf"useradd .*\b{last_user}$", value) for op, value in steps)
+    # TorchX (local_docker, kubernetes) starts `bash -c "torchrun ..."` as the container command:
+    # an ENTRYPOINT would be put in front of it
+    assert all(op != "ENTRYPOINT" for op, _ in steps)
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_dockerfile_copies_what_the_image_needs(kind):
+    copied = []
+    for op, value in instructions(kind):
+        if op in ("COPY", "ADD"):
+            *sources, _ = value.split()
+            copied += [s for s in sources if not s.startswith("--")]
+    for source in copied:
+        assert (ROOT / source).exists(), source
+    needed = {"pyproject.toml", "README.md", "configs", *PYPROJECT["tool"]["setuptools"]["packages"]}
+    assert needed <= set(copied), needed - set(copied)
+    assert PYPROJECT["project"]["readme"] in copied  # setuptools reads it when installing
+
+
+def test_gpu_image_cuda_matches_its_wheel_index():
+    parser = parser_of("gpu")
+    base = parser.baseimage  # ARG defaults substituted
+    cu = parser.args["CU"]
+    assert cu in CUDA_BUILDS, f"torch 2.13 / fbgemm-gpu 1.8.0 publish {sorted(CUDA_BUILDS)}, not {cu}"
+    assert re.fullmatch(rf"nvidia/cuda:{re.escape(CUDA_BUILDS[cu])}\.\d+-(base|runtime|cudnn-runtime)-ubuntu\d\d\.04", base), base
+    index = "--index-url https://download.pytorch.org/whl/${CU}"
+    installs = pip_installs("gpu")
+    assert any(c.startswith("pip install --no-cache-dir torch==2.13.0") and c.endswith(index) for c in installs)
+    assert any(c.startswith("pip install --no-cache-dir fbgemm-gpu==1.8.0") and c.endswith(index) for c in installs)
+    assert any(c.endswith("torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu") for c in pip_installs("cpu"))
+
+
+def test_test_dependencies_are_installed_by_make():
+    assert any(d.startswith("dockerfile-parse") for d in PYPROJECT["project"]["optional-dependencies"]["test"])
+    install_line = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "pip install" in line and "pytest" in line)
+    assert "dockerfile-parse" in install_line
