@@ -17,7 +17,7 @@ import sys
 
 from data_pipeline.schema import DataError
 from trainer.config import load_config
-from trainer.distributed import destroy_distributed, init_distributed
+from trainer.distributed import PlanError, destroy_distributed, init_distributed
 from trainer.train import Trainer, preflight
 
 
@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         Trainer(cfg, env, schema).run()
     except DataError as e:
         print(f"error (rank {env.rank}): {_message(e)}", file=sys.stderr)
+        return 2
+    except PlanError as e:
+        if env.is_main:  # rank 0's planner failed and every rank raised its message
+            print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         destroy_distributed()

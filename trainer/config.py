@@ -84,21 +84,77 @@ class OptimizerConfig:
         return rates
 
 
+COMPUTE_KERNELS = ("dense", "fused", "fused_uvm", "fused_uvm_caching")
+UVM_KERNELS = ("fused_uvm", "fused_uvm_caching")
+
+
+def _table_entries(entries: list[str], key: str, allowed: tuple[str, ...]) -> dict[str, list[str]]:
+    """"table=a+b" entries -> {table: [a, b]}, each value one of `allowed`."""
+    out = {}
+    for entry in entries:
+        table, sep, values = entry.partition("=")
+        choices = [v.strip() for v in values.split("+") if v.strip()]
+        if not sep or not table.strip() or not choices:
+            raise ValueError(f"sharding.{key} entries look like 't_cat_25={allowed[0]}' (several joined by +), got '{entry}'")
+        unknown = [c for c in choices if c not in allowed]
+        if unknown:
+            raise ValueError(f"sharding.{key}: unknown {unknown} in '{entry}'; choose from {allowed}")
+        out[table.strip()] = choices
+    return out
+
+
 @dataclass
 class ShardingConfig:
     sharding_types: list[str] = field(default_factory=lambda: list(MODEL_PARALLEL_TYPES))
     """Sharding types the planner may use for every table. data_parallel is left out by
     default: with the fused optimizer it did not match the unsharded reference in our test
-    (tests/trainer/test_sharded_equals_unsharded.py), so it is opt-in until that is understood."""
+    (tests/trainer/test_sharded_equals_unsharded.py), so it is opt-in until that is understood.
+    torchrec offers row_wise and table_row_wise on CUDA only; on CPU a table is split column-wise."""
+    table_sharding_types: list[str] = field(default_factory=list)
+    """Per-table sharding types overriding sharding_types, as "table=type[+type...]"
+    (e.g. "t_cat_25=row_wise+table_row_wise")."""
+    compute_kernels: list[str] = field(default_factory=list)
+    """Embedding kernels the planner may use for every table (empty: any the device supports):
+    fused (tables in GPU memory, or host memory on CPU), fused_uvm_caching (tables in host memory
+    with a GPU cache of the hot rows: tables bigger than the GPUs), fused_uvm, dense."""
+    table_compute_kernels: list[str] = field(default_factory=list)
+    """Per-table kernels overriding compute_kernels, as "table=kernel[+kernel...]"."""
+    cache_load_factor: float = 0.2
+    """fused_uvm_caching: the share of a table's rows its GPU cache holds."""
+    min_partition: int = 0
+    """Narrowest column shard (embedding columns) column-wise sharding may cut (0: torchrec's 128)."""
     hbm_cap_gb: float = 0.0
-    """Per-device GPU memory the planner may use for tables (0: torchrec's default)."""
+    """GPU memory per device the planner may fill (0: the device's total memory)."""
     ddr_cap_gb: float = 0.0
-    """Per-host CPU memory the planner may use for tables (0: torchrec's default)."""
+    """Host memory per rank the planner may fill (0: the host's memory / processes per host).
+    On CPU the tables live there."""
+    storage_reserve: float = 0.15
+    """Share of each device's memory the planner leaves for the dense part, activations and
+    buffers (torchrec's FixedPercentageStorageReservation)."""
+    intra_host_bw_gbps: float = 0.0
+    """Bandwidth between ranks of one host, GB/s, for the planner's cost model (0: torchrec's
+    600, NVLink class)."""
+    inter_host_bw_gbps: float = 0.0
+    """Bandwidth between hosts per rank, GB/s (0: torchrec's 12.5, 100 Gb/s networking)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.sharding_types) - set(SHARDING_TYPES)
         if unknown:
             raise ValueError(f"sharding.sharding_types: unknown {sorted(unknown)}; choose from {SHARDING_TYPES}")
+        unknown = set(self.compute_kernels) - set(COMPUTE_KERNELS)
+        if unknown:
+            raise ValueError(f"sharding.compute_kernels: unknown {sorted(unknown)}; choose from {COMPUTE_KERNELS}")
+        self.table_types(), self.table_kernels()  # validate the "table=..." entries now
+        if not 0 < self.cache_load_factor <= 1 or not 0 <= self.storage_reserve < 1:
+            raise ValueError("sharding.cache_load_factor must lie in (0, 1] and sharding.storage_reserve in [0, 1)")
+        if min(self.min_partition, self.hbm_cap_gb, self.ddr_cap_gb, self.intra_host_bw_gbps, self.inter_host_bw_gbps) < 0:
+            raise ValueError("sharding: min_partition, caps and bandwidths must be >= 0")
+
+    def table_types(self) -> dict[str, list[str]]:
+        return _table_entries(self.table_sharding_types, "table_sharding_types", SHARDING_TYPES)
+
+    def table_kernels(self) -> dict[str, list[str]]:
+        return _table_entries(self.table_compute_kernels, "table_compute_kernels", COMPUTE_KERNELS)
 
 
 @dataclass
@@ -116,6 +172,10 @@ class TrainingConfig:
     """Use TrainPipelineSparseDist (overlaps input all-to-all with compute); false runs the
     plain, non-overlapped step, for debugging."""
     progress_bar: bool = True
+    mixed_precision: str = "fp32"
+    """fp32, or bf16: the forward pass runs under torch.autocast in bfloat16 (the MLPs and
+    interactions; embedding lookups and the loss stay fp32). No fp16: its loss scaling cannot
+    be undone inside the tables' fused optimizer, which updates them during the backward pass."""
     auroc_thresholds: int = 0
     """0: exact AUC (keeps every score); N: binned AUC over N thresholds, for huge eval sets."""
     early_stopping_patience: int = 0
@@ -135,6 +195,8 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.max_steps < 0 or self.eval_every < 0 or self.log_every <= 0:
             raise ValueError("training: epochs and log_every must be positive; max_steps and eval_every >= 0")
+        if self.mixed_precision not in ("fp32", "bf16"):
+            raise ValueError(f"training.mixed_precision must be fp32 or bf16, got '{self.mixed_precision}'")
         if any(k <= 0 for k in self.top_k):
             raise ValueError(f"training.top_k must be positive, got {self.top_k}")
         if self.early_stopping_patience < 0:

@@ -16,10 +16,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.collective_utils import invoke_on_rank_and_broadcast_result
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import HardwareConfig, KernelConfig, PlannerError, TopologyFactory, TrainerConfig
 from torchrec.distributed.sharding_plan import get_default_sharders
-from torchrec.distributed.types import ShardingPlan
+from torchrec.distributed.types import CacheParams, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from trainer.config import UVM_KERNELS, ShardingConfig
 
 
 @dataclass(frozen=True)
@@ -71,30 +76,97 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def plan_sharding(
-    model: nn.Module,
-    env: DistEnv,
-    batch_size: int,
-    sharding_types: list[str] | None = None,
-    hbm_cap_gb: float = 0.0,
-    ddr_cap_gb: float = 0.0,
-) -> ShardingPlan:
-    """Ask torchrec's planner where each table goes. Every rank computes the plan and rank 0's
-    is broadcast (`collective_plan`), so all ranks agree even if their estimates differ."""
+class PlanError(ValueError):
+    """No sharding plan fits the tables into the memory the planner was given."""
+
+
+def topology(env: DistEnv, sharding: ShardingConfig) -> Topology:
+    """The hardware the planner plans for: this device's memory (or the configured caps), the
+    ranks per host, and the configured bandwidths (torchrec's defaults where unset)."""
     gb = 1024**3
-    topology = Topology(
-        world_size=env.world_size,
-        local_world_size=env.local_world_size,
-        compute_device=env.device.type,
-        hbm_cap=int(hbm_cap_gb * gb) if hbm_cap_gb else None,
-        ddr_cap=int(ddr_cap_gb * gb) if ddr_cap_gb else None,
+    if sharding.hbm_cap_gb:
+        hbm = int(sharding.hbm_cap_gb * gb)
+    else:
+        hbm = torch.cuda.get_device_properties(env.device).total_memory if env.device.type == "cuda" else None
+    if sharding.ddr_cap_gb:
+        ddr = int(sharding.ddr_cap_gb * gb)
+    else:
+        ddr = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // env.local_world_size
+    per_ms = gb / 1000  # the planner's bandwidths are in bytes/ms
+    hardware = HardwareConfig(
+        hbm_cap_bytes=hbm,
+        ddr_cap_bytes=ddr,
+        intra_host_bw=sharding.intra_host_bw_gbps * per_ms or None,
+        inter_host_bw=sharding.inter_host_bw_gbps * per_ms or None,
     )
-    constraints = None
-    if sharding_types:
-        tables = [t.name for m in model.modules() if isinstance(m, EmbeddingBagCollection) for t in m.embedding_bag_configs()]
-        constraints = {t: ParameterConstraints(sharding_types=list(sharding_types)) for t in tables}
-    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
-    return planner.collective_plan(model, get_default_sharders(), dist.GroupMember.WORLD)
+    return TopologyFactory.create_topology(
+        TrainerConfig(world_size=env.world_size, local_world_size=env.local_world_size),
+        hardware,
+        KernelConfig(compute_device=env.device.type, use_hardware_based_bandwidth=True),  # our bandwidths, defaults for unset ones
+    )
+
+
+def table_constraints(model: nn.Module, sharding: ShardingConfig, device_type: str) -> dict[str, ParameterConstraints]:
+    """One ParameterConstraints per table: the allowed sharding types and kernels (per-table
+    entries override the global lists), the cache size for UVM caching, the narrowest column shard."""
+    tables = [t.name for m in model.modules() if isinstance(m, EmbeddingBagCollection) for t in m.embedding_bag_configs()]
+    types, kernels = sharding.table_types(), sharding.table_kernels()
+    unknown = sorted((set(types) | set(kernels)) - set(tables))
+    if unknown:
+        raise ValueError(f"sharding.table_*: no table named {', '.join(unknown)}; the model's tables: {', '.join(tables)}")
+    constraints = {}
+    for table in tables:
+        table_kernels = kernels.get(table, sharding.compute_kernels) or None
+        if device_type != "cuda" and table_kernels and set(table_kernels) & set(UVM_KERNELS):
+            raise ValueError(f"sharding: {table} may only use {table_kernels}, but UVM kernels need a GPU (this run is on {device_type})")
+        constraints[table] = ParameterConstraints(
+            sharding_types=types.get(table, sharding.sharding_types),
+            compute_kernels=table_kernels,
+            min_partition=sharding.min_partition or None,
+            cache_params=CacheParams(load_factor=sharding.cache_load_factor),
+        )
+    return constraints
+
+
+def plan_sharding(model: nn.Module, env: DistEnv, batch_size: int, sharding: ShardingConfig | None = None) -> ShardingPlan:
+    """Ask torchrec's planner where each table goes. Rank 0 plans and broadcasts the plan (or its
+    failure), so all ranks agree even if their estimates differ, and all fail together."""
+    sharding = sharding or ShardingConfig()
+    planner = EmbeddingShardingPlanner(
+        topology=topology(env, sharding),
+        batch_size=batch_size,
+        constraints=table_constraints(model, sharding, env.device.type),
+        storage_reservation=FixedPercentageStorageReservation(sharding.storage_reserve),
+    )
+
+    def plan_or_error() -> ShardingPlan | PlanError:
+        try:
+            return planner.plan(model, get_default_sharders())
+        except PlannerError as e:
+            return PlanError(_plan_failure(model, env, sharding, e))
+
+    result = invoke_on_rank_and_broadcast_result(dist.GroupMember.WORLD, 0, plan_or_error)
+    if isinstance(result, PlanError):
+        raise result
+    return result
+
+
+def _plan_failure(model: nn.Module, env: DistEnv, sharding: ShardingConfig, error: Exception) -> str:
+    """What did not fit, in a few lines, with what to change."""
+    configs = [t for m in model.modules() if isinstance(m, EmbeddingBagCollection) for t in m.embedding_bag_configs()]
+    biggest = max(configs, key=lambda t: t.num_embeddings * t.embedding_dim)
+    table_gb = sum(t.num_embeddings * t.embedding_dim for t in configs) * 4 / 1024**3
+    memory = "hbm_cap_gb" if env.device.type == "cuda" else "ddr_cap_gb"
+    last = [line.strip() for line in str(error).splitlines() if line.strip()][-1][:300]
+    return (
+        f"no sharding plan fits the {len(configs)} tables ({table_gb:.3f} GB of weights, the biggest {biggest.name} "
+        f"{biggest.num_embeddings:,} x {biggest.embedding_dim}) on {env.world_size} rank(s) with "
+        f"sharding.{memory} {getattr(sharding, memory) or 'detected'} and storage_reserve {sharding.storage_reserve}. "
+        f"Give the planner more memory or ranks, or let it split tables: sharding types {sharding.sharding_types}"
+        f"{', min_partition ' + str(sharding.min_partition) if sharding.min_partition else ''} "
+        f"(row_wise needs CUDA; column_wise cuts shards of at least min_partition columns; "
+        f"fused_uvm_caching keeps big tables in host memory). Planner: {last}"
+    )
 
 
 def shard_model(model: nn.Module, env: DistEnv, plan: ShardingPlan) -> DistributedModelParallel:

@@ -64,12 +64,12 @@ class Trainer:
         model = build_model(cfg.model, schema, dense_device=env.device, sparse_device=torch.device("meta"))
         opt = cfg.optimizer
         apply_sparse_optimizer(model, opt.sparse, opt.sparse_lr, opt.eps, opt.table_lrs())
-        sharding = cfg.sharding
-        self.plan = plan_sharding(model, env, data.batch_size, sharding.sharding_types, sharding.hbm_cap_gb, sharding.ddr_cap_gb)
+        self.plan = plan_sharding(model, env, data.batch_size, cfg.sharding)
         self.model = shard_model(model, env, self.plan)
         self.optimizer = build_optimizer(self.model, opt.dense, opt.dense_lr, opt.eps, opt.weight_decay, opt.grad_clip_norm)
         pipeline = TrainPipelineSparseDist if cfg.training.pipelined else TrainPipelineBase
-        self.pipeline = pipeline(self.model, self.optimizer, env.device)
+        forward = self._bf16_forward if cfg.training.mixed_precision == "bf16" else None
+        self.pipeline = pipeline(self.model, self.optimizer, env.device, custom_model_fwd=forward)
 
         self.towers = self.model.module.model  # the model inside the loss wrapper
         self.retrieval = None
@@ -90,6 +90,13 @@ class Trainer:
         self.higher_is_better = schema.task == "binary"  # the headline metric: auc up, rmse down
         self.lr = LearningRates(self.optimizer, self.total_steps, opt.lr_schedule, opt.warmup_steps, opt.min_lr_ratio,
                                 opt.plateau_factor, opt.plateau_patience, self.higher_is_better)
+
+    def _bf16_forward(self, batch: Batch):
+        """The model's forward under bfloat16 autocast; outputs back in fp32 for the loss's
+        backward and the metrics. The backward pass runs outside autocast, as torch advises."""
+        with torch.autocast(self.env.device.type, dtype=torch.bfloat16):
+            loss, outputs = self.model(batch)
+        return loss.float(), tuple(t.float() if t.is_floating_point() else t for t in outputs)
 
     # ---- phases -------------------------------------------------------------------------------
     def train_steps(self, batches: Iterator[Batch], progress: tqdm) -> None:

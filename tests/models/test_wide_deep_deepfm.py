@@ -124,13 +124,14 @@ def dataset(tmp_path_factory):
 def _sharded_step(rank, port, data, out_path):
     """One rank under DMP: the fused (fbgemm) update of the sharded wide tables is Adagrad at wide_lr."""
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from trainer.config import ShardingConfig
     from trainer.distributed import destroy_distributed, init_distributed, plan_sharding, shard_model
 
     env = init_distributed()
     schema = DatasetSchema.load(data)
     model = build_model(ModelConfig(name="wide_deep", wide_lr=0.3, **SMALL), schema, env.device, torch.device("meta"))
     apply_sparse_optimizer(model, "rowwise_adagrad", 0.01, 1e-8)
-    dmp = shard_model(model, env, plan_sharding(model, env, 64, ["table_wise"]))
+    dmp = shard_model(model, env, plan_sharding(model, env, 64, ShardingConfig(sharding_types=["table_wise"])))
     key = "model.wide.embedding_bag_collection.embedding_bags.wide_cat_0.weight"
     before = dmp.state_dict()[key].local_shards()[0].tensor.clone()
     loss, _ = dmp(next(iter(ParquetBatches(schema, "train", 64))))

@@ -17,6 +17,7 @@ from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DatasetSchema
 from data_pipeline.synthetic import SyntheticSpec, generate
 from models import ModelConfig, build_model
+from trainer.config import ShardingConfig
 from trainer.distributed import destroy_distributed, init_distributed, plan_sharding, shard_model
 from trainer.optim import apply_sparse_optimizer, build_optimizer
 
@@ -62,7 +63,7 @@ def _rank(rank, world_size, port, data, init_path, out_path, sharding_type):
     schema = DatasetSchema.load(data)
     model = build_model(MODEL, schema, env.device, torch.device("meta"))
     apply_sparse_optimizer(model, "rowwise_adagrad", 0.05, 1e-8)
-    plan = plan_sharding(model, env, BATCH, [sharding_type])
+    plan = plan_sharding(model, env, BATCH, ShardingConfig(sharding_types=[sharding_type]))
     dmp = shard_model(model, env, plan)
     copy_state_dict(dmp.state_dict(), torch.load(init_path))
     pipeline = TrainPipelineSparseDist(dmp, build_optimizer(dmp, "adam", 1e-3, 1e-8), env.device)
