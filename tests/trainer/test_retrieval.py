@@ -160,5 +160,6 @@ def test_two_tower_in_batch_softmax_beats_most_popular(clustered, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     test, popular = summary["test"], summary["most_popular"]["test"]
     assert list(test)[:2] == ["recall@10", "ndcg@10"] and "auc" in test
-    assert test["recall@10"] > 1.5 * popular["recall@10"], summary
-    assert test["ndcg@10"] > 1.5 * popular["ndcg@10"], summary
+    # the towers learn the clusters (measured: recall@10 0.75 vs 0.05); popularity alone cannot
+    assert test["recall@10"] > 0.5 and test["recall@10"] > 3 * popular["recall@10"], summary
+    assert test["ndcg@10"] > 3 * popular["ndcg@10"], summary
