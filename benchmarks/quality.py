@@ -78,6 +78,13 @@ SYNTHETIC_RUNS = [
     Run("dlrm_dcn", "dlrm_dcn", EVERY_2000, "demo preset"),
     Run("wide_deep", "wide_deep", EVERY_2000, "demo preset"),
     Run("deepfm", "deepfm", EVERY_2000, "demo preset"),
+    Run("dlrm_dcn+2ep", "dlrm_dcn", [*EVERY_2000, "--training.epochs", "2", "--training.keep_best", "true"], "2 epochs, best valid kept"),
+    Run("wide_deep+2ep", "wide_deep", [*EVERY_2000, "--training.epochs", "2", "--training.keep_best", "true"], "2 epochs, best valid kept"),
+    Run("deepfm+2ep", "deepfm", [*EVERY_2000, "--training.epochs", "2", "--training.keep_best", "true"], "2 epochs, best valid kept"),
+    Run("dlrm_dcn+2ep+lr0.003", "dlrm_dcn", [*EVERY_2000, "--training.epochs", "2", "--training.keep_best", "true",
+                                             "--optimizer.dense_lr", "0.003"], "2 epochs, best kept, dense lr 0.003"),
+    Run("deepfm+lr0.003", "deepfm", [*EVERY_2000, "--training.keep_best", "true", "--optimizer.dense_lr", "0.003"], "dense lr 0.003, best kept"),
+    Run("wide_deep+lr0.003", "wide_deep", [*EVERY_2000, "--training.keep_best", "true", "--optimizer.dense_lr", "0.003"], "dense lr 0.003, best kept"),
 ]
 
 MOVIELENS_CONFIG = "configs/movielens.toml"
