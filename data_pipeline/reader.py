@@ -19,12 +19,20 @@ and one rank with an extra batch would hang the others:
     add all-padding batches, with weight-0 rows, so every row is scored exactly once.
 
 Workers hand batches to the training process through a small ring of shared-memory slots per
-worker instead of a fresh shared-memory segment per batch (see `RankLoader`).
+worker instead of a fresh shared-memory segment per batch (see `RankLoader`). They are started by
+a fork server, never forked from the training process itself: by the time a loader starts, that
+process runs gloo/NCCL, OpenMP and TensorBoard threads, and a fork taken while one of them holds a
+lock can leave the child hung (seen here: an evaluation worker stuck right after fork).
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import select
+import threading
 from dataclasses import dataclass
+from multiprocessing import forkserver
 from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 from typing import Iterator
@@ -262,6 +270,35 @@ class _Ring:
         return SharedBatch(self.worker, slot, layout, counts, ring)
 
 
+def _exit_with(owner: int, worker_id: int) -> None:
+    """Worker init: end this worker as soon as process `owner` (the one iterating the loader) is gone.
+
+    A worker's parent is the fork server, not `owner`, so the DataLoader's own check (has the
+    parent pid changed?) never fires: after a SIGKILLed rank its workers, and the fork server they
+    keep alive, would linger forever (and hold a launcher's output pipes open). A pidfd becomes
+    readable when the process exits, with no pid-reuse race."""
+
+    def watch() -> None:
+        try:
+            pidfd = os.pidfd_open(owner)
+        except ProcessLookupError:
+            os._exit(1)
+        select.select([pidfd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-owner", daemon=True).start()
+
+
+def _worker_context() -> mp.context.BaseContext:
+    """The "forkserver" context, its server preloaded with this module (torch, torchrec, pyarrow),
+    so that starting a worker is a fork of a small single-threaded process, not a fresh
+    interpreter. The server is started now (one per process, a few seconds of imports, done in the
+    background while the model is built), not when the first batch is wanted."""
+    mp.set_forkserver_preload([__name__])
+    forkserver.ensure_running()
+    return mp.get_context("forkserver")
+
+
 class RankLoader:
     """A DataLoader over `ParquetBatches` that yields exactly `len(self)` batches on every rank.
 
@@ -273,13 +310,19 @@ class RankLoader:
     def __init__(self, dataset: ParquetBatches, pin_memory: bool = False) -> None:
         self.dataset = dataset
         self.pin_memory = pin_memory
+        self.context = _worker_context() if dataset.num_workers else None
         self.loader = DataLoader(
             dataset,
             batch_size=None,  # the dataset yields whole batches
             num_workers=dataset.num_workers,
             pin_memory=pin_memory,
             persistent_workers=False,
+            multiprocessing_context=self.context,
+            worker_init_fn=functools.partial(_exit_with, os.getpid()) if dataset.num_workers else None,
         )
+        # Ring slots per worker: every batch a worker can have in flight (prefetched, being
+        # received, being written). 0: no ring, every batch goes the normal way.
+        self.ring_slots = self.loader.prefetch_factor + 2 if dataset.num_workers else 0
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
@@ -288,11 +331,10 @@ class RankLoader:
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[Batch]:
-        free = [mp.SimpleQueue() for _ in range(self.dataset.num_workers)]
+        free = [self.context.SimpleQueue() for _ in range(self.dataset.num_workers)]
         if free:
-            # Set before the workers start, so each inherits its queue. Enough slots for every
-            # batch a worker can have in flight: prefetched, being received, being written.
-            self.dataset.transport = _Transport(free, slots=self.loader.prefetch_factor + 2)
+            # Set before the workers start: the dataset, queues included, is sent to each as it starts.
+            self.dataset.transport = _Transport(free, slots=self.ring_slots)
         batches = iter(self.loader)
         self.dataset.transport = None  # the workers have their copy; in-process iteration needs none
         rings: dict[int, torch.Tensor] = {}

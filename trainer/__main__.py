@@ -12,6 +12,7 @@ Flags: --config FILE, then any `--section.key VALUE` override; `--help` lists th
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 
@@ -30,6 +31,9 @@ def _message(error: DataError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A rank that crashes in native code (SIGSEGV, or SIGABRT from glibc's heap checks) prints
+    # every thread's Python stack first, so the job's log says where it was.
+    faulthandler.enable(all_threads=True)
     cfg = load_config(argv)
     rank = os.environ.get("RANK", "0")
     try:

@@ -1,3 +1,7 @@
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -7,7 +11,7 @@ from data_pipeline import reader
 from data_pipeline.batch import BatchLayout, RowStore, table_to_batch
 from data_pipeline.reader import ParquetBatches, RankLoader
 from data_pipeline.schema import SparseFeature
-from tests.conftest import TINY_SPARSE, write_dataset
+from tests.conftest import ROOT, TINY_SPARSE, write_dataset
 
 
 def test_batch_tensors_are_exact(tmp_path, tiny_table):
@@ -137,9 +141,43 @@ def test_every_row_exact_through_worker_rings(tmp_path, monkeypatch, shuffle):
 
 def test_batches_go_the_normal_way_when_no_ring_slot_is_free(tmp_path, monkeypatch):
     schema = _nulls_dataset(tmp_path)
-    monkeypatch.setattr(reader._Ring, "put", lambda self, store, runs: None)  # inherited by the forked workers
-    rows = _rows(RankLoader(ParquetBatches(schema, "valid", batch_size=96, num_workers=2, drop_last=False)))
+    received = []
+    original = BatchLayout.batch
+    monkeypatch.setattr(BatchLayout, "batch", lambda self, *a: received.append(1) or original(self, *a))
+    loader = RankLoader(ParquetBatches(schema, "valid", batch_size=96, num_workers=2, drop_last=False))
+    loader.ring_slots = 0  # sent to the workers with the dataset
+    rows = _rows(loader)
     assert rows == {i: _expected_row(i) for i in range(2300)}
+    assert not received
+
+
+KILLED_OWNER = """
+import sys
+from data_pipeline.reader import ParquetBatches, RankLoader
+from data_pipeline.schema import DatasetSchema
+
+if __name__ == "__main__":
+    dataset = ParquetBatches(DatasetSchema.load(sys.argv[1]), "valid", batch_size=8, num_workers=2, drop_last=False)
+    batches = iter(RankLoader(dataset))
+    next(batches)
+    print("reading", flush=True)
+    sys.stdin.read()  # until killed
+"""
+
+
+def test_workers_end_with_a_killed_rank(tmp_path):
+    """Workers come from a fork server, so their parent outlives a SIGKILLed rank: they must notice
+    on their own, or they (and the server) would hold the launcher's pipes open forever."""
+    schema = _nulls_dataset(tmp_path)
+    script = tmp_path / "owner.py"
+    script.write_text(KILLED_OWNER)
+    owner = subprocess.Popen([sys.executable, str(script), str(schema.root)], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert owner.stdout.readline() == "reading\n"
+    owner.kill()
+    # EOF on the pipe: every process that inherited it (workers, fork server) has exited
+    out, _ = owner.communicate(timeout=30)
+    assert owner.returncode == -signal.SIGKILL
 
 
 def test_table_to_batch_matches_the_reader(tmp_path, tiny_table):
