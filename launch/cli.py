@@ -5,6 +5,8 @@
     recsys prepare tabular --input adult.csv --label income --positive '>50K' --out data/adult
     recsys prepare movielens --input ml-100k/ --out data/ml100k
     recsys train --config configs/demo.toml --nproc-per-node 2 [--section.key VALUE ...]
+    recsys export runs/demo --out models/demo.pt           # checkpoint -> one unsharded model file
+    recsys predict --model models/demo.pt --data data/synthetic --split test --out preds.parquet
 
 `recsys train` checks the dataset once (a clear error before any process starts), then runs
 `torchrun --standalone --nproc-per-node N -m trainer ...` with the same flags, like `tune run`.
@@ -52,13 +54,17 @@ PREPARERS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    usage = f"usage: recsys {{prepare {{{' | '.join(PREPARERS)}}} | train}} ...  (add --help after a command)"
+    usage = f"usage: recsys {{prepare {{{' | '.join(PREPARERS)}}} | train | export | predict}} ...  (add --help after a command)"
     if argv[:1] == ["prepare"] and len(argv) > 1 and argv[1] in PREPARERS:
         import importlib
 
         return importlib.import_module(PREPARERS[argv[1]]).main(argv[2:])
     if argv[:1] == ["train"]:
         return _train(argv[1:])
+    if argv[:1] in (["export"], ["predict"]):
+        from trainer import export
+
+        return (export.main_export if argv[0] == "export" else export.main_predict)(argv[1:])
     print(usage, file=sys.stderr)
     return 2
 

@@ -38,6 +38,7 @@ class DeepFM(nn.Module):
     def __init__(self, cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> None:
         super().__init__()
         self.num_fields, self.dim = len(schema.sparse), cfg.embedding_dim
+        self.features = schema.sparse_names
         ebc = EmbeddingBagCollection(tables=embedding_tables(schema.sparse, cfg.embedding_dim), device=sparse_device)
         self.sparse_arch = SparseArch(ebc)
         self.first_order = SparseLinear(schema.sparse, len(schema.dense), "linear", dense_device, sparse_device)
@@ -45,7 +46,9 @@ class DeepFM(nn.Module):
         self.deep = DeepPart(deep_mlp(in_features, cfg.deep_layer_sizes, cfg.dropout, cfg.batch_norm, dense_device))
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        embeddings = self.sparse_arch(sparse).values().reshape(-1, self.num_fields, self.dim)  # [B, F, D]
+        # [B, F, D] in the dataset's feature order (a sharded collection returns the plan's order)
+        embedded = self.sparse_arch(sparse).to_dict()
+        embeddings = torch.stack([embedded[name] for name in self.features], dim=1)
         deep = self.deep([dense, embeddings])
         return self.first_order(dense, sparse) + second_order(embeddings) + deep
 

@@ -95,11 +95,15 @@ class WideDeep(nn.Module):
         deep_features = [f for f in schema.sparse if f.name not in crosses]
         ebc = EmbeddingBagCollection(tables=embedding_tables(deep_features, cfg.embedding_dim), device=sparse_device)
         self.sparse_arch = SparseArch(ebc)  # the name DLRM and torchrec's DeepFM use for the deep tables
+        self.deep_features = [f.name for f in deep_features]
         in_features = num_dense + len(deep_features) * cfg.embedding_dim
         self.deep = deep_mlp(in_features, cfg.deep_layer_sizes, cfg.dropout, cfg.batch_norm, dense_device)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        embedded = self.sparse_arch(sparse).values()  # [B, F * D]; the tables ignore the cross keys
+        # [B, F * D] in the dataset's feature order: a sharded collection returns its features in
+        # the sharding plan's order, so .values() would tie the MLP's inputs to the plan
+        embedded = self.sparse_arch(sparse).to_dict()  # the tables ignore the cross keys
+        embedded = torch.cat([embedded[name] for name in self.deep_features], dim=1)
         deep = self.deep(torch.cat([dense, embedded], dim=1))
         return self.wide(dense, sparse) + deep
 

@@ -8,6 +8,9 @@
     # (or let TorchX do it: launch/components.py, README "Run on a cluster")
 
 Flags: --config FILE, then any `--section.key VALUE` override; `--help` lists them all.
+
+A run saves checkpoints in <run_dir>/checkpoints and, started again (by hand, or by torchrun
+--max-restarts after a failure), continues from the latest one (checkpoint.resume = "auto").
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ import faulthandler
 import os
 import sys
 
+import torch
+import torch.distributed as dist
+
 from data_pipeline.schema import DataError
+from trainer.checkpoint import CheckpointError, find_resume
 from trainer.config import load_config
 from trainer.distributed import PlanError, destroy_distributed, init_distributed
 from trainer.train import Trainer, preflight
@@ -28,6 +35,28 @@ def _message(error: DataError) -> str:
     if "Original Traceback" in text:
         text = text.splitlines()[-1].split("DataError: ", 1)[-1]
     return text
+
+
+def _join_attempt_process_group() -> None:
+    """Under torchrun, join the process group through a per-attempt namespace of the agent's store.
+
+    torchrun restarts a failed worker group (--max-restarts) with the same TCPStore, in which the
+    keys the failed attempt wrote are still set: a restarted rank can read a dead peer's address
+    and fail with "Gloo connectFullMesh failed ... Connection refused" (pytorch/pytorch#167288).
+    A prefix per attempt (TORCHELASTIC_RESTART_COUNT) gives every attempt fresh keys.
+    `init_distributed` then finds the group initialised and only picks the device."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return
+    from torch.distributed.constants import default_pg_timeout
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=default_pg_timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.PrefixStore(f"/attempt_{attempt}", store),
+                            rank=rank, world_size=world_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,9 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         if rank == "0":  # every rank finds the same problem; say it once
             print(f"error: {_message(e)}", file=sys.stderr)
         return 2
+    _join_attempt_process_group()
     env = init_distributed()
     try:
-        Trainer(cfg, env, schema).run()
+        resume = find_resume(cfg, env, schema)
+        Trainer(cfg, env, schema, resume).run()
+    except CheckpointError as e:
+        if env.is_main:  # every rank agreed on the same problem
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     except DataError as e:
         print(f"error (rank {env.rank}): {_message(e)}", file=sys.stderr)
         return 2

@@ -192,7 +192,15 @@ class TrainingConfig:
     """Keep a copy of the weights of the best validation (in memory: one more copy of every table
     shard on each rank) and score the test split with them instead of the last weights."""
 
+    stop_at_step: int = 0
+    """Save a checkpoint and exit at this step without finishing the run, as a pre-empted job would
+    (0: off). Unlike max_steps it changes neither the learning-rate schedule nor when training
+    ends: rerunning the same command resumes (checkpoint.resume = "auto") and finishes exactly as
+    an uninterrupted run. For time-boxed jobs, and for testing resumption."""
+
     def __post_init__(self) -> None:
+        if self.stop_at_step < 0:
+            raise ValueError("training.stop_at_step must be >= 0")
         if self.epochs <= 0 or self.max_steps < 0 or self.eval_every < 0 or self.log_every <= 0:
             raise ValueError("training: epochs and log_every must be positive; max_steps and eval_every >= 0")
         if self.mixed_precision not in ("fp32", "bf16"):
@@ -201,6 +209,47 @@ class TrainingConfig:
             raise ValueError(f"training.top_k must be positive, got {self.top_k}")
         if self.early_stopping_patience < 0:
             raise ValueError("training.early_stopping_patience must be >= 0")
+
+
+RESUME_MODES = ("auto", "never")
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    """Save checkpoints (sharded, with torch.distributed.checkpoint) every `every_steps`, at the end
+    of training and, with keep_best, at each better validation. Loading (resume, init_from) works
+    either way."""
+    dir: str = ""
+    """Directory of the run's checkpoints (default: <run_dir>/checkpoints); one sub-directory
+    step-<N> per committed checkpoint."""
+    every_steps: int = 500
+    """Save every this many steps (0: only at the end, and at better validations with keep_best)."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints (0: keep all); older ones are deleted once a newer
+    one is committed."""
+    keep_best: bool = True
+    """Also save a checkpoint at each evaluation that improves the validation metric, and keep the
+    best one besides the last keep_last (training.keep_best then survives a restart)."""
+    resume: str = "auto"
+    """auto: continue from the latest committed checkpoint in `dir`, if any (what a restarted job
+    needs; a fresh start otherwise); never: always start fresh (an error if `dir` already holds
+    checkpoints); or a path: a checkpoint (step-<N>), a checkpoints directory or a run directory
+    (its latest checkpoint). A resumed run continues exactly where the checkpoint was taken."""
+    init_from: str = ""
+    """Start from the model weights of this checkpoint (or run directory) with a fresh optimizer
+    and step 0: fine-tuning. Tables may have grown (rows are copied, new rows keep their
+    initialisation) and the model may have new tables or layers; a report lists what was loaded,
+    resized and initialised. Ignored when the run resumes from its own checkpoints."""
+    verify: bool = True
+    """Check every file's sha256 against the checkpoint's record before loading (ranks share the
+    work); file sizes are always checked."""
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.keep_last < 0:
+            raise ValueError("checkpoint.every_steps and checkpoint.keep_last must be >= 0")
+        if not self.resume:
+            raise ValueError(f"checkpoint.resume must be {' or '.join(RESUME_MODES)} or a checkpoint path")
 
 
 @dataclass
@@ -214,6 +263,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
         if not self.run_dir:

@@ -1,16 +1,24 @@
-"""The training loop: build -> (train phase -> validate)* -> test -> summary.
+"""The training loop: build -> [resume] -> (train phase -> validate -> checkpoint)* -> test -> summary.
 
 A phase hands the train pipeline an iterator that ends exactly at the phase boundary
 (`islice`), so the pipeline drains the batches it buffered ahead before the phase returns: no
 batch of one phase is ever consumed by another, and the same pipeline serves training and
 evaluation (in eval mode it runs forward only).
+
+Phases also end at checkpoint steps, so a checkpoint always sees a drained pipeline. A checkpoint
+records the epoch and how many of its batches were trained; a resumed run skips exactly those
+(the epoch's order is a function of seed and epoch), restores the RNG states after opening the
+epoch's loader, and from there repeats the uninterrupted run bit for bit (on CPU).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
+import os
 import time
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -22,6 +30,8 @@ from data_pipeline.batch import Batch
 from data_pipeline.reader import ParquetBatches, RankLoader
 from data_pipeline.schema import DataError, DatasetSchema, check_files
 from models import build_model
+from trainer.checkpoint import (Checkpointer, Resume, committed, fault, find_init, lr_state, set_lr_state,
+                                set_rng_state, step_dir_name, truncate_records)
 from trainer.config import Config
 from trainer.distributed import DistEnv, describe_plan, local_state_tensors, plan_sharding, shard_model
 from trainer.metrics import BestValidation, headline, task_metrics
@@ -41,8 +51,9 @@ def preflight(cfg: Config) -> DatasetSchema:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv, schema: DatasetSchema) -> None:
-        self.cfg, self.env, self.schema = cfg, env, schema
+    def __init__(self, cfg: Config, env: DistEnv, schema: DatasetSchema, resume: Resume | None = None) -> None:
+        """`resume`: the checkpoint to continue from (`trainer.checkpoint.find_resume`)."""
+        self.cfg, self.env, self.schema, self.resume = cfg, env, schema, resume
         torch.manual_seed(cfg.training.seed)
 
         data = cfg.data
@@ -78,8 +89,14 @@ class Trainer:
                                                 env.rank, env.world_size, env.device, data.eval_batch_size)
         self.most_popular: dict[str, dict[str, float]] = {}  # split -> the baseline's retrieval metrics
 
+        self.checkpoints = Checkpointer(cfg, env, self.model, self.optimizer, schema)
+        self.dropped_records = 0
+        if resume is not None and env.is_main:  # records of a failed attempt after the checkpoint go
+            self.dropped_records = truncate_records(Path(cfg.run_dir) / "metrics.jsonl", resume.meta["train_state"]["metrics_bytes"])
         self.log = RunLog(cfg.run_dir, enabled=env.is_main)
         self.step = 0
+        self.saved_step = -1  # the step of the last checkpoint this run saved or loaded
+        self.valid_step: int | None = None
         self.train_time = 0.0
         self.steps_per_epoch = []
         for epoch in range(cfg.training.epochs):
@@ -111,6 +128,7 @@ class Trainer:
             except StopIteration:
                 break
             self.step += 1
+            fault("kill", self.step, self.env.rank)
             self.lr.after_step()
             loss_sum += torch.stack([loss.float(), torch.ones((), device=loss.device)])
             progress.update(1)
@@ -150,9 +168,85 @@ class Trainer:
     def global_batch(self) -> int:
         return self.cfg.data.batch_size * self.env.world_size
 
+    # ---- checkpoints ------------------------------------------------------------------------
+    def _train_state(self, epoch: int, position: int, valid: dict, best: BestValidation) -> dict:
+        """Everything besides model and optimizer tensors that the run needs to continue exactly."""
+        metrics = Path(self.cfg.run_dir) / "metrics.jsonl"
+        complete = self.step >= self.total_steps or best.should_stop or (
+            epoch == self.cfg.training.epochs - 1 and position >= self.steps_per_epoch[epoch])
+        return {
+            "step": self.step, "epoch": epoch, "epoch_batches": position, "complete": complete,
+            "world_size": self.env.world_size, "batch_size": self.cfg.data.batch_size,
+            "num_workers": self.cfg.data.num_workers, "seed": self.cfg.training.seed,
+            "lr": lr_state(self.lr), "valid": valid, "valid_step": self.valid_step,
+            "best": {"metrics": best.metrics, "step": best.step, "evals_since_best": best.evals_since_best},
+            "train_time": self.train_time, "most_popular": self.most_popular,
+            "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
+        }
+
+    def _save(self, epoch: int, position: int, valid: dict, best: BestValidation) -> None:
+        if not self.cfg.checkpoint.enabled or self.saved_step == self.step:
+            return
+        keep = {best.step} if self.cfg.checkpoint.keep_best and best.step is not None else set()
+        path = self.checkpoints.save(self.step, self._train_state(epoch, position, valid, best), keep)
+        self.saved_step = self.step
+        if self.env.is_main:
+            print(f"checkpoint {path} ({self.checkpoints.last_bytes / 1e6:.1f} MB) saved in "
+                  f"{self.checkpoints.save_seconds_last:.2f} s", flush=True)
+
+    def _restore(self, best: BestValidation) -> tuple[int, int, dict, dict | None]:
+        """Load `self.resume`; returns (epoch, batches of it already trained, last validation
+        metrics, this rank's RNG states or None)."""
+        assert self.resume is not None
+        start = time.perf_counter()
+        state, notes = self.checkpoints.load(self.resume)
+        self.step, self.saved_step = state["step"], state["step"]
+        set_lr_state(self.lr, state["lr"])
+        best.metrics, best.step, best.evals_since_best = state["best"]["metrics"], state["best"]["step"], state["best"]["evals_since_best"]
+        self.train_time, self.most_popular, self.valid_step = state["train_time"], state["most_popular"], state["valid_step"]
+        epoch, position = state["epoch"], state["epoch_batches"]
+        same_order = (state["world_size"], state["batch_size"], state["num_workers"], state["seed"]) == \
+            (self.env.world_size, self.cfg.data.batch_size, self.cfg.data.num_workers, self.cfg.training.seed)
+        if not same_order:  # another data order: skip the same share of the epoch's rows
+            rows = position * state["batch_size"] * state["world_size"]
+            position = min(rows // self.global_batch, self.steps_per_epoch[epoch] if epoch < len(self.steps_per_epoch) else 0)
+            notes.append("world size, batch size, loader workers or seed changed: the data order differs from the "
+                         f"original run's; resuming epoch {epoch} at batch {position} (the same share of its rows)")
+        if epoch < len(self.steps_per_epoch) and position >= self.steps_per_epoch[epoch]:
+            epoch, position = epoch + 1, 0
+        self.log.record("resume", self.step, checkpoint=str(self.resume.path), epoch=epoch, epoch_batches=position,
+                        attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), dropped_records=self.dropped_records)
+        _purge_tensorboard(self.log, self.step + 1)
+        if self.env.is_main:
+            print(f"resumed from {self.resume.path} (step {self.step}, epoch {epoch}, batch {position} of it): "
+                  f"checked in {self.resume.seconds:.2f} s, loaded in {time.perf_counter() - start:.2f} s", flush=True)
+            for line in [*(f"changed since the checkpoint: {c}" for c in self.resume.changes), *notes]:
+                print(f"  note: {line}", flush=True)
+        return epoch, position, state["valid"], state.get("rng") if same_order else None
+
+    def _test_weights(self, best: BestValidation, best_weights: dict[str, torch.Tensor]) -> int:
+        """With training.keep_best: put the best validation's weights in the model (from memory, or
+        from the best checkpoint after a restart); returns the step of the weights tested."""
+        if not self.cfg.training.keep_best or best.step is None or best.step == self.step:
+            return self.step
+        if best_weights:
+            for key, tensor in local_state_tensors(self.model).items():
+                tensor.detach().copy_(best_weights[key])
+        else:
+            path = self.checkpoints.root / step_dir_name(best.step)
+            if path not in committed(self.checkpoints.root):
+                if self.env.is_main:
+                    print(f"warning: the weights of the best validation (step {best.step}) were neither kept in memory nor "
+                          f"in a checkpoint (checkpoint.keep_best); testing the last weights")
+                return self.step
+            self.checkpoints.load_model(path)
+        if self.env.is_main:
+            print(f"test with the weights of step {best.step} (best valid {headline(best.metrics)[0]})")
+        return best.step
+
     # ---- the run ------------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg, t = self.cfg, self.cfg.training
+        cfg, t, ck = self.cfg, self.cfg.training, self.cfg.checkpoint
         main = self.env.is_main
         plan_text = describe_plan(self.plan)
         if main:
@@ -166,36 +260,78 @@ class Trainer:
         valid: dict[str, float] = {}
         best = BestValidation(self.higher_is_better, t.early_stopping_patience)
         best_weights: dict[str, torch.Tensor] = {}
+        self.checkpoints.cleanup()
+        start_epoch, start_position, rng = 0, 0, None
+        if self.resume is not None:
+            start_epoch, start_position, valid, rng = self._restore(best)
+        elif ck.init_from:
+            report = self.checkpoints.init_from(find_init(cfg, self.env))
+            if main:
+                print(report, flush=True)
+        self.position = (start_epoch, start_position)
+        stopped = False
         # `with`: the bar is closed (and its line ended) even when a phase raises.
-        with tqdm(total=total, unit="step", disable=not (main and t.progress_bar), dynamic_ncols=True) as progress:
-            for epoch in range(t.epochs):
-                if self.step >= total or best.should_stop:
+        with tqdm(total=total, initial=self.step, unit="step", disable=not (main and t.progress_bar), dynamic_ncols=True) as progress:
+            for epoch in range(start_epoch, t.epochs):
+                if self.step >= total or best.should_stop or stopped:
                     break
                 self.train_data.set_epoch(epoch)
+                # The RNG states saved mid-epoch come from after the loader was opened (which draws from
+                # torch's generator); those saved at an epoch's end, from before the next one's.
+                if epoch == start_epoch and rng is not None and not start_position:
+                    set_rng_state(rng)
                 batches = iter(self.train_data)
-                left = self.steps_per_epoch[epoch]
-                while left > 0 and self.step < total and not best.should_stop:
-                    n = min(left, t.eval_every or left, total - self.step)
-                    self.train_steps(itertools.islice(batches, n), progress)
-                    left -= n
-                    valid = self.evaluate("valid")
-                    self.log.record("valid", self.step, epoch=epoch, **valid)
+                position = 0
+                if epoch == start_epoch and start_position:
+                    skip_start = time.perf_counter()
+                    collections.deque(itertools.islice(batches, start_position), maxlen=0)  # read and drop
+                    position = start_position
                     if main:
-                        progress.write(f"step {self.step}: valid " + _format(valid))
-                    self.lr.after_eval(headline(valid)[1])
-                    if best.update(valid, self.step) and t.keep_best:
-                        # On the host: a second copy of the tables must not take device memory.
-                        best_weights = {k: v.detach().to("cpu", copy=True) for k, v in local_state_tensors(self.model).items()}
-                    if best.should_stop and main:
-                        progress.write(f"early stop at step {self.step}: no better valid {headline(valid)[0]} "
-                                       f"for {best.evals_since_best} evaluations (best at step {best.step})")
-        tested_step = self.step
-        if best_weights and best.step != self.step:
-            for key, tensor in local_state_tensors(self.model).items():
-                tensor.detach().copy_(best_weights[key])
-            tested_step = best.step
+                        print(f"skipped the {start_position} batches of epoch {epoch} trained before the checkpoint in "
+                              f"{time.perf_counter() - skip_start:.2f} s", flush=True)
+                    if rng is not None:
+                        set_rng_state(rng)
+                size = self.steps_per_epoch[epoch]
+                while position < size and self.step < total and not best.should_stop:
+                    n = min(size - position, total - self.step)
+                    if t.eval_every:
+                        n = min(n, t.eval_every - position % t.eval_every)
+                    if ck.enabled and ck.every_steps:
+                        n = min(n, ck.every_steps - self.step % ck.every_steps)
+                    if t.stop_at_step > self.step:
+                        n = min(n, t.stop_at_step - self.step)
+                    self.train_steps(itertools.islice(batches, n), progress)
+                    position += n
+                    self.position = (epoch, position)
+                    improved = False
+                    if position == size or self.step == total or (t.eval_every and position % t.eval_every == 0):
+                        valid = self.evaluate("valid")
+                        self.valid_step = self.step
+                        self.log.record("valid", self.step, epoch=epoch, **valid)
+                        if main:
+                            progress.write(f"step {self.step}: valid " + _format(valid))
+                        self.lr.after_eval(headline(valid)[1])
+                        improved = best.update(valid, self.step)
+                        if improved and t.keep_best:
+                            # On the host: a second copy of the tables must not take device memory.
+                            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in local_state_tensors(self.model).items()}
+                        if best.should_stop and main:
+                            progress.write(f"early stop at step {self.step}: no better valid {headline(valid)[0]} "
+                                           f"for {best.evals_since_best} evaluations (best at step {best.step})")
+                    stopped = self.step == t.stop_at_step
+                    if (ck.every_steps and self.step % ck.every_steps == 0) or (improved and ck.keep_best) or stopped:
+                        self._save(epoch, position, valid, best)
+                    if stopped:
+                        break
+        if stopped:
+            self.log.close()
             if main:
-                print(f"test with the weights of step {best.step} (best valid {headline(best.metrics)[0]})")
+                where = f"; checkpoint {self.checkpoints.root / step_dir_name(self.step)}" if ck.enabled else " (checkpoints are off)"
+                print(f"stopped at step {self.step} (training.stop_at_step){where}; run the same command again to continue")
+            return {"stopped_at_step": self.step}
+        self._save(*self.position, valid, best)  # the end (unless the last step already saved one)
+
+        tested_step = self._test_weights(best, best_weights)
         test = self.evaluate("test")
         self.log.record("test", tested_step, **test)
 
@@ -219,6 +355,9 @@ class Trainer:
             "oracle_auc": self.schema.splits["test"].oracle_auc,
             "valid_oracle_auc": self.schema.splits["valid"].oracle_auc,
             "sharding_plan": plan_text.splitlines()[1:],
+            "resumed_from": str(self.resume.path) if self.resume is not None else None,
+            "checkpoints": {"dir": str(self.checkpoints.root), "saved": self.checkpoints.saves,
+                            "save_s": round(self.checkpoints.save_seconds, 3), "bytes": self.checkpoints.last_bytes},
         }
         self.log.write_file("summary.json", json.dumps(summary, indent=2) + "\n")
         self.log.close()
@@ -227,6 +366,19 @@ class Trainer:
             print(f"test {_format(test)}{oracle} | valid {_format(valid)} | {summary['samples_per_s']:,.0f} samples/s "
                   f"| {self.step} steps | summary: {self.log.dir / 'summary.json'}")
         return summary
+
+
+def _purge_tensorboard(log: RunLog, step: int) -> None:
+    """Tell TensorBoard to drop the events from `step` on that a failed attempt wrote (what
+    SummaryWriter(purge_step=step) does when it opens)."""
+    writer = getattr(log, "_tb", None)
+    if writer is None:
+        return
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    file_writer = writer._get_file_writer()
+    file_writer.add_event(Event(step=step, file_version="brain.Event:2"))
+    file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
 
 def _format(metrics: dict[str, float]) -> str:

@@ -1,0 +1,228 @@
+"""Checkpoints in real 2-rank torchrun jobs: a run stopped, crashed inside a save, or killed with
+SIGKILL under `torchrun --max-restarts`, then resumed, ends bit-identical to an uninterrupted run
+(metrics, weights, fused and dense optimizer state, metrics.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipeline.synthetic import SyntheticSpec, generate
+from tests.conftest import ROOT
+from trainer.checkpoint import committed, locate
+from trainer.export import checkpoint_tensors
+
+pytestmark = pytest.mark.slow
+
+# 2 epochs of 62 steps (global batch 256 over 16k train rows); evaluations every 20 steps of an
+# epoch and at its end; a checkpoint every 10 steps (+ the better evaluations, + the end); a
+# cosine schedule with warmup; a loss record every 5 steps.
+ARGS = ["--data.batch_size", "128", "--training.epochs", "2", "--training.eval_every", "20", "--checkpoint.every_steps", "10",
+        "--model.embedding_dim", "8", "--model.dense_arch_layer_sizes", "16", "8", "--model.over_arch_layer_sizes", "16", "1",
+        "--optimizer.lr_schedule", "cosine", "--optimizer.warmup_steps", "10", "--training.log_every", "5",
+        "--training.progress_bar", "false"]
+SAME = ("steps", "valid", "test", "best_valid", "best_valid_step", "test_weights_step")
+
+
+def torchrun(data: Path, run_dir: Path, *args: str, restarts: int = 0, fault: str = "") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", f"--max-restarts={restarts}",
+           "-m", "trainer", "--data", str(data), "--run-dir", str(run_dir), *ARGS, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RECSYS_FAULT", None)
+    if fault:
+        env["RECSYS_FAULT"] = fault
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without wall-clock fields and resume markers."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["phase"] != "resume":
+            out.append({k: v for k, v in record.items() if k not in ("time", "samples_per_s")})
+    return out
+
+
+def assert_same_run(clean: Path, other: Path) -> None:
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (clean, other))
+    assert {k: a[k] for k in SAME} == {k: b[k] for k in SAME}
+    assert records(clean) == records(other)
+    last_a, last_b = locate(clean), locate(other)
+    assert last_a.name == last_b.name == "step-00000124"
+    for part in ("model", "optim"):  # weights, rowwise-Adagrad momentum of every table, Adam moments
+        ta, tb = checkpoint_tensors(last_a, part), checkpoint_tensors(last_b, part)
+        assert ta.keys() == tb.keys() and ta
+        different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+        assert not different, different[:5]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    spec = SyntheticSpec(rows=20_000, files=2, row_group_rows=1024, max_vocab=2000)
+    return generate(tmp_path_factory.mktemp("ckpt") / "data", spec, log=lambda *_: None).root
+
+
+@pytest.fixture(scope="module")
+def clean(data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("clean") / "run"
+    result = torchrun(data, run_dir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir
+
+
+def test_stopped_and_resumed_run_is_bit_identical(data, clean, tmp_path):
+    run_dir = tmp_path / "run"
+    stopped = torchrun(data, run_dir, "--training.stop_at_step", "35")
+    assert stopped.returncode == 0, stopped.stderr[-4000:]
+    assert "stopped at step 35" in stopped.stdout
+    assert not (run_dir / "summary.json").exists()
+    assert locate(run_dir).name == "step-00000035"  # mid-epoch, between evaluations and periodic saves
+    # keep_last 2 + the best validation's checkpoint (step 20)
+    assert [p.name for p in committed(run_dir / "checkpoints")] == ["step-00000020", "step-00000030", "step-00000035"]
+
+    resumed = torchrun(data, run_dir)  # the same command: checkpoint.resume = "auto"
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stdout and "step-00000035 (step 35, epoch 0, batch 35" in resumed.stdout
+    assert_same_run(clean, run_dir)
+
+
+def test_crash_inside_a_save_leaves_the_previous_checkpoint(data, clean, tmp_path):
+    run_dir = tmp_path / "run"
+    crashed = torchrun(data, run_dir, fault="save@30:1")  # rank 1 raises after writing its shards of step 30
+    assert crashed.returncode != 0
+    assert "RECSYS_FAULT: rank 1 fails inside the save of step 30" in crashed.stderr
+    root = run_dir / "checkpoints"
+    half = root / ".tmp-step-00000030"
+    assert half.is_dir() and any(half.glob("__1_*.distcp")) and not (half / "checkpoint.json").exists()
+    assert not (root / "step-00000030").exists()
+    assert locate(run_dir).name == "step-00000020"
+
+    resumed = torchrun(data, run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "step-00000020 (step 20, epoch 0, batch 20" in resumed.stdout
+    assert not half.exists()  # the interrupted save was cleaned up
+    assert_same_run(clean, run_dir)
+
+
+def test_sigkilled_rank_is_restarted_by_torchrun_and_finishes_like_the_clean_run(data, clean, tmp_path):
+    run_dir = tmp_path / "run"
+    result = torchrun(data, run_dir, restarts=2, fault="kill@47:1")  # SIGKILL on the first attempt only
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "rank 1 kills itself (SIGKILL) after step 47" in result.stdout
+    assert "exitcode: -9" in result.stderr or "(exitcode: -9)" in result.stderr
+    assert "step-00000040 (step 40, epoch 0, batch 40" in result.stdout
+    assert_same_run(clean, run_dir)
+    # the attempt that died had logged step 45's loss after the checkpoint: that record was dropped
+    # (records() above equals the clean run's: no step twice)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resume = [r for r in lines if r["phase"] == "resume"]
+    assert len(resume) == 1 and resume[0]["attempt"] == 1 and resume[0]["step"] == 40
+    assert resume[0]["dropped_records"] == 1
+    assert [r["step"] for r in lines if r["phase"] == "train"].count(45) == 1
+
+
+# ---- what else a checkpoint of a sharded run is good for -----------------------------------------
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+class NotData:
+    """Anything a pickle could smuggle into a model file."""
+
+
+def test_export_and_predict_reproduce_the_trainers_test_metrics(data, clean, tmp_path):
+    from torchmetrics.functional.classification import binary_auroc
+
+    from trainer.checkpoint import CheckpointError
+    from trainer.export import load_model_file
+
+    model_file = tmp_path / "models" / "clean.pt"
+    exported = cli("export", str(clean), "--out", str(model_file))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "step-00000124" in exported.stdout
+    blob = torch.load(model_file, weights_only=True)  # plain tensors, strings and numbers only
+    assert blob["format"] == "recsys-trainer model" and blob["step"] == 124
+    table = blob["state_dict"]["model.sparse_arch.embedding_bag_collection.embedding_bags.t_cat_25.weight"]
+    assert type(table) is torch.Tensor and table.shape == (2000, 8)  # whole, not a shard
+
+    preds = tmp_path / "preds.parquet"
+    scored = cli("predict", "--model", str(model_file), "--data", str(data), "--split", "test", "--out", str(preds))
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    import pyarrow.parquet as pq
+
+    out = pq.read_table(preds)
+    assert out.column_names == ["row", "label", "prediction", "logit"] and out.num_rows == 2000
+    assert out.column("row").to_pylist() == list(range(2000))
+    auc = binary_auroc(torch.tensor(out.column("prediction").to_numpy()), torch.tensor(out.column("label").to_numpy()).long()).item()
+    summary = json.loads((clean / "summary.json").read_text())
+    assert auc == pytest.approx(summary["test"]["auc"], abs=1e-5)  # one CPU process scores as the 2 sharded ranks did
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no temporary left
+
+    best = cli("export", str(clean), "--best", "--out", str(tmp_path / "models" / "best.pt"))
+    assert best.returncode == 0, best.stderr[-3000:]
+    best_blob = torch.load(tmp_path / "models" / "best.pt", weights_only=True)
+    assert best_blob["step"] == summary["best_valid_step"] and best_blob["valid"] == summary["best_valid"]
+
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({**blob, "extra": NotData()}, unsafe)
+    with pytest.raises(CheckpointError, match="not a readable model file"):
+        load_model_file(unsafe)  # weights_only: the class is never imported nor built
+
+
+def _grown_dataset(data: Path, root: Path) -> dict:
+    """`data` with one more sparse column (`extra`, 50 ids) and cat_3's id space doubled."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = json.loads((data / "dataset.json").read_text())
+    rng = np.random.default_rng(0)
+    for split, info in raw["splits"].items():
+        (root / info["path"]).mkdir(parents=True)
+        for file in sorted((data / info["path"]).glob("*.parquet")):
+            table = pq.read_table(file)
+            table = table.append_column("extra", pa.array(rng.integers(0, 50, table.num_rows)))
+            pq.write_table(table, root / info["path"] / file.name, row_group_size=1024)
+    grown = {}
+    for feature in raw["sparse"]:
+        if feature["name"] == "cat_3":
+            grown = {"before": feature["num_embeddings"], "after": 2 * feature["num_embeddings"]}
+            feature["num_embeddings"] = grown["after"]
+    raw["sparse"].append({"name": "extra", "num_embeddings": 50, "multi_hot": False})
+    (root / "dataset.json").write_text(json.dumps(raw))
+    return grown
+
+
+def test_init_from_copies_grown_tables_and_initialises_new_ones(data, clean, tmp_path):
+    grown = _grown_dataset(data, tmp_path / "data")
+    run_dir = tmp_path / "run"
+    # Learning rates 0: the weights the run saves at its end are the ones it started from.
+    cmd = [sys.executable, "-m", "trainer", "--data", str(tmp_path / "data"), "--run-dir", str(run_dir), *ARGS,
+           "--checkpoint.init_from", str(clean), "--optimizer.dense_lr", "0", "--optimizer.sparse_lr", "0",
+           "--training.max_steps", "1"]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = result.stdout
+    assert f"init_from {clean / 'checkpoints' / 'step-00000124'}" in report and "optimizer fresh, step 0" in report
+    assert f"resized t_cat_3: {grown['before']} -> {grown['after']} rows ({grown['before']} copied" in report
+    assert "new (initialised): t_extra [50, 8]" in report
+    # DLRM's top MLP reads every pair of features: one more feature, a wider first layer
+    assert "re-initialised: model.over_arch.model.0._mlp.0._linear.weight" in report
+
+    before, after = checkpoint_tensors(locate(clean)), checkpoint_tensors(locate(run_dir))
+    table = "model.sparse_arch.embedding_bag_collection.embedding_bags.{}.weight"
+    assert torch.equal(after[table.format("t_cat_3")][: grown["before"]], before[table.format("t_cat_3")])
+    assert after[table.format("t_cat_3")][grown["before"]:].abs().sum() > 0  # new rows: initialised, not zero
+    assert after[table.format("t_extra")].shape == (50, 8)
+    same = [k for k in before if k in after and before[k].shape == after[k].shape]
+    assert len(same) == len(before) - 2  # all but t_cat_3 and the top MLP's first layer
+    assert all(torch.equal(before[k], after[k]) for k in same)

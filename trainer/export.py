@@ -1,0 +1,214 @@
+"""Unsharded model files from checkpoints, and batch scoring with them, on CPU without
+torch.distributed.
+
+    recsys export runs/demo --out models/demo.pt              # a run dir: its latest checkpoint
+    recsys export runs/demo/checkpoints/step-00000400 --out models/demo-400.pt
+    recsys export runs/demo --best --out models/demo-best.pt    # the best validation's checkpoint
+    recsys predict --model models/demo.pt --data data/synthetic --split test --out preds.parquet
+
+A model file is one `torch.save` of plain tensors, strings and numbers, read back with
+`torch.load(weights_only=True)` (no pickled code runs):
+
+    {"format": "recsys-trainer model", "version": 1,
+     "state_dict": {name: tensor},   # the whole model, every table unsharded, as build_model names it
+     "config": "<the run's resolved config.toml>", "dataset": {dataset.json of the training data},
+     "step": N, "checkpoint": "<where it came from>", "valid": {metrics at that step, if evaluated}}
+
+`predict` builds the model with `models.build_model` (tables on the CPU), loads the state dict
+strictly, scores every row of a split in file order and writes `row`, `label`, (`weight`),
+`prediction` (a probability for binary tasks, the clipped value for regression) and, for binary
+tasks, `logit`, as one Parquet file written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+import time
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from data_pipeline.atomic import write_atomic
+from data_pipeline.reader import ParquetBatches
+from data_pipeline.schema import DataError, DatasetSchema, SparseFeature, SplitInfo
+from trainer.checkpoint import CheckpointError, locate, read_meta, step_dir_name, verify_files
+from trainer.config import Config, from_dict
+
+MODEL_FORMAT = "recsys-trainer model"
+MODEL_VERSION = 1
+
+
+def checkpoint_tensors(path: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
+    """Every tensor under `prefix` ("model" or "optim") of a checkpoint, unsharded, read in this
+    process alone (DCP assembles each tensor from the shards every rank wrote)."""
+    reader = dcp.FileSystemReader(path)
+    metadata = reader.read_metadata()
+    lead = prefix + "."
+    tensors = {key[len(lead):]: torch.empty(entry.size, dtype=entry.properties.dtype)
+               for key, entry in metadata.state_dict_metadata.items()
+               if key.startswith(lead) and isinstance(entry, TensorStorageMetadata)}
+    flat = {lead + key: value for key, value in tensors.items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(flat, storage_reader=reader, no_dist=True)
+    return {key[len(lead):]: value for key, value in flat.items()}
+
+
+def schema_from_json(raw: dict, root: Path) -> DatasetSchema:
+    return DatasetSchema(
+        root=root, label=raw["label"], dense=list(raw["dense"]), sparse=[SparseFeature(**f) for f in raw["sparse"]],
+        splits={k: SplitInfo(**v) for k, v in raw.get("splits", {}).items()}, weight=raw.get("weight"),
+        task=raw.get("task", "binary"), label_range=raw.get("label_range"), name=raw.get("name", "dataset"),
+        extra=raw.get("extra") or {},
+    )
+
+
+def _config(text: str, where: str) -> Config:
+    return from_dict(Config, tomllib.loads(text), where)
+
+
+def build_cpu_model(cfg: Config, schema: DatasetSchema) -> torch.nn.Module:
+    """The training model (with its loss wrapper), every table on the CPU, unsharded."""
+    from models import build_model
+
+    cpu = torch.device("cpu")
+    return build_model(cfg.model, schema, dense_device=cpu, sparse_device=cpu)
+
+
+def export(checkpoint: str | Path, out: Path, best: bool = False) -> dict:
+    """Write the model file of `checkpoint` (a checkpoint, checkpoints or run directory) to `out`;
+    with `best`, of the checkpoint of its best validation (kept by checkpoint.keep_best)."""
+    path = locate(checkpoint)
+    meta = read_meta(path)
+    if best:
+        step = (meta.get("train_state", {}).get("best") or {}).get("step")
+        if step is None:
+            raise CheckpointError(f"{path}: no validation has been recorded, so there is no best checkpoint")
+        path = path.parent / step_dir_name(step)
+        if not (path / "checkpoint.json").is_file():
+            raise CheckpointError(f"the best validation was at step {step}, but {path} was not kept (checkpoint.keep_best)")
+        meta = read_meta(path)
+    problems = verify_files(path, meta)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is corrupt: " + "; ".join(problems))
+    state = checkpoint_tensors(path)
+    cfg = _config(meta["config"], f"{path}/checkpoint.json config")
+    model = build_cpu_model(cfg, schema_from_json(meta["dataset"], Path(".")))
+    model.load_state_dict(state, strict=True)  # the file will load: every name and shape fits the model code
+    train_state = meta.get("train_state", {})
+    blob = {
+        "format": MODEL_FORMAT, "version": MODEL_VERSION, "state_dict": state, "config": meta["config"],
+        "dataset": meta["dataset"], "step": meta["step"], "checkpoint": str(path),
+        "valid": train_state.get("valid") if train_state.get("valid_step") == meta["step"] else {},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, lambda tmp: torch.save(blob, tmp))
+    return blob
+
+
+def load_model_file(file: Path) -> tuple[torch.nn.Module, Config, DatasetSchema, dict]:
+    """(model in eval mode, config, training dataset schema, the file's contents) of a model file."""
+    try:
+        blob = torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"model file {file} does not exist") from None
+    except Exception as e:  # not a torch file, truncated, or holding something other than data
+        raise CheckpointError(f"{file} is not a readable model file ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{file} is not a recsys-trainer model file (make one with `recsys export`)")
+    if blob.get("version") != MODEL_VERSION:
+        raise CheckpointError(f"{file}: model file version {blob.get('version')}, this code reads {MODEL_VERSION}")
+    cfg = _config(blob["config"], f"{file} config")
+    schema = schema_from_json(blob["dataset"], Path("."))
+    model = build_cpu_model(cfg, schema)
+    model.load_state_dict(blob["state_dict"], strict=True)
+    model.eval()
+    return model, cfg, schema, blob
+
+
+@torch.no_grad()
+def predict(model_file: Path, data: Path, split: str, out: Path, batch_size: int = 8192) -> dict:
+    """Score every row of `split` of dataset `data` with a model file; write the predictions to
+    `out` (Parquet, atomically). Returns the split's metrics when it has labels."""
+    from trainer.metrics import task_metrics
+
+    model, cfg, trained, _ = load_model_file(model_file)
+    target = DatasetSchema.load(data)
+    # Read with the training schema (the model's columns, their order, its id ranges) and the
+    # target's files: a missing column or an id beyond the model's tables is a clear DataError.
+    names = {f.name for f in target.sparse}
+    missing = [f.name for f in trained.sparse if f.name not in names] + [c for c in trained.dense if c not in target.dense]
+    if missing:
+        raise DataError(f"{data}: the model reads columns this dataset does not describe: {', '.join(missing)}")
+    schema = replace(trained, root=target.root, splits=target.splits)
+    batches = ParquetBatches(schema, split, batch_size, shuffle=False, drop_last=False)
+    rows = sum(group.rows for group in batches.row_groups)
+    scores, labels, weights = [], [], []
+    for batch in batches:
+        _, (_, score, label, weight) = model(batch)
+        scores.append(score.float())
+        labels.append(label)
+        weights.append(weight)
+    score, label, weight = (torch.cat(t)[:rows] for t in (scores, labels, weights))  # drop the last batch's padding
+    metrics = task_metrics(schema.task, torch.device("cpu"), schema.label_range)
+    metrics.update(score, label, weight)
+    results = metrics.compute()
+    if schema.task == "binary":
+        prediction = torch.sigmoid(score)
+    else:
+        prediction = score.clamp(*schema.label_range) if schema.label_range else score
+    columns = {"row": pa.array(np.arange(rows, dtype=np.int64)), "label": pa.array(label.numpy())}
+    if schema.weight:
+        columns["weight"] = pa.array(weight.numpy())
+    columns["prediction"] = pa.array(prediction.numpy())
+    if schema.task == "binary":
+        columns["logit"] = pa.array(score.numpy())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, lambda tmp: pq.write_table(pa.table(columns), tmp))
+    return {"rows": rows, **results}
+
+
+def main_export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="recsys export", description="Write an unsharded model file from a checkpoint.")
+    parser.add_argument("checkpoint", help="a checkpoint (step-N), a checkpoints directory or a run directory (its latest)")
+    parser.add_argument("--out", required=True, type=Path, help="the model file to write (e.g. models/demo.pt)")
+    parser.add_argument("--best", action="store_true", help="the checkpoint of the best validation instead of the latest")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        blob = export(args.checkpoint, args.out, args.best)
+    except (CheckpointError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = sum(t.numel() * t.element_size() for t in blob["state_dict"].values())
+    print(f"exported {blob['checkpoint']} (step {blob['step']}, model {_config(blob['config'], 'x').model.name}, "
+          f"{len(blob['state_dict'])} tensors, {size / 1e6:.1f} MB) to {args.out} in {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+def main_predict(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="recsys predict", description="Score a dataset split with a model file.")
+    parser.add_argument("--model", required=True, type=Path, help="a model file from `recsys export`")
+    parser.add_argument("--data", required=True, type=Path, help="a dataset directory (dataset.json + Parquet)")
+    parser.add_argument("--split", default="test", help="the split to score (default: test)")
+    parser.add_argument("--out", required=True, type=Path, help="the Parquet file to write")
+    parser.add_argument("--batch-size", type=int, default=8192)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        results = predict(args.model, args.data, args.split, args.out, args.batch_size)
+    except (CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    shown = " ".join(f"{k} {v:.4f}" for k, v in results.items() if k not in ("rows", "ctr"))
+    print(f"scored {results['rows']:,} rows of {args.data} [{args.split}] in {time.perf_counter() - start:.2f} s: {shown} -> {args.out}")
+    return 0
