@@ -25,6 +25,7 @@ data/synthetic/dataset.json: $(STAMP) data_pipeline/synthetic.py
 	$(BIN)/recsys prepare synthetic --rows 500000 --out data/synthetic --overwrite
 
 demo: install data/synthetic/dataset.json
+	rm -rf runs/demo  # a fresh run each time (a run dir with checkpoints would resume them)
 	$(BIN)/recsys train --config configs/demo.toml --nproc-per-node $(NPROC)
 	@$(BIN)/python -c "import json; s = json.load(open('runs/demo/summary.json')); print('summary: world_size', s['world_size'], '| test auc %.4f (oracle %.4f) | valid auc %.4f | %.0f samples/s' % (s['test']['auc'], s['oracle_auc'], s['valid']['auc'], s['samples_per_s']))"
 

@@ -67,7 +67,8 @@ def train(
         mounts: mounts for the data and the run directory, e.g.
             type=bind,src=/mnt/shared,dst=/mnt/shared or type=volume,src=PVC_NAME,dst=/mnt/shared
             (local_docker, kubernetes; slurm and local_cwd see the host's file systems)
-        max_retries: times the scheduler may restart the job after a failure (the run starts over)
+        max_retries: times the job may be restarted after a failure; a restart resumes from the run
+            directory's latest checkpoint (checkpoint.resume = auto)
         rdzv_backend: torchrun rendezvous backend (c10d: a store on the first node's rdzv_port)
         rdzv_port: port of the rendezvous store on the first node (multi-node jobs only)
         debug: set PyTorch's debug variables (TORCH_DISTRIBUTED_DEBUG=DETAIL, ...)

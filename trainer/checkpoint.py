@@ -45,6 +45,7 @@ import signal
 import time
 import tomllib
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -357,6 +358,13 @@ class Checkpointer:
         self.cfg, self.env, self.model, self.optimizer, self.schema = cfg, env, model, optimizer, schema
         self.root = checkpoint_root(cfg)
         self.saves, self.save_seconds, self.save_seconds_last, self.last_bytes = 0, 0.0, 0.0, 0
+        self.stall_seconds = 0.0  # how long training waited for saves (all of a save when synchronous)
+        # checkpoint.async_save: the files are written and committed by one background thread, whose
+        # collectives go through a process group of their own (gloo: DCP's async save stages to host
+        # memory), so that they never interleave with the training step's.
+        self._group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save else None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if cfg.checkpoint.async_save else None
+        self._pending: Future | None = None
 
     def state(self) -> dict:
         """What DCP saves and loads: the model's state_dict (tables as ShardedTensors) and the
@@ -374,7 +382,10 @@ class Checkpointer:
 
     def save(self, step: int, train_state: dict, keep: set[int] = frozenset()) -> Path:
         """Write checkpoint `step` (a collective: every rank calls it). `train_state` (JSON) is
-        stored in checkpoint.json; `keep` are steps that retention must not delete (the best)."""
+        stored in checkpoint.json; `keep` are steps that retention must not delete (the best).
+        With checkpoint.async_save it returns once the state is copied to host memory; the commit
+        follows in the background (`wait` for it)."""
+        self.wait()  # one save in flight at most; its error, if any, surfaces here
         start = time.perf_counter()
         rank, name = self.env.rank, step_dir_name(step)
         tmp, final = self.root / f".tmp-{name}", self.root / name
@@ -383,13 +394,36 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         dist.barrier()
-        dcp.save(self.state(), storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
         torch.save(rng_state(), tmp / f"rank-{rank:05d}.pt")
+        writer = dcp.FileSystemWriter(tmp, sync_files=True)
+        if self._executor is None:
+            dcp.save(self.state(), storage_writer=writer)
+            self._commit(None, step, train_state, keep, tmp, final, start)
+            self.stall_seconds += time.perf_counter() - start
+        else:
+            written = dcp.async_save(self.state(), storage_writer=writer, process_group=self._group)
+            self.stall_seconds += time.perf_counter() - start
+            self._pending = self._executor.submit(self._commit, written, step, train_state, keep, tmp, final, start)
+        return final
+
+    def wait(self) -> None:
+        """Block until the save in flight (async_save) is committed; re-raise its error if it failed."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _commit(self, written: Future | None, step: int, train_state: dict, keep: set[int], tmp: Path, final: Path,
+                start: float) -> None:
+        """Once this rank's files are written (`written`, for an async save), gather every rank's
+        checksums; rank 0 writes checkpoint.json and renames `tmp` to `final`."""
+        if written is not None:
+            written.result()
+        rank = self.env.rank
         fault("save", step, rank)
         mine = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
                 if p.name.startswith(f"__{rank}_") or p.name == f"rank-{rank:05d}.pt" or (rank == 0 and p.name == ".metadata")}
         everyone: list[dict] = [None] * self.env.world_size  # type: ignore[list-item]
-        dist.all_gather_object(everyone, mine)
+        dist.all_gather_object(everyone, mine, group=self._group)
         files = {k: v for part in everyone for k, v in part.items()}
         if self.env.is_main:
             meta = {
@@ -402,18 +436,20 @@ class Checkpointer:
             _write_synced(tmp / META, json.dumps(meta, indent=1) + "\n")
             _fsync_dir(tmp)
             if final.exists():  # a checkpoint of this step from an earlier attempt: replace it
-                trash = self.root / f".trash-{name}-{os.getpid()}"
+                trash = self.root / f".trash-{final.name}-{os.getpid()}"
                 os.rename(final, trash)
                 shutil.rmtree(trash, ignore_errors=True)
             os.rename(tmp, final)  # the commit
             _fsync_dir(self.root)
             self._retain(keep | {step})
-        dist.barrier()
+        dist.barrier(group=self._group)
         self.saves += 1
         self.save_seconds_last = time.perf_counter() - start
         self.save_seconds += self.save_seconds_last
         self.last_bytes = sum(f["bytes"] for f in files.values())
-        return final
+        if self.env.is_main:
+            how = " in the background" if written is not None else ""
+            print(f"checkpoint {final} ({self.last_bytes / 1e6:.1f} MB) saved{how} in {self.save_seconds_last:.2f} s", flush=True)
 
     def _tables(self) -> dict[str, list[int]]:
         """table name -> [rows, dim] of every embedding table of the model."""

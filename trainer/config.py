@@ -244,6 +244,12 @@ class CheckpointConfig:
     verify: bool = True
     """Check every file's sha256 against the checkpoint's record before loading (ranks share the
     work); file sizes are always checked."""
+    async_save: bool = False
+    """Write checkpoints in the background (torch.distributed.checkpoint.async_save): training
+    waits only while this rank's shards and optimizer state are copied to host memory, then goes
+    on while a thread writes, checksums and commits them (one save in flight; the next save, the
+    end of training and a stop wait for it). Costs one more host copy of the rank's state during
+    the write and a second (gloo) process group for the save's collectives."""
 
     def __post_init__(self) -> None:
         if self.every_steps < 0 or self.keep_last < 0:

@@ -18,7 +18,9 @@ from data_pipeline.atomic import write_text_atomic
 
 
 class RunLog:
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True, purge_step: int | None = None) -> None:
+        """`purge_step`: a resumed run's first step; TensorBoard drops the events a failed attempt
+        wrote from there on."""
         self.dir = Path(run_dir)
         self.enabled = enabled
         self._tb = None
@@ -29,7 +31,7 @@ class RunLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.dir / "tb"))
+            self._tb = SummaryWriter(str(self.dir / "tb"), purge_step=purge_step)
 
     def write_file(self, name: str, text: str) -> None:
         if self.enabled:

@@ -93,7 +93,8 @@ class Trainer:
         self.dropped_records = 0
         if resume is not None and env.is_main:  # records of a failed attempt after the checkpoint go
             self.dropped_records = truncate_records(Path(cfg.run_dir) / "metrics.jsonl", resume.meta["train_state"]["metrics_bytes"])
-        self.log = RunLog(cfg.run_dir, enabled=env.is_main)
+        self.log = RunLog(cfg.run_dir, enabled=env.is_main,
+                          purge_step=resume.meta["train_state"]["step"] + 1 if resume is not None else None)
         self.step = 0
         self.saved_step = -1  # the step of the last checkpoint this run saved or loaded
         self.valid_step: int | None = None
@@ -188,11 +189,8 @@ class Trainer:
         if not self.cfg.checkpoint.enabled or self.saved_step == self.step:
             return
         keep = {best.step} if self.cfg.checkpoint.keep_best and best.step is not None else set()
-        path = self.checkpoints.save(self.step, self._train_state(epoch, position, valid, best), keep)
+        self.checkpoints.save(self.step, self._train_state(epoch, position, valid, best), keep)
         self.saved_step = self.step
-        if self.env.is_main:
-            print(f"checkpoint {path} ({self.checkpoints.last_bytes / 1e6:.1f} MB) saved in "
-                  f"{self.checkpoints.save_seconds_last:.2f} s", flush=True)
 
     def _restore(self, best: BestValidation) -> tuple[int, int, dict, dict | None]:
         """Load `self.resume`; returns (epoch, batches of it already trained, last validation
@@ -216,10 +214,12 @@ class Trainer:
             epoch, position = epoch + 1, 0
         self.log.record("resume", self.step, checkpoint=str(self.resume.path), epoch=epoch, epoch_batches=position,
                         attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), dropped_records=self.dropped_records)
-        _purge_tensorboard(self.log, self.step + 1)
         if self.env.is_main:
             print(f"resumed from {self.resume.path} (step {self.step}, epoch {epoch}, batch {position} of it): "
                   f"checked in {self.resume.seconds:.2f} s, loaded in {time.perf_counter() - start:.2f} s", flush=True)
+            if state["complete"]:
+                print("  note: the checkpoint is the end of training: nothing is left to train, only the test split "
+                      "(a new --run-dir, or --checkpoint.dir, trains afresh)", flush=True)
             for line in [*(f"changed since the checkpoint: {c}" for c in self.resume.changes), *notes]:
                 print(f"  note: {line}", flush=True)
         return epoch, position, state["valid"], state.get("rng") if same_order else None
@@ -324,12 +324,14 @@ class Trainer:
                     if stopped:
                         break
         if stopped:
+            self.checkpoints.wait()
             self.log.close()
             if main:
                 where = f"; checkpoint {self.checkpoints.root / step_dir_name(self.step)}" if ck.enabled else " (checkpoints are off)"
                 print(f"stopped at step {self.step} (training.stop_at_step){where}; run the same command again to continue")
             return {"stopped_at_step": self.step}
         self._save(*self.position, valid, best)  # the end (unless the last step already saved one)
+        self.checkpoints.wait()  # committed before the test split (which may load the best) and the summary
 
         tested_step = self._test_weights(best, best_weights)
         test = self.evaluate("test")
@@ -357,7 +359,8 @@ class Trainer:
             "sharding_plan": plan_text.splitlines()[1:],
             "resumed_from": str(self.resume.path) if self.resume is not None else None,
             "checkpoints": {"dir": str(self.checkpoints.root), "saved": self.checkpoints.saves,
-                            "save_s": round(self.checkpoints.save_seconds, 3), "bytes": self.checkpoints.last_bytes},
+                            "save_s": round(self.checkpoints.save_seconds, 3),
+                            "stall_s": round(self.checkpoints.stall_seconds, 3), "bytes": self.checkpoints.last_bytes},
         }
         self.log.write_file("summary.json", json.dumps(summary, indent=2) + "\n")
         self.log.close()
@@ -366,19 +369,6 @@ class Trainer:
             print(f"test {_format(test)}{oracle} | valid {_format(valid)} | {summary['samples_per_s']:,.0f} samples/s "
                   f"| {self.step} steps | summary: {self.log.dir / 'summary.json'}")
         return summary
-
-
-def _purge_tensorboard(log: RunLog, step: int) -> None:
-    """Tell TensorBoard to drop the events from `step` on that a failed attempt wrote (what
-    SummaryWriter(purge_step=step) does when it opens)."""
-    writer = getattr(log, "_tb", None)
-    if writer is None:
-        return
-    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-
-    file_writer = writer._get_file_writer()
-    file_writer.add_event(Event(step=step, file_version="brain.Event:2"))
-    file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
 
 def _format(metrics: dict[str, float]) -> str:

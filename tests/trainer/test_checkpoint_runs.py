@@ -50,6 +50,15 @@ def records(run_dir: Path) -> list[dict]:
     return out
 
 
+def tensorboard_steps(run_dir: Path) -> list[int]:
+    """The steps of the train loss curve as TensorBoard shows it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return [e.step for e in events.Scalars("train/loss")]
+
+
 def assert_same_run(clean: Path, other: Path) -> None:
     a, b = (json.loads((d / "summary.json").read_text()) for d in (clean, other))
     assert {k: a[k] for k in SAME} == {k: b[k] for k in SAME}
@@ -111,9 +120,13 @@ def test_crash_inside_a_save_leaves_the_previous_checkpoint(data, clean, tmp_pat
     assert_same_run(clean, run_dir)
 
 
-def test_sigkilled_rank_is_restarted_by_torchrun_and_finishes_like_the_clean_run(data, clean, tmp_path):
+@pytest.mark.parametrize("save", ["sync", "async"])
+def test_sigkilled_rank_is_restarted_by_torchrun_and_finishes_like_the_clean_run(data, clean, tmp_path, save):
     run_dir = tmp_path / "run"
-    result = torchrun(data, run_dir, restarts=2, fault="kill@47:1")  # SIGKILL on the first attempt only
+    # async: training goes on while step 40's checkpoint is written, so a checkpoint that caught
+    # later weights (not a copy taken at its step) would resume into another run
+    more = ["--checkpoint.async_save", "true"] if save == "async" else []
+    result = torchrun(data, run_dir, *more, restarts=2, fault="kill@47:1")  # SIGKILL on the first attempt only
     assert result.returncode == 0, result.stderr[-4000:]
     assert "rank 1 kills itself (SIGKILL) after step 47" in result.stdout
     assert "exitcode: -9" in result.stderr or "(exitcode: -9)" in result.stderr
@@ -126,6 +139,7 @@ def test_sigkilled_rank_is_restarted_by_torchrun_and_finishes_like_the_clean_run
     assert len(resume) == 1 and resume[0]["attempt"] == 1 and resume[0]["step"] == 40
     assert resume[0]["dropped_records"] == 1
     assert [r["step"] for r in lines if r["phase"] == "train"].count(45) == 1
+    assert tensorboard_steps(run_dir) == tensorboard_steps(clean)  # the dead attempt's step 45 was purged
 
 
 # ---- what else a checkpoint of a sharded run is good for -----------------------------------------
