@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0 fbgemm-gpu-cpu==1.8.0
 	$(BIN)/pip install -q --no-deps torchrec==1.8.0
-	$(BIN)/pip install -q pyre-extensions tensordict iopath pytest dockerfile-parse
+	$(BIN)/pip install -q pyre-extensions tensordict iopath pytest dockerfile-parse scikit-learn
 	$(BIN)/pip install -q -e .
 	@echo "(pip's note 'torchrec requires fbgemm-gpu' is expected: fbgemm-gpu-cpu provides the same module)"
 	$(BIN)/python -c "import torchrec, fbgemm_gpu, torch; print('installed torch', torch.__version__, 'torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '1.8.0')"

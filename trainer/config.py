@@ -192,6 +192,11 @@ class TrainingConfig:
     """Keep a copy of the weights of the best validation (in memory: one more copy of every table
     shard on each rank) and score the test split with them instead of the last weights."""
 
+    profile_steps: list[int] = field(default_factory=list)
+    """Record a torch.profiler trace of training steps [first, last], e.g. [100, 104] (a few steps
+    after warm-up), one per rank in <run_dir>/profile (TensorBoard's profiler tab, Perfetto).
+    Empty: off."""
+
     stop_at_step: int = 0
     """Save a checkpoint and exit at this step without finishing the run, as a pre-empted job would
     (0: off). Unlike max_steps it changes neither the learning-rate schedule nor when training
@@ -199,6 +204,8 @@ class TrainingConfig:
     an uninterrupted run. For time-boxed jobs, and for testing resumption."""
 
     def __post_init__(self) -> None:
+        if self.profile_steps and (len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]):
+            raise ValueError(f"training.profile_steps must be [first, last] with 1 <= first <= last, got {self.profile_steps}")
         if self.stop_at_step < 0:
             raise ValueError("training.stop_at_step must be >= 0")
         if self.epochs <= 0 or self.max_steps < 0 or self.eval_every < 0 or self.log_every <= 0:

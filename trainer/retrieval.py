@@ -3,8 +3,11 @@ baseline scored the same way.
 
 For each user with positives in a split: score every item of the catalogue (`items.parquet`, which
 `recsys prepare movielens` writes), hide the items the user had positive in earlier splits (train;
-train and valid for test), and rank. Recall@K and NDCG@K are computed per user, then averaged over
-users (`trainer.metrics.top_k_metrics`). Ranks split the users; every rank embeds the whole
+train and valid for test), and rank. Recall@K, NDCG@K, precision@K, hit rate@K and MRR are
+computed per user, then averaged over users (`trainer.metrics.top_k_metrics`). Beyond accuracy:
+popularity_lift@K is the mean train popularity of the items a user is shown over the catalogue's
+mean (1: shown like random catalogue items; the most-popular baseline is far above), and
+coverage@K the share of the catalogue that appears in at least one user's top K (across ranks). Ranks split the users; every rank embeds the whole
 catalogue (the sharded tables need every rank in each lookup, and the catalogue is small next to
 the users x items score matrix).
 """
@@ -127,17 +130,30 @@ class CatalogueRetrieval:
         users_u = torch.cat(user_vectors)
         popularity = self.popularity.to(self.device).masked_fill(catalogue.isinf(), float("-inf"))
 
-        totals = torch.zeros(2, 2 * len(self.ks) + 1, dtype=torch.float64, device=self.device)  # (model, popular) x (metrics, users)
+        names = list(top_k_metrics(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), self.ks))
+        names += [f"popularity_lift@{k}" for k in self.ks]
+        totals = torch.zeros(2, len(names) + 1, dtype=torch.float64, device=self.device)  # (model, popular) x (metrics, users)
+        shown = torch.zeros(2, len(self.ks), self.num_items, device=self.device)  # items in someone's top K
+        in_catalogue = ~catalogue.isinf()
+        mean_popularity = self.popularity.to(self.device)[in_catalogue].mean().clamp(min=1e-12)
         chunk = max(1, 2**24 // self.num_items)
         for start in range(0, len(mine), chunk):
             relevant, hidden = (m.to(self.device) for m in self._relevance(split, mine[start : start + chunk]))
             model_scores = users_u[start : start + chunk] @ vectors.T + catalogue
             for row, scores in enumerate((model_scores, popularity.expand(len(relevant), -1))):
-                metrics = top_k_metrics(scores.masked_fill(hidden, float("-inf")), relevant, self.ks)
-                totals[row, :-1] += torch.stack([m.sum() for m in metrics.values()]).double()
+                scores = scores.masked_fill(hidden, float("-inf"))
+                metrics = top_k_metrics(scores, relevant, self.ks)
+                top = scores.topk(min(max(self.ks), self.num_items), dim=1).indices
+                for i, k in enumerate(self.ks):  # how popular, and how many distinct, the items shown are
+                    metrics[f"popularity_lift@{k}"] = self.popularity.to(self.device)[top[:, :k]].mean(dim=1) / mean_popularity
+                    shown[row, i, top[:, :k].flatten()] = 1
+                totals[row, :-1] += torch.stack([metrics[name].sum() for name in names]).double()
                 totals[row, -1] += len(relevant)
-        names = list(top_k_metrics(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), self.ks))
         if dist.is_initialized():
             dist.all_reduce(totals)
+            dist.all_reduce(shown, op=dist.ReduceOp.MAX)
         results = [{name: (totals[row, j] / totals[row, -1].clamp(min=1)).item() for j, name in enumerate(names)} for row in (0, 1)]
+        for row in (0, 1):  # catalogue coverage: the share of the catalogue that some user is shown
+            for i, k in enumerate(self.ks):
+                results[row][f"coverage@{k}"] = (shown[row, i] * in_catalogue).sum().item() / max(int(in_catalogue.sum()), 1)
         return results[0], results[1]

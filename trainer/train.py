@@ -35,6 +35,7 @@ from trainer.checkpoint import (Checkpointer, Resume, committed, fault, find_ini
 from trainer.config import Config
 from trainer.distributed import DistEnv, describe_plan, local_state_tensors, plan_sharding, shard_model
 from trainer.metrics import BestValidation, headline, task_metrics
+from trainer.observe import StepProfiler, memory_per_rank, memory_record
 from trainer.optim import LearningRates, apply_sparse_optimizer, build_optimizer
 from trainer.retrieval import CatalogueRetrieval, supports_retrieval
 from trainer.run_log import RunLog
@@ -90,6 +91,8 @@ class Trainer:
         self.most_popular: dict[str, dict[str, float]] = {}  # split -> the baseline's retrieval metrics
 
         self.checkpoints = Checkpointer(cfg, env, self.model, self.optimizer, schema)
+        self.profiler = StepProfiler(cfg.training.profile_steps, Path(cfg.run_dir) / "profile", env.rank, env.device)
+        self.memory = memory_per_rank(env.device)  # [rank, (peak host RSS, peak device) GB], updated as it trains
         self.dropped_records = 0
         if resume is not None and env.is_main:  # records of a failed attempt after the checkpoint go
             self.dropped_records = truncate_records(Path(cfg.run_dir) / "metrics.jsonl", resume.meta["train_state"]["metrics_bytes"])
@@ -124,11 +127,15 @@ class Trainer:
         loss_sum = torch.zeros(2, device=self.env.device)  # (sum of losses, steps) since last log
         start = last = time.perf_counter()
         while True:
+            self.profiler.before_step(self.step + 1)
             try:
                 loss, *_ = self.pipeline.progress(batches)
             except StopIteration:
                 break
             self.step += 1
+            note = self.profiler.after_step(self.step)
+            if note and self.env.is_main:
+                progress.write(note)
             fault("kill", self.step, self.env.rank)
             self.lr.after_step()
             loss_sum += torch.stack([loss.float(), torch.ones((), device=loss.device)])
@@ -139,6 +146,8 @@ class Trainer:
                 rate = loss_sum[1].item() / self.env.world_size * self.global_batch / (now - last)
                 mean_loss = (loss_sum[0] / loss_sum[1]).item()
                 self.log.record("train", self.step, loss=mean_loss, samples_per_s=rate, lr=self.lr.current())
+                self.memory = memory_per_rank(self.env.device)
+                self.log.record("memory", self.step, **memory_record(self.memory))
                 progress.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:,.0f}")
                 loss_sum.zero_()
                 last = now
@@ -335,6 +344,7 @@ class Trainer:
 
         tested_step = self._test_weights(best, best_weights)
         test = self.evaluate("test")
+        self.memory = memory_per_rank(self.env.device)  # peaks include the evaluations
         self.log.record("test", tested_step, **test)
 
         summary = {
@@ -357,6 +367,8 @@ class Trainer:
             "oracle_auc": self.schema.splits["test"].oracle_auc,
             "valid_oracle_auc": self.schema.splits["valid"].oracle_auc,
             "sharding_plan": plan_text.splitlines()[1:],
+            "peak_rss_gb_per_rank": [round(x, 3) for x in self.memory[:, 0].tolist()],
+            "device_gb_per_rank": [round(x, 3) for x in self.memory[:, 1].tolist()],
             "resumed_from": str(self.resume.path) if self.resume is not None else None,
             "checkpoints": {"dir": str(self.checkpoints.root), "saved": self.checkpoints.saves,
                             "save_s": round(self.checkpoints.save_seconds, 3),

@@ -12,7 +12,7 @@ def test_two_ranks_reach_the_oracle_auc(tmp_path):
     run_dir = tmp_path / "run"
     result = run_trainer(
         ["--config", "configs/demo.toml", "--data", str(data.root), "--run-dir", str(run_dir),
-         "--training.progress_bar", "false"],
+         "--training.progress_bar", "false", "--training.profile_steps", "50", "52"],
         nproc=2,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -27,7 +27,16 @@ def test_two_ranks_reach_the_oracle_auc(tmp_path):
     resolved = tomllib.loads((run_dir / "config.toml").read_text())
     assert resolved["data"]["path"] == str(data.root)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert {r["phase"] for r in records} == {"train", "valid", "test"}
+    assert {r["phase"] for r in records} == {"train", "memory", "valid", "test"}
+    memory = [r for r in records if r["phase"] == "memory"]
+    assert memory and all(0.1 < r["peak_rss_gb_min"] <= r["peak_rss_gb_max"] < 8 for r in memory)
+    assert len(summary["peak_rss_gb_per_rank"]) == 2 and min(summary["peak_rss_gb_per_rank"]) > 0.1
+    assert 0.8 < summary["test"]["calibration"] < 1.25  # mean predicted CTR near the observed one
+    # the profiler's trace of steps 50-52, one per rank, in Chrome trace format
+    traces = sorted((run_dir / "profile").glob("*.pt.trace.json"))
+    assert [t.name.split(".")[0] for t in traces] == ["rank0", "rank1"]
+    assert all(json.loads(t.read_text())["traceEvents"] for t in traces)
+    assert "profile of steps 50-52 written" in result.stdout
     plan = [line.split() for line in (run_dir / "plan.txt").read_text().splitlines()[1:]]
     assert sorted(row[0] for row in plan) == sorted(f"t_{f.name}" for f in data.sparse)
     assert {rank for row in plan for rank in row[2].split(",")} == {"0", "1"}  # both ranks hold tables

@@ -38,6 +38,7 @@ def test_click_metrics_match_direct_computation():
     assert math.isclose(result["auc"], auc, rel_tol=1e-5)
     assert math.isclose(result["logloss"], logloss, rel_tol=1e-5)
     assert math.isclose(result["ne"], logloss / -(ctr * np.log(ctr) + (1 - ctr) * np.log(1 - ctr)), rel_tol=1e-5)
+    assert math.isclose(result["calibration"], p.mean() / ctr, rel_tol=1e-5)
 
 
 def test_best_validation_and_early_stopping():
