@@ -7,6 +7,8 @@
     recsys train --config configs/demo.toml --nproc-per-node 2 [--section.key VALUE ...]
     recsys export runs/demo --out models/demo.pt           # checkpoint -> one unsharded model file
     recsys predict --model models/demo.pt --data data/synthetic --split test --out preds.parquet
+    recsys evaluate --checkpoint runs/demo --data data/synthetic --segment-by cat_0 --k 10,50   # metrics, per segment
+    recsys report runs/demo                                    # plots + report.md/html of a run
 
 `recsys train` checks the dataset once (a clear error before any process starts), then runs
 `torchrun --standalone --nproc-per-node N -m trainer ...` with the same flags, like `tune run`.
@@ -54,7 +56,8 @@ PREPARERS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    usage = f"usage: recsys {{prepare {{{' | '.join(PREPARERS)}}} | train | export | predict}} ...  (add --help after a command)"
+    usage = (f"usage: recsys {{prepare {{{' | '.join(PREPARERS)}}} | train | export | predict | evaluate | report}} ...  "
+             "(add --help after a command)")
     if argv[:1] == ["prepare"] and len(argv) > 1 and argv[1] in PREPARERS:
         import importlib
 
@@ -65,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer import export
 
         return (export.main_export if argv[0] == "export" else export.main_predict)(argv[1:])
+    if argv[:1] in (["evaluate"], ["report"]):
+        import importlib
+
+        return importlib.import_module(f"trainer.{argv[0]}").main(argv[1:])
     print(usage, file=sys.stderr)
     return 2
 

@@ -129,8 +129,15 @@ def table_constraints(model: nn.Module, sharding: ShardingConfig, device_type: s
 
 
 def plan_sharding(model: nn.Module, env: DistEnv, batch_size: int, sharding: ShardingConfig | None = None) -> ShardingPlan:
-    """Ask torchrec's planner where each table goes. Rank 0 plans and broadcasts the plan (or its
-    failure), so all ranks agree even if their estimates differ, and all fail together."""
+    """Ask torchrec's planner where each table goes (see `plan_with_estimate`)."""
+    return plan_with_estimate(model, env, batch_size, sharding)[0]
+
+
+def plan_with_estimate(model: nn.Module, env: DistEnv, batch_size: int,
+                       sharding: ShardingConfig | None = None) -> tuple[ShardingPlan, list[dict[str, float]] | None]:
+    """(plan, the planner's estimate of each rank's memory) from torchrec's planner. Rank 0 plans
+    and broadcasts the plan (or its failure), so all ranks agree even if their estimates differ,
+    and all fail together."""
     sharding = sharding or ShardingConfig()
     planner = EmbeddingShardingPlanner(
         topology=topology(env, sharding),
@@ -139,16 +146,33 @@ def plan_sharding(model: nn.Module, env: DistEnv, batch_size: int, sharding: Sha
         storage_reservation=FixedPercentageStorageReservation(sharding.storage_reserve),
     )
 
-    def plan_or_error() -> ShardingPlan | PlanError:
+    def plan_or_error() -> tuple[ShardingPlan, list[dict[str, float]] | None] | PlanError:
         try:
-            return planner.plan(model, get_default_sharders())
+            plan = planner.plan(model, get_default_sharders())
         except PlannerError as e:
             return PlanError(_plan_failure(model, env, sharding, e))
+        return plan, _estimate_per_rank(planner, env.world_size)
 
     result = invoke_on_rank_and_broadcast_result(dist.GroupMember.WORLD, 0, plan_or_error)
     if isinstance(result, PlanError):
         raise result
     return result
+
+
+def _estimate_per_rank(planner: EmbeddingShardingPlanner, world_size: int) -> list[dict[str, float]] | None:
+    """The planner's storage estimate of each rank in GB (device and host memory: shards, their
+    optimizer state and the lookup's input/output buffers), summed from the sharding options it
+    chose. torchrec keeps those only in a private attribute; None if that ever changes."""
+    options = getattr(planner, "_best_plan", None)
+    if not options:
+        return None
+    hbm, ddr = [0] * world_size, [0] * world_size
+    for option in options:
+        for shard in option.shards:
+            if shard.rank is not None and shard.storage is not None:
+                hbm[shard.rank] += shard.storage.hbm
+                ddr[shard.rank] += shard.storage.ddr
+    return [{"hbm_gb": round(h / 1e9, 4), "ddr_gb": round(d / 1e9, 4)} for h, d in zip(hbm, ddr)]
 
 
 def _plan_failure(model: nn.Module, env: DistEnv, sharding: ShardingConfig, error: Exception) -> str:

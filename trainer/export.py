@@ -84,6 +84,20 @@ def build_cpu_model(cfg: Config, schema: DatasetSchema) -> torch.nn.Module:
     return build_model(cfg.model, schema, dense_device=cpu, sparse_device=cpu)
 
 
+def checkpoint_model(path: Path, meta: dict) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """(model in eval mode, its state dict) of a committed checkpoint, built on the CPU and loaded
+    strictly after every file is checked against checkpoint.json (a corrupt one fails clearly)."""
+    problems = verify_files(path, meta)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is corrupt: " + "; ".join(problems))
+    state = checkpoint_tensors(path)
+    cfg = _config(meta["config"], f"{path}/checkpoint.json config")
+    model = build_cpu_model(cfg, schema_from_json(meta["dataset"], Path(".")))
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model, state
+
+
 def export(checkpoint: str | Path, out: Path, best: bool = False) -> dict:
     """Write the model file of `checkpoint` (a checkpoint, checkpoints or run directory) to `out`;
     with `best`, of the checkpoint of its best validation (kept by checkpoint.keep_best)."""
@@ -97,13 +111,7 @@ def export(checkpoint: str | Path, out: Path, best: bool = False) -> dict:
         if not (path / "checkpoint.json").is_file():
             raise CheckpointError(f"the best validation was at step {step}, but {path} was not kept (checkpoint.keep_best)")
         meta = read_meta(path)
-    problems = verify_files(path, meta)
-    if problems:
-        raise CheckpointError(f"checkpoint {path} is corrupt: " + "; ".join(problems))
-    state = checkpoint_tensors(path)
-    cfg = _config(meta["config"], f"{path}/checkpoint.json config")
-    model = build_cpu_model(cfg, schema_from_json(meta["dataset"], Path(".")))
-    model.load_state_dict(state, strict=True)  # the file will load: every name and shape fits the model code
+    _, state = checkpoint_model(path, meta)  # the file will load: every name and shape fits the model code
     train_state = meta.get("train_state", {})
     blob = {
         "format": MODEL_FORMAT, "version": MODEL_VERSION, "state_dict": state, "config": meta["config"],
@@ -136,12 +144,10 @@ def load_model_file(file: Path) -> tuple[torch.nn.Module, Config, DatasetSchema,
 
 
 @torch.no_grad()
-def predict(model_file: Path, data: Path, split: str, out: Path, batch_size: int = 8192) -> dict:
-    """Score every row of `split` of dataset `data` with a model file; write the predictions to
-    `out` (Parquet, atomically). Returns the split's metrics when it has labels."""
-    from trainer.metrics import task_metrics
-
-    model, cfg, trained, _ = load_model_file(model_file)
+def score_split(model: torch.nn.Module, trained: DatasetSchema, data: Path, split: str,
+                batch_size: int = 8192) -> tuple[DatasetSchema, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(schema read with, scores, labels, weights) of every row of `split` of dataset `data`, in
+    file order. The scores are the model's raw outputs (logits for binary tasks)."""
     target = DatasetSchema.load(data)
     # Read with the training schema (the model's columns, their order, its id ranges) and the
     # target's files: a missing column or an id beyond the model's tables is a clear DataError.
@@ -159,22 +165,39 @@ def predict(model_file: Path, data: Path, split: str, out: Path, batch_size: int
         labels.append(label)
         weights.append(weight)
     score, label, weight = (torch.cat(t)[:rows] for t in (scores, labels, weights))  # drop the last batch's padding
-    metrics = task_metrics(schema.task, torch.device("cpu"), schema.label_range)
-    metrics.update(score, label, weight)
-    results = metrics.compute()
+    return schema, score, label, weight
+
+
+def prediction_columns(schema: DatasetSchema, score: torch.Tensor, label: torch.Tensor, weight: torch.Tensor) -> dict[str, pa.Array]:
+    """`row`, `label`, (`weight`), `prediction` (a probability for binary tasks, the value clipped
+    to the label range for regression) and, for binary tasks, `logit`: what predictions files hold."""
     if schema.task == "binary":
         prediction = torch.sigmoid(score)
     else:
         prediction = score.clamp(*schema.label_range) if schema.label_range else score
-    columns = {"row": pa.array(np.arange(rows, dtype=np.int64)), "label": pa.array(label.numpy())}
+    columns = {"row": pa.array(np.arange(len(score), dtype=np.int64)), "label": pa.array(label.numpy())}
     if schema.weight:
         columns["weight"] = pa.array(weight.numpy())
     columns["prediction"] = pa.array(prediction.numpy())
     if schema.task == "binary":
         columns["logit"] = pa.array(score.numpy())
+    return columns
+
+
+def predict(model_file: Path, data: Path, split: str, out: Path, batch_size: int = 8192) -> dict:
+    """Score every row of `split` of dataset `data` with a model file; write the predictions to
+    `out` (Parquet, atomically). Returns the split's metrics when it has labels."""
+    from trainer.metrics import task_metrics
+
+    model, _, trained, _ = load_model_file(model_file)
+    schema, score, label, weight = score_split(model, trained, data, split, batch_size)
+    metrics = task_metrics(schema.task, torch.device("cpu"), schema.label_range)
+    metrics.update(score, label, weight)
+    results = metrics.compute()
+    columns = prediction_columns(schema, score, label, weight)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, lambda tmp: pq.write_table(pa.table(columns), tmp))
-    return {"rows": rows, **results}
+    return {"rows": len(score), **results}
 
 
 def main_export(argv: list[str]) -> int:
