@@ -197,6 +197,13 @@ class TrainingConfig:
     after warm-up), one per rank in <run_dir>/profile (TensorBoard's profiler tab, Perfetto).
     Empty: off."""
 
+    table_stats_max_rows: int = 10_000_000
+    """Track which rows of each table training looks up, for tables of at most this many rows (a
+    bool per row on every rank; 0: off). Each validation records `tables/<feature>_coverage` (share
+    of the rows looked up so far) and `_reuse` (share of the lookups since the last one that hit a
+    row seen before) in metrics.jsonl and TensorBoard; summary.json has the final coverage. Cost:
+    about 0.5 ms of host time per batch of 26 features x 256 rows."""
+
     stop_at_step: int = 0
     """Save a checkpoint and exit at this step without finishing the run, as a pre-empted job would
     (0: off). Unlike max_steps it changes neither the learning-rate schedule nor when training
@@ -206,8 +213,8 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if self.profile_steps and (len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]):
             raise ValueError(f"training.profile_steps must be [first, last] with 1 <= first <= last, got {self.profile_steps}")
-        if self.stop_at_step < 0:
-            raise ValueError("training.stop_at_step must be >= 0")
+        if self.stop_at_step < 0 or self.table_stats_max_rows < 0:
+            raise ValueError("training.stop_at_step and training.table_stats_max_rows must be >= 0")
         if self.epochs <= 0 or self.max_steps < 0 or self.eval_every < 0 or self.log_every <= 0:
             raise ValueError("training: epochs and log_every must be positive; max_steps and eval_every >= 0")
         if self.mixed_precision not in ("fp32", "bf16"):

@@ -1,14 +1,18 @@
-"""What a run reports about itself besides metrics: memory per rank and an optional profiler
-trace of a few training steps."""
+"""What a run reports about itself besides metrics: memory per rank, how much of each embedding
+table training touches, and an optional profiler trace of a few training steps."""
 
 from __future__ import annotations
 
 import resource
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from data_pipeline.batch import Batch
+from data_pipeline.schema import DatasetSchema
 
 
 def memory_per_rank(device: torch.device) -> torch.Tensor:
@@ -65,3 +69,78 @@ class StepProfiler:
         self.profiler.stop()
         self.profiler = None
         return f"profile of steps {self.first}-{self.last} written to {self.out} (one trace per rank)"
+
+
+class TableCoverage:
+    """How much of each embedding table training touches: per sparse feature, the share of its
+    table's rows that the train batches have looked up at least once (union over ranks), and the
+    share of the lookups since the last report that went to a row seen before (the reuse a row
+    cache, e.g. `fused_uvm_caching`, can exploit; under 1 while new rows keep appearing).
+
+    One bool per row on every rank, so only tables of at most `max_rows` rows are tracked; the
+    tracked tables share one bitmap, so a batch costs a few vectorised ops whatever the number of
+    features. Counted from the batches this process trained: a resumed run starts counting afresh."""
+
+    def __init__(self, schema: DatasetSchema, max_rows: int) -> None:
+        tracked = [f for f in schema.sparse if 0 < f.num_embeddings <= max_rows]
+        self.names = [f.name for f in tracked]
+        self.index = {name: j for j, name in enumerate(self.names)}
+        sizes = torch.tensor([f.num_embeddings for f in tracked], dtype=torch.long)
+        self.ends = sizes.cumsum(0)  # feature j's rows are bitmap[ends[j] - sizes[j] : ends[j]]
+        self.starts = self.ends - sizes
+        self.seen = torch.zeros(int(sizes.sum()), dtype=torch.bool)
+        self.lookups = torch.zeros(2, len(tracked), dtype=torch.float64)  # (lookups, to a seen row) since report
+        self._keys: tuple[list[str], torch.Tensor] | None = None  # the last KJT key order -> tracked index
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    def _feature_index(self, keys: list[str]) -> torch.Tensor:
+        if self._keys is None or self._keys[0] != keys:
+            self._keys = (keys, torch.tensor([self.index.get(k, -1) for k in keys], dtype=torch.long))
+        return self._keys[1]
+
+    def observe(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """`batches`, unchanged, after marking the rows each one looks up."""
+        for batch in batches:
+            if self.names:
+                self._mark(batch.sparse.values().cpu(), batch.sparse.keys(), batch.sparse.length_per_key())
+            yield batch
+
+    def _mark(self, values: torch.Tensor, keys: list[str], lengths: list[int]) -> None:
+        feature = self._feature_index(keys).repeat_interleave(torch.tensor(lengths, dtype=torch.long))
+        keep = feature >= 0
+        feature = feature[keep]
+        rows = values[keep].long() + self.starts[feature]  # positions in the shared bitmap
+        count = len(self.names)
+        new_rows = torch.unique(rows[~self.seen[rows]])  # a repeat within the batch is a reuse too
+        new = torch.bincount(torch.searchsorted(self.ends, new_rows, right=True), minlength=count)
+        lookups = torch.bincount(feature, minlength=count)
+        self.lookups[0] += lookups
+        self.lookups[1] += lookups - new
+        self.seen[rows] = True
+
+    def report(self) -> dict[str, float]:
+        """{feature_coverage, feature_reuse} since the last report (a collective: every rank calls it)."""
+        if not self.names:
+            return {}
+        seen, lookups = self.seen.to(torch.uint8), self.lookups.clone()
+        if dist.is_initialized():
+            seen, lookups = _reduce(seen, dist.ReduceOp.MAX), _reduce(lookups, dist.ReduceOp.SUM)
+        out = {}
+        for j, name in enumerate(self.names):
+            start, end = int(self.starts[j]), int(self.ends[j])
+            out[f"{name}_coverage"] = seen[start:end].sum().item() / (end - start)
+            if lookups[0, j] > 0:
+                out[f"{name}_reuse"] = (lookups[1, j] / lookups[0, j]).item()
+        self.lookups.zero_()
+        return out
+
+
+def _reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    """All-reduce a host tensor on the default group's device (NCCL reduces only CUDA tensors)."""
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    moved = tensor.to(device)
+    dist.all_reduce(moved, op=op)
+    return moved.cpu()

@@ -7,7 +7,11 @@ train and valid for test), and rank. Recall@K, NDCG@K, precision@K, hit rate@K a
 computed per user, then averaged over users (`trainer.metrics.top_k_metrics`). Beyond accuracy:
 popularity_lift@K is the mean train popularity of the items a user is shown over the catalogue's
 mean (1: shown like random catalogue items; the most-popular baseline is far above), and
-coverage@K the share of the catalogue that appears in at least one user's top K (across ranks). Ranks split the users; every rank embeds the whole
+coverage@K the share of the catalogue that appears in at least one user's top K (across ranks), and
+diversity@K (K >= 2) the intra-list diversity of Ziegler et al. (2005): 1 - the mean cosine
+similarity of the item-feature vectors (the first multi-hot item feature of the catalogue, e.g.
+MovieLens genres) over every pair in a user's top K, averaged over users (0: all alike; an item
+without a value is unlike every other). Ranks split the users; every rank embeds the whole
 catalogue (the sharded tables need every rank in each lookup, and the catalogue is small next to
 the users x items score matrix).
 """
@@ -68,6 +72,35 @@ def _positives(schema: DatasetSchema, split: str, user: str, item: str) -> tuple
     return table[user].to_numpy(), table[item].to_numpy()
 
 
+def item_features(items: pa.Table, schema: DatasetSchema, item_feature: str, num_items: int) -> torch.Tensor | None:
+    """[num_items, values] unit rows: the first multi-hot feature of the catalogue as a bag of its
+    values per item (zero rows for items without one), for diversity@K; None if it has none."""
+    feature = next((f for f in schema.sparse if f.multi_hot and f.name != item_feature and f.name in items.column_names), None)
+    if feature is None:
+        return None
+    lists = items[feature.name].combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    rows = np.repeat(items[item_feature].to_numpy().astype(np.int64), lengths)
+    values = pc.list_flatten(lists)
+    keep = pc.is_valid(values).to_numpy(zero_copy_only=False)
+    values = pc.fill_null(values, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    out = torch.zeros(num_items, feature.num_embeddings)
+    out[torch.from_numpy(rows[keep]), torch.from_numpy(values[keep])] = 1.0
+    return torch.nn.functional.normalize(out, dim=1)
+
+
+def intra_list_diversity(features: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """[U]: 1 - the mean cosine similarity over the pairs of each row's items `top` [U, K] (K >= 2),
+    from unit (or zero) feature rows: the sum over ordered pairs is |sum of the vectors|^2 minus
+    the sum of their squared norms."""
+    vectors = features[top]  # [U, K, F]
+    k = top.shape[1]
+    if k < 2:
+        return torch.ones(len(top), device=top.device)
+    pair_sum = vectors.sum(dim=1).pow(2).sum(dim=1) - vectors.pow(2).sum(dim=(1, 2))
+    return 1 - pair_sum / (k * (k - 1))
+
+
 class CatalogueRetrieval:
     """Recall@K / NDCG@K of the model and of the most-popular baseline on the valid and test splits."""
 
@@ -84,6 +117,8 @@ class CatalogueRetrieval:
         self.item_ids = torch.from_numpy(self.items[item_feature].to_numpy().astype(np.int64))
         self.users = pq.read_table(schema.root / schema.extra["users"])
         self.popularity = torch.from_numpy(np.bincount(self.positives["train"][1], minlength=self.num_items).astype(np.float32))
+        self.features = item_features(self.items, schema, item_feature, self.num_items)
+        self.diverse_ks = [k for k in self.ks if k >= 2] if self.features is not None else []
 
     def _relevance(self, split: str, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(relevant [U, N], hidden [U, N]) of `users` (sorted ids): their positives in `split`
@@ -131,7 +166,8 @@ class CatalogueRetrieval:
         popularity = self.popularity.to(self.device).masked_fill(catalogue.isinf(), float("-inf"))
 
         names = list(top_k_metrics(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), self.ks))
-        names += [f"popularity_lift@{k}" for k in self.ks]
+        names += [f"popularity_lift@{k}" for k in self.ks] + [f"diversity@{k}" for k in self.diverse_ks]
+        features = self.features.to(self.device) if self.features is not None else None
         totals = torch.zeros(2, len(names) + 1, dtype=torch.float64, device=self.device)  # (model, popular) x (metrics, users)
         shown = torch.zeros(2, len(self.ks), self.num_items, device=self.device)  # items in someone's top K
         in_catalogue = ~catalogue.isinf()
@@ -147,6 +183,8 @@ class CatalogueRetrieval:
                 for i, k in enumerate(self.ks):  # how popular, and how many distinct, the items shown are
                     metrics[f"popularity_lift@{k}"] = self.popularity.to(self.device)[top[:, :k]].mean(dim=1) / mean_popularity
                     shown[row, i, top[:, :k].flatten()] = 1
+                for k in self.diverse_ks:
+                    metrics[f"diversity@{k}"] = intra_list_diversity(features, top[:, :k])
                 totals[row, :-1] += torch.stack([metrics[name].sum() for name in names]).double()
                 totals[row, -1] += len(relevant)
         if dist.is_initialized():

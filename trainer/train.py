@@ -33,9 +33,9 @@ from models import build_model
 from trainer.checkpoint import (Checkpointer, Resume, committed, fault, find_init, lr_state, set_lr_state,
                                 set_rng_state, step_dir_name, truncate_records)
 from trainer.config import Config
-from trainer.distributed import DistEnv, describe_plan, local_state_tensors, plan_sharding, shard_model
+from trainer.distributed import DistEnv, describe_plan, local_state_tensors, plan_with_estimate, shard_model
 from trainer.metrics import BestValidation, headline, task_metrics
-from trainer.observe import StepProfiler, memory_per_rank, memory_record
+from trainer.observe import StepProfiler, TableCoverage, memory_per_rank, memory_record
 from trainer.optim import LearningRates, apply_sparse_optimizer, build_optimizer
 from trainer.retrieval import CatalogueRetrieval, supports_retrieval
 from trainer.run_log import RunLog
@@ -76,7 +76,7 @@ class Trainer:
         model = build_model(cfg.model, schema, dense_device=env.device, sparse_device=torch.device("meta"))
         opt = cfg.optimizer
         apply_sparse_optimizer(model, opt.sparse, opt.sparse_lr, opt.eps, opt.table_lrs())
-        self.plan = plan_sharding(model, env, data.batch_size, cfg.sharding)
+        self.plan, self.memory_estimate = plan_with_estimate(model, env, data.batch_size, cfg.sharding)
         self.model = shard_model(model, env, self.plan)
         self.optimizer = build_optimizer(self.model, opt.dense, opt.dense_lr, opt.eps, opt.weight_decay, opt.grad_clip_norm)
         pipeline = TrainPipelineSparseDist if cfg.training.pipelined else TrainPipelineBase
@@ -93,6 +93,8 @@ class Trainer:
         self.checkpoints = Checkpointer(cfg, env, self.model, self.optimizer, schema)
         self.profiler = StepProfiler(cfg.training.profile_steps, Path(cfg.run_dir) / "profile", env.rank, env.device)
         self.memory = memory_per_rank(env.device)  # [rank, (peak host RSS, peak device) GB], updated as it trains
+        self.tables = TableCoverage(schema, cfg.training.table_stats_max_rows)
+        self.table_stats: dict[str, float] = {}
         self.dropped_records = 0
         if resume is not None and env.is_main:  # records of a failed attempt after the checkpoint go
             self.dropped_records = truncate_records(Path(cfg.run_dir) / "metrics.jsonl", resume.meta["train_state"]["metrics_bytes"])
@@ -262,6 +264,9 @@ class Trainer:
             print(f"world_size {self.env.world_size} on {self.env.device.type} ({self.env.backend}); "
                   f"model {cfg.model.name}; global batch {self.global_batch}")
             print("sharding plan:\n" + plan_text, flush=True)
+            if self.memory_estimate:
+                print("planner's memory estimate per rank (GB, device/host): " + ", ".join(
+                    f"{r}: {e['hbm_gb']:.3f}/{e['ddr_gb']:.3f}" for r, e in enumerate(self.memory_estimate)), flush=True)
         self.log.write_file("config.toml", cfg.to_toml())
         self.log.write_file("plan.txt", plan_text + "\n")
 
@@ -309,7 +314,7 @@ class Trainer:
                         n = min(n, ck.every_steps - self.step % ck.every_steps)
                     if t.stop_at_step > self.step:
                         n = min(n, t.stop_at_step - self.step)
-                    self.train_steps(itertools.islice(batches, n), progress)
+                    self.train_steps(self.tables.observe(itertools.islice(batches, n)), progress)
                     position += n
                     self.position = (epoch, position)
                     improved = False
@@ -317,6 +322,9 @@ class Trainer:
                         valid = self.evaluate("valid")
                         self.valid_step = self.step
                         self.log.record("valid", self.step, epoch=epoch, **valid)
+                        if self.tables:
+                            self.table_stats = self.tables.report()
+                            self.log.record("tables", self.step, **self.table_stats)
                         if main:
                             progress.write(f"step {self.step}: valid " + _format(valid))
                         self.lr.after_eval(headline(valid)[1])
@@ -367,6 +375,8 @@ class Trainer:
             "oracle_auc": self.schema.splits["test"].oracle_auc,
             "valid_oracle_auc": self.schema.splits["valid"].oracle_auc,
             "sharding_plan": plan_text.splitlines()[1:],
+            "planner_estimate_per_rank": self.memory_estimate,
+            "table_coverage": {k.removesuffix("_coverage"): v for k, v in self.table_stats.items() if k.endswith("_coverage")},
             "peak_rss_gb_per_rank": [round(x, 3) for x in self.memory[:, 0].tolist()],
             "device_gb_per_rank": [round(x, 3) for x in self.memory[:, 1].tolist()],
             "resumed_from": str(self.resume.path) if self.resume is not None else None,

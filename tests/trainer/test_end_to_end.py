@@ -27,10 +27,18 @@ def test_two_ranks_reach_the_oracle_auc(tmp_path):
     resolved = tomllib.loads((run_dir / "config.toml").read_text())
     assert resolved["data"]["path"] == str(data.root)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert {r["phase"] for r in records} == {"train", "memory", "valid", "test"}
+    assert {r["phase"] for r in records} == {"train", "memory", "valid", "tables", "test"}
+    tables = [r for r in records if r["phase"] == "tables"]  # one per validation
+    assert [r["step"] for r in tables] == [r["step"] for r in records if r["phase"] == "valid"]
+    assert summary["table_coverage"].keys() == {f.name for f in data.sparse}
+    assert all(0 < c <= 1 for c in summary["table_coverage"].values())
+    assert all(tables[0][f"{f.name}_reuse"] <= tables[-1][f"{f.name}_reuse"] <= 1 for f in data.sparse)  # rows recur
     memory = [r for r in records if r["phase"] == "memory"]
     assert memory and all(0.1 < r["peak_rss_gb_min"] <= r["peak_rss_gb_max"] < 8 for r in memory)
     assert len(summary["peak_rss_gb_per_rank"]) == 2 and min(summary["peak_rss_gb_per_rank"]) > 0.1
+    estimate = summary["planner_estimate_per_rank"]  # CPU: all host memory; the tables are 324k x 16 floats
+    assert len(estimate) == 2 and all(e["hbm_gb"] == 0 for e in estimate)
+    assert 0.015 < sum(e["ddr_gb"] for e in estimate) < max(summary["peak_rss_gb_per_rank"]) * 2
     assert 0.8 < summary["test"]["calibration"] < 1.25  # mean predicted CTR near the observed one
     # the profiler's trace of steps 50-52, one per rank, in Chrome trace format
     traces = sorted((run_dir / "profile").glob("*.pt.trace.json"))

@@ -91,7 +91,9 @@ def write_clustered_movielens(root, users=240, items=160, clusters=4, per_user=3
     pq.write_table(pa.table({
         "movie_id": np.arange(1, items + 1), "movie_title": [f"m{m}" for m in range(items)],
         "release_date": ["01-Jan-1995"] * items,
-        **{g: (np.arange(items) % len(GENRES) == j).astype(np.int64) for j, g in enumerate(GENRES)},
+        # one genre per movie, a second for every third one (diversity@K sees bags of several sizes)
+        **{g: ((m % len(GENRES) == j) | ((m % 3 == 0) & (m // 3 % len(GENRES) == j))).astype(np.int64)
+           for m in [np.arange(items)] for j, g in enumerate(GENRES)},
     }), root / "items.parquet")
     return root
 
@@ -130,6 +132,13 @@ def _brute_force(schema: DatasetSchema, split: str) -> dict[str, float]:
         train_counts[m] += 1
     mean_popularity = sum(train_counts[m] for m in catalogue) / len(catalogue)
     sums = {f"{name}@{k}": 0.0 for k in KS for name in ("recall", "ndcg", "precision", "hit_rate", "popularity_lift")}
+    sums.update({f"diversity@{k}": 0.0 for k in KS if k >= 2})
+    items = pq.read_table(schema.root / schema.extra["items"])
+    genres = {m: set(g or []) for m, g in zip(items["movie_id"].to_pylist(), items["genres"].to_pylist())}
+
+    def similarity(a: int, b: int) -> float:  # cosine of two bags of genres
+        shared = len(genres.get(a, set()) & genres.get(b, set()))
+        return shared / math.sqrt(len(genres[a]) * len(genres[b])) if shared else 0.0
     sums["mrr"] = 0.0
     shown = {k: set() for k in KS}
     for u, rel in relevant.items():
@@ -147,6 +156,9 @@ def _brute_force(schema: DatasetSchema, split: str) -> dict[str, float]:
             sums[f"hit_rate@{k}"] += hit
             sums[f"popularity_lift@{k}"] += sum(train_counts[m] for m in ranked[:k]) / k / mean_popularity
             shown[k] |= set(ranked[:k])
+            if k >= 2:
+                pairs = [(a, b) for i, a in enumerate(ranked[:k]) for b in ranked[i + 1:k]]
+                sums[f"diversity@{k}"] += 1 - sum(similarity(a, b) for a, b in pairs) / len(pairs)
         sums["mrr"] += reciprocal_rank
     out = {name: total / len(relevant) for name, total in sums.items()}
     return {**out, **{f"coverage@{k}": len(shown[k] & catalogue) / len(catalogue) for k in KS}}
