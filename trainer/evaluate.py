@@ -50,7 +50,7 @@ import torch
 from data_pipeline.atomic import write_atomic, write_text_atomic
 from data_pipeline.schema import DataError, DatasetSchema
 from trainer.checkpoint import CheckpointError, locate, read_meta
-from trainer.export import checkpoint_model, load_model_file, prediction_columns, schema_from_json, score_split
+from trainer.export import checkpoint_model, load_model_file, prediction_columns, schema_from_json, score_split, to_prediction
 from trainer.metrics import task_metrics, top_k_metrics
 
 DERIVED = ("popularity", "activity", "new")
@@ -287,12 +287,10 @@ def segment_metrics(scored: Scored, rows: np.ndarray, user: np.ndarray | None, r
         if positives in (0, len(label)):
             results["auc"] = float("nan")
         out.update(positives=positives, **results)
-        prediction = torch.sigmoid(score)
     else:
         out.update(metrics.compute())
         out["mean_label"] = (label * weight).sum().item() / weight.sum().item()
-        prediction = score.clamp(*schema.label_range) if schema.label_range else score
-    out["mean_prediction"] = (prediction * weight).sum().item() / weight.sum().item()
+    out["mean_prediction"] = (to_prediction(schema, score) * weight).sum().item() / weight.sum().item()
     if user is not None:
         ranked = keep.numpy() & (user >= 0)
         at = torch.from_numpy(ranked)

@@ -168,13 +168,18 @@ def score_split(model: torch.nn.Module, trained: DatasetSchema, data: Path, spli
     return schema, score, label, weight
 
 
-def prediction_columns(schema: DatasetSchema, score: torch.Tensor, label: torch.Tensor, weight: torch.Tensor) -> dict[str, pa.Array]:
-    """`row`, `label`, (`weight`), `prediction` (a probability for binary tasks, the value clipped
-    to the label range for regression) and, for binary tasks, `logit`: what predictions files hold."""
+def to_prediction(schema: DatasetSchema, score: torch.Tensor) -> torch.Tensor:
+    """A model's raw scores as what it predicts: a probability for binary tasks, the value clipped
+    to the label range for regression."""
     if schema.task == "binary":
-        prediction = torch.sigmoid(score)
-    else:
-        prediction = score.clamp(*schema.label_range) if schema.label_range else score
+        return torch.sigmoid(score)
+    return score.clamp(*schema.label_range) if schema.label_range else score
+
+
+def prediction_columns(schema: DatasetSchema, score: torch.Tensor, label: torch.Tensor, weight: torch.Tensor) -> dict[str, pa.Array]:
+    """`row`, `label`, (`weight`), `prediction` (`to_prediction`) and, for binary tasks, `logit`:
+    what predictions files hold."""
+    prediction = to_prediction(schema, score)
     columns = {"row": pa.array(np.arange(len(score), dtype=np.int64)), "label": pa.array(label.numpy())}
     if schema.weight:
         columns["weight"] = pa.array(weight.numpy())

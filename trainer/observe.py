@@ -81,7 +81,9 @@ class TableCoverage:
     tracked tables share one bitmap, so a batch costs a few vectorised ops whatever the number of
     features. Counted from the batches this process trained: a resumed run starts counting afresh."""
 
-    def __init__(self, schema: DatasetSchema, max_rows: int) -> None:
+    def __init__(self, schema: DatasetSchema, max_rows: int, device: torch.device) -> None:
+        """`device`: where the report's all-reduce runs (the run's device: NCCL reduces CUDA tensors only)."""
+        self.device = device
         tracked = [f for f in schema.sparse if 0 < f.num_embeddings <= max_rows]
         self.names = [f.name for f in tracked]
         self.index = {name: j for j, name in enumerate(self.names)}
@@ -124,9 +126,11 @@ class TableCoverage:
         """{feature_coverage, feature_reuse} since the last report (a collective: every rank calls it)."""
         if not self.names:
             return {}
-        seen, lookups = self.seen.to(torch.uint8), self.lookups.clone()
+        seen, lookups = self.seen.to(self.device, torch.uint8), self.lookups.to(self.device, copy=True)
         if dist.is_initialized():
-            seen, lookups = _reduce(seen, dist.ReduceOp.MAX), _reduce(lookups, dist.ReduceOp.SUM)
+            dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+            dist.all_reduce(lookups)
+        seen, lookups = seen.cpu(), lookups.cpu()
         out = {}
         for j, name in enumerate(self.names):
             start, end = int(self.starts[j]), int(self.ends[j])
@@ -135,12 +139,3 @@ class TableCoverage:
                 out[f"{name}_reuse"] = (lookups[1, j] / lookups[0, j]).item()
         self.lookups.zero_()
         return out
-
-
-def _reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
-    """All-reduce a host tensor on the default group's device (NCCL reduces only CUDA tensors)."""
-    backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    moved = tensor.to(device)
-    dist.all_reduce(moved, op=op)
-    return moved.cpu()

@@ -93,10 +93,10 @@ def intra_list_diversity(features: torch.Tensor, top: torch.Tensor) -> torch.Ten
     """[U]: 1 - the mean cosine similarity over the pairs of each row's items `top` [U, K] (K >= 2),
     from unit (or zero) feature rows: the sum over ordered pairs is |sum of the vectors|^2 minus
     the sum of their squared norms."""
-    vectors = features[top]  # [U, K, F]
     k = top.shape[1]
     if k < 2:
         return torch.ones(len(top), device=top.device)
+    vectors = features[top]  # [U, K, F]
     pair_sum = vectors.sum(dim=1).pow(2).sum(dim=1) - vectors.pow(2).sum(dim=(1, 2))
     return 1 - pair_sum / (k * (k - 1))
 

@@ -93,7 +93,7 @@ class Trainer:
         self.checkpoints = Checkpointer(cfg, env, self.model, self.optimizer, schema)
         self.profiler = StepProfiler(cfg.training.profile_steps, Path(cfg.run_dir) / "profile", env.rank, env.device)
         self.memory = memory_per_rank(env.device)  # [rank, (peak host RSS, peak device) GB], updated as it trains
-        self.tables = TableCoverage(schema, cfg.training.table_stats_max_rows)
+        self.tables = TableCoverage(schema, cfg.training.table_stats_max_rows, env.device)
         self.table_stats: dict[str, float] = {}
         self.dropped_records = 0
         if resume is not None and env.is_main:  # records of a failed attempt after the checkpoint go

@@ -64,7 +64,7 @@ def _coverage(rank: int, world: int, port: int, out: str) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
     schema = DatasetSchema(root=".", label="label", dense=["d"], sparse=FEATURES, splits={})
-    coverage = TableCoverage(schema, MAX_ROWS)
+    coverage = TableCoverage(schema, MAX_ROWS, torch.device("cpu"))
     batches = [_to_batch(*b) for b in _batches(rank)]
     reports = []
     for window in (batches[:3], batches[3:]):
@@ -93,5 +93,5 @@ def test_coverage_and_reuse_match_a_direct_count(world, tmp_path):
 
 def test_off_when_no_table_is_small_enough():
     schema = DatasetSchema(root=".", label="label", dense=["d"], sparse=FEATURES, splits={})
-    coverage = TableCoverage(schema, 0)
+    coverage = TableCoverage(schema, 0, torch.device("cpu"))
     assert not coverage and coverage.report() == {}
