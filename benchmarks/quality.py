@@ -73,6 +73,7 @@ class Run:
 SYNTHETIC_CONFIG = "configs/demo.toml"
 SYNTHETIC_ROWS = 4_000_000  # 500k (the demo) is data-limited: DLRM's valid AUC peaks after 1 epoch at 0.021 below the oracle
 EVERY_2000 = ["--training.eval_every", "2000"]
+LR_0003 = [*EVERY_2000, "--training.keep_best", "true", "--optimizer.dense_lr", "0.003"]
 SYNTHETIC_RUNS = [
     Run("dlrm", "dlrm", EVERY_2000, "demo preset"),
     Run("dlrm_dcn", "dlrm_dcn", EVERY_2000, "demo preset"),
@@ -85,6 +86,14 @@ SYNTHETIC_RUNS = [
                                              "--optimizer.dense_lr", "0.003"], "2 epochs, best kept, dense lr 0.003"),
     Run("deepfm+lr0.003", "deepfm", [*EVERY_2000, "--training.keep_best", "true", "--optimizer.dense_lr", "0.003"], "dense lr 0.003, best kept"),
     Run("wide_deep+lr0.003", "wide_deep", [*EVERY_2000, "--training.keep_best", "true", "--optimizer.dense_lr", "0.003"], "dense lr 0.003, best kept"),
+    Run("deepfm+lr0.003+cos", "deepfm", [*LR_0003, "--optimizer.lr_schedule", "cosine"], "dense lr 0.003, cosine decay"),
+    Run("wide_deep+lr0.003+cos", "wide_deep", [*LR_0003, "--optimizer.lr_schedule", "cosine"], "dense lr 0.003, cosine decay"),
+    Run("deepfm+lr0.003+bn", "deepfm", [*LR_0003, "--model.batch_norm", "true"], "dense lr 0.003, batch norm"),
+    Run("wide_deep+lr0.003+bn", "wide_deep", [*LR_0003, "--model.batch_norm", "true"], "dense lr 0.003, batch norm"),
+    Run("wide_deep+lr0.003+bn+2ep", "wide_deep", [*LR_0003, "--model.batch_norm", "true", "--training.epochs", "2"],
+        "dense lr 0.003, batch norm, 2 epochs"),
+    Run("wide_deep+lr0.003+bn+d32", "wide_deep", [*LR_0003, "--model.batch_norm", "true", "--model.embedding_dim", "32"],
+        "dense lr 0.003, batch norm, embedding dim 32"),
 ]
 
 MOVIELENS_CONFIG = "configs/movielens.toml"
