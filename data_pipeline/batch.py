@@ -282,10 +282,11 @@ class RowStore:
         _gather(self.dense, runs, dense)
         _gather(self.labels, runs, labels)
         _gather(self.weights, runs, weights)
-        end = 0
-        for where, out_lengths, count in zip(self.where, lengths, counts):
-            out, end = values[end : end + count], end + count
+        rows, end, k = layout.rows, 0, 0
+        while k < len(self.where):
+            where, out_lengths, count = self.where[k], lengths[k], counts[k]
             if isinstance(where, _ListIds):
+                out = values[end : end + count]
                 row = value = 0
                 for a, b in runs:
                     offsets, first, last = where.offsets, where.offsets[a], where.offsets[b]
@@ -293,13 +294,20 @@ class RowStore:
                     np.subtract(offsets[a + 1 : b + 1], offsets[a:b], out=lengths_out, casting="unsafe")
                     out[value : value + last - first] = where.values[first:last]
                     row, value = row + b - a, value + last - first
-            elif count == layout.rows:  # no id missing
-                out_lengths[:] = 1
-                _gather(self.ids[where], runs, out)
+                k, end = k + 1, end + count
+            elif count == rows:  # no id missing: it and the next such features (rows of self.ids) in one gather
+                g = 1
+                while k + g < len(self.where) and self.where[k + g] == where + g and counts[k + g] == rows:
+                    g += 1
+                lengths[k : k + g] = 1
+                out = values[end : end + g * rows].reshape(g, rows)
+                _gather(self.ids[where : where + g].T, runs, out.T)  # one strided copy per run, not per feature
+                k, end = k + g, end + g * rows
             else:
                 ids = np.concatenate([self.ids[where, a:b] for a, b in runs])
                 np.greater_equal(ids, 0, out=out_lengths)
-                np.compress(out_lengths, ids, out=out)
+                np.compress(out_lengths, ids, out=values[end : end + count])
+                k, end = k + 1, end + count
 
     def batch(self, runs: Runs) -> Batch:
         """The rows of `runs` as a Batch in a fresh buffer."""

@@ -139,6 +139,40 @@ def test_every_row_exact_through_worker_rings(tmp_path, monkeypatch, shuffle):
     assert len(received) >= len(dataset) - 2  # all but each worker's padded last batch came by ring
 
 
+MIXED_KEYS = ["s0", "s1", "m", "s2", "n3", "s4", "s5"]  # runs of complete scalar ids, split by a list and a null-able id
+
+
+def _mixed_table(start: int, n: int) -> pa.Table:
+    ids = np.arange(start, start + n)
+    columns = {"label": pa.array(ids % 2, pa.int8()), "row": pa.array(ids.astype(np.float32))}
+    for k, key in enumerate(MIXED_KEYS):
+        if key == "m":
+            columns[key] = pa.array([[int(i % 40)] * int(i % 3) for i in ids], pa.list_(pa.int64()))
+        elif key == "n3":
+            columns[key] = pa.array([None if i % 6 == 0 else int((i + k) % 40) for i in ids], pa.int64())
+        else:
+            columns[key] = pa.array((ids * 7 + k) % 40)
+    return pa.table(columns)
+
+
+def _mixed_row(i: int) -> tuple:
+    ids = tuple(((i % 40,) * (i % 3)) if key == "m" else () if key == "n3" and i % 6 == 0 else
+                (((i + k) % 40,) if key == "n3" else ((i * 7 + k) % 40,)) for k, key in enumerate(MIXED_KEYS))
+    return float(i % 2), (float(i),), ids
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_runs_of_scalar_features_are_copied_exactly(tmp_path, shuffle, workers):
+    """Consecutive scalar features without missing ids are copied together (one strided copy per
+    run of rows); each must still land in its own place, around list and null-able features."""
+    sparse = [SparseFeature(key, 40, key == "m") for key in MIXED_KEYS]
+    schema = write_dataset(tmp_path, {"train": [_mixed_table(0, 900), _mixed_table(900, 700)]}, sparse, ["row"], row_group_rows=100)
+    dataset = ParquetBatches(schema, "train", batch_size=64, num_workers=workers, shuffle=shuffle, drop_last=False,
+                             shuffle_buffer_rows=250)
+    assert _rows(RankLoader(dataset)) == {i: _mixed_row(i) for i in range(1600)}
+
+
 def test_batches_go_the_normal_way_when_no_ring_slot_is_free(tmp_path, monkeypatch):
     schema = _nulls_dataset(tmp_path)
     received = []
