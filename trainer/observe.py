@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -87,37 +88,43 @@ class TableCoverage:
         tracked = [f for f in schema.sparse if 0 < f.num_embeddings <= max_rows]
         self.names = [f.name for f in tracked]
         self.index = {name: j for j, name in enumerate(self.names)}
-        sizes = torch.tensor([f.num_embeddings for f in tracked], dtype=torch.long)
-        self.ends = sizes.cumsum(0)  # feature j's rows are bitmap[ends[j] - sizes[j] : ends[j]]
+        sizes = np.array([f.num_embeddings for f in tracked], dtype=np.int64)
+        self.ends = sizes.cumsum()  # feature j's rows are bitmap[ends[j] - sizes[j] : ends[j]]
         self.starts = self.ends - sizes
-        self.seen = torch.zeros(int(sizes.sum()), dtype=torch.bool)
-        self.lookups = torch.zeros(2, len(tracked), dtype=torch.float64)  # (lookups, to a seen row) since report
-        self._keys: tuple[list[str], torch.Tensor] | None = None  # the last KJT key order -> tracked index
+        self.seen = np.zeros(int(sizes.sum()), dtype=bool)
+        self.lookups = np.zeros((2, len(tracked)))  # (lookups, to a seen row) since report
+        self._keys: tuple | None = None  # the last KJT key order -> (tracked index, bitmap start, all tracked)
 
     def __bool__(self) -> bool:
         return bool(self.names)
 
-    def _feature_index(self, keys: list[str]) -> torch.Tensor:
+    def _key_maps(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray, bool]:
         if self._keys is None or self._keys[0] != keys:
-            self._keys = (keys, torch.tensor([self.index.get(k, -1) for k in keys], dtype=torch.long))
-        return self._keys[1]
+            index = np.array([self.index.get(k, -1) for k in keys], dtype=np.int64)
+            start = np.where(index >= 0, self.starts[np.maximum(index, 0)], 0)
+            self._keys = (keys, index, start, bool((index >= 0).all()))
+        return self._keys[1:]
 
     def observe(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         """`batches`, unchanged, after marking the rows each one looks up."""
         for batch in batches:
             if self.names:
-                self._mark(batch.sparse.values().cpu(), batch.sparse.keys(), batch.sparse.length_per_key())
+                self._mark(batch.sparse.values().cpu().numpy(), batch.sparse.keys(), batch.sparse.length_per_key())
             yield batch
 
-    def _mark(self, values: torch.Tensor, keys: list[str], lengths: list[int]) -> None:
-        feature = self._feature_index(keys).repeat_interleave(torch.tensor(lengths, dtype=torch.long))
-        keep = feature >= 0
-        feature = feature[keep]
-        rows = values[keep].long() + self.starts[feature]  # positions in the shared bitmap
+    def _mark(self, values: np.ndarray, keys: list[str], lengths: list[int]) -> None:
+        # numpy, not torch: a batch is a few thousand ids, where torch's per-op overhead, and its
+        # OpenMP threads fighting the training ranks for cores, cost 2-40x more (BENCHMARKS.md)
+        index, start, all_tracked = self._key_maps(keys)
+        feature = np.repeat(index, lengths)
+        rows = values + np.repeat(start, lengths)  # positions in the shared bitmap
+        if not all_tracked:
+            keep = feature >= 0
+            feature, rows = feature[keep], rows[keep]
         count = len(self.names)
-        new_rows = torch.unique(rows[~self.seen[rows]])  # a repeat within the batch is a reuse too
-        new = torch.bincount(torch.searchsorted(self.ends, new_rows, right=True), minlength=count)
-        lookups = torch.bincount(feature, minlength=count)
+        new_rows = np.unique(rows[~self.seen[rows]])  # a repeat within the batch is a reuse too
+        new = np.bincount(np.searchsorted(self.ends, new_rows, side="right"), minlength=count)
+        lookups = np.bincount(feature, minlength=count)
         self.lookups[0] += lookups
         self.lookups[1] += lookups - new
         self.seen[rows] = True
@@ -126,7 +133,8 @@ class TableCoverage:
         """{feature_coverage, feature_reuse} since the last report (a collective: every rank calls it)."""
         if not self.names:
             return {}
-        seen, lookups = self.seen.to(self.device, torch.uint8), self.lookups.to(self.device, copy=True)
+        seen = torch.from_numpy(self.seen).to(self.device, torch.uint8)
+        lookups = torch.from_numpy(self.lookups).to(self.device, copy=True)
         if dist.is_initialized():
             dist.all_reduce(seen, op=dist.ReduceOp.MAX)
             dist.all_reduce(lookups)
@@ -137,5 +145,5 @@ class TableCoverage:
             out[f"{name}_coverage"] = seen[start:end].sum().item() / (end - start)
             if lookups[0, j] > 0:
                 out[f"{name}_reuse"] = (lookups[1, j] / lookups[0, j]).item()
-        self.lookups.zero_()
+        self.lookups[:] = 0
         return out
