@@ -37,6 +37,7 @@ test: install
 
 # Benchmarks print ratios against a reference measured in the same run (see BENCHMARKS.md).
 bench: install
+	$(BIN)/python benchmarks/bench_trainer.py --quick
 	$(BIN)/python benchmarks/bench_reader.py --quick
 	$(BIN)/python benchmarks/bench_prepare_criteo.py --lines 1000000
 

@@ -202,7 +202,13 @@ class TrainingConfig:
     bool per row on every rank; 0: off). Each validation records `tables/<feature>_coverage` (share
     of the rows looked up so far) and `_reuse` (share of the lookups since the last one that hit a
     row seen before) in metrics.jsonl and TensorBoard; summary.json has the final coverage. Cost:
-    about 0.5 ms of host time per batch of 26 features x 256 rows."""
+    about 0.2 ms of host time per batch of 26 features x 256 rows (0.4 ms at 1,024 rows)."""
+
+    threads: int = 0
+    """Intra-op CPU threads per rank (torch.set_num_threads; 0: torch's default, which is every
+    core in a plain `python -m trainer`, and 1 per rank under torchrun with several ranks, or
+    OMP_NUM_THREADS). Matters for CPU training: on 2 cores, 1 thread trains the demo's small
+    MLPs ~1.4x faster than 2, while MLPerf-sized MLPs train ~1.8x faster on 2 (BENCHMARKS.md)."""
 
     stop_at_step: int = 0
     """Save a checkpoint and exit at this step without finishing the run, as a pre-empted job would
@@ -213,8 +219,8 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if self.profile_steps and (len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]):
             raise ValueError(f"training.profile_steps must be [first, last] with 1 <= first <= last, got {self.profile_steps}")
-        if self.stop_at_step < 0 or self.table_stats_max_rows < 0:
-            raise ValueError("training.stop_at_step and training.table_stats_max_rows must be >= 0")
+        if self.stop_at_step < 0 or self.table_stats_max_rows < 0 or self.threads < 0:
+            raise ValueError("training.stop_at_step, training.table_stats_max_rows and training.threads must be >= 0")
         if self.epochs <= 0 or self.max_steps < 0 or self.eval_every < 0 or self.log_every <= 0:
             raise ValueError("training: epochs and log_every must be positive; max_steps and eval_every >= 0")
         if self.mixed_precision not in ("fp32", "bf16"):

@@ -23,7 +23,10 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
 from data_pipeline.batch import Batch
@@ -33,7 +36,8 @@ from models import build_model
 from trainer.checkpoint import (Checkpointer, Resume, committed, fault, find_init, lr_state, set_lr_state,
                                 set_rng_state, step_dir_name, truncate_records)
 from trainer.config import Config
-from trainer.distributed import DistEnv, describe_plan, local_state_tensors, plan_with_estimate, shard_model
+from trainer.distributed import (DistEnv, describe_plan, loader_workers, local_state_tensors, plan_with_estimate,
+                                 shard_model)
 from trainer.metrics import BestValidation, headline, task_metrics
 from trainer.observe import StepProfiler, TableCoverage, memory_per_rank, memory_record
 from trainer.optim import LearningRates, apply_sparse_optimizer, build_optimizer
@@ -51,34 +55,57 @@ def preflight(cfg: Config) -> DatasetSchema:
     return schema
 
 
+def train_loader(cfg: Config, env: DistEnv, schema: DatasetSchema) -> RankLoader:
+    """This rank's share of the train split: shuffled, full batches only (pinned on CUDA)."""
+    data = cfg.data
+    return RankLoader(ParquetBatches(schema, "train", data.batch_size, env.rank, env.world_size, shuffle=data.shuffle,
+                                     num_workers=loader_workers(data.num_workers, env), drop_last=True, seed=cfg.training.seed,
+                                     shuffle_buffer_rows=data.shuffle_buffer_rows), env.device.type == "cuda")
+
+
+def eval_loader(cfg: Config, env: DistEnv, schema: DatasetSchema, split: str) -> RankLoader:
+    """This rank's share of `split` in file order, every row (the last batch padded)."""
+    return RankLoader(ParquetBatches(schema, split, cfg.data.eval_batch_size, env.rank, env.world_size, shuffle=False,
+                                     num_workers=loader_workers(cfg.data.num_workers, env), drop_last=False,
+                                     seed=cfg.training.seed),
+                      env.device.type == "cuda")
+
+
+def build_sharded(cfg: Config, env: DistEnv, schema: DatasetSchema
+                  ) -> tuple[DistributedModelParallel, CombinedOptimizer, ShardingPlan, list[dict[str, float]] | None]:
+    """The model as it trains: built with its tables on `meta`, the sparse optimizer fused into
+    them, planned, sharded (DMP), and the dense optimizer combined with the fused one. Returns
+    (model, optimizer, plan, the planner's memory estimate per rank). One path, so the trainer
+    and the benchmarks' minimal loop train the same thing."""
+    model = build_model(cfg.model, schema, dense_device=env.device, sparse_device=torch.device("meta"))
+    opt = cfg.optimizer
+    apply_sparse_optimizer(model, opt.sparse, opt.sparse_lr, opt.eps, opt.table_lrs())
+    plan, estimate = plan_with_estimate(model, env, cfg.data.batch_size, cfg.sharding)
+    sharded = shard_model(model, env, plan)
+    optimizer = build_optimizer(sharded, opt.dense, opt.dense_lr, opt.eps, opt.weight_decay, opt.grad_clip_norm)
+    return sharded, optimizer, plan, estimate
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, schema: DatasetSchema, resume: Resume | None = None) -> None:
         """`resume`: the checkpoint to continue from (`trainer.checkpoint.find_resume`)."""
         self.cfg, self.env, self.schema, self.resume = cfg, env, schema, resume
+        if cfg.training.threads:
+            torch.set_num_threads(cfg.training.threads)
         torch.manual_seed(cfg.training.seed)
 
         data = cfg.data
-        common = dict(schema=schema, rank=env.rank, world_size=env.world_size, num_workers=data.num_workers, seed=cfg.training.seed)
-        pin = env.device.type == "cuda"
-        self.train_data = RankLoader(ParquetBatches(split="train", batch_size=data.batch_size, shuffle=data.shuffle, drop_last=True,
-                                                    shuffle_buffer_rows=data.shuffle_buffer_rows, **common), pin)
-        self.eval_data = {
-            split: RankLoader(ParquetBatches(split=split, batch_size=data.eval_batch_size, shuffle=False, drop_last=False, **common), pin)
-            for split in ("valid", "test")
-        }
+        self.train_data = train_loader(cfg, env, schema)
+        self.eval_data = {split: eval_loader(cfg, env, schema, split) for split in ("valid", "test")}
         if len(self.train_data) == 0:
             raise DataError(
                 f"split 'train' yields no full batch of {data.batch_size} rows on some rank: "
                 f"{len(self.train_data.dataset.row_groups)} row groups for {env.world_size} ranks x "
-                f"{max(data.num_workers, 1)} workers; lower data.batch_size or write smaller row groups"
+                f"{self.train_data.dataset.shares} workers; lower data.batch_size or write smaller row groups"
             )
 
-        model = build_model(cfg.model, schema, dense_device=env.device, sparse_device=torch.device("meta"))
         opt = cfg.optimizer
-        apply_sparse_optimizer(model, opt.sparse, opt.sparse_lr, opt.eps, opt.table_lrs())
-        self.plan, self.memory_estimate = plan_with_estimate(model, env, data.batch_size, cfg.sharding)
-        self.model = shard_model(model, env, self.plan)
-        self.optimizer = build_optimizer(self.model, opt.dense, opt.dense_lr, opt.eps, opt.weight_decay, opt.grad_clip_norm)
+        self.model, self.optimizer, self.plan, self.memory_estimate = build_sharded(cfg, env, schema)
         pipeline = TrainPipelineSparseDist if cfg.training.pipelined else TrainPipelineBase
         forward = self._bf16_forward if cfg.training.mixed_precision == "bf16" else None
         self.pipeline = pipeline(self.model, self.optimizer, env.device, custom_model_fwd=forward)
@@ -189,7 +216,7 @@ class Trainer:
         return {
             "step": self.step, "epoch": epoch, "epoch_batches": position, "complete": complete,
             "world_size": self.env.world_size, "batch_size": self.cfg.data.batch_size,
-            "num_workers": self.cfg.data.num_workers, "seed": self.cfg.training.seed,
+            "num_workers": self.train_data.dataset.num_workers, "seed": self.cfg.training.seed,
             "lr": lr_state(self.lr), "valid": valid, "valid_step": self.valid_step,
             "best": {"metrics": best.metrics, "step": best.step, "evals_since_best": best.evals_since_best},
             "train_time": self.train_time, "most_popular": self.most_popular,
@@ -214,8 +241,9 @@ class Trainer:
         best.metrics, best.step, best.evals_since_best = state["best"]["metrics"], state["best"]["step"], state["best"]["evals_since_best"]
         self.train_time, self.most_popular, self.valid_step = state["train_time"], state["most_popular"], state["valid_step"]
         epoch, position = state["epoch"], state["epoch_batches"]
-        same_order = (state["world_size"], state["batch_size"], state["num_workers"], state["seed"]) == \
-            (self.env.world_size, self.cfg.data.batch_size, self.cfg.data.num_workers, self.cfg.training.seed)
+        # 0 and 1 workers read the same order (one share of the rank's row groups)
+        same_order = (state["world_size"], state["batch_size"], max(state["num_workers"], 1), state["seed"]) == \
+            (self.env.world_size, self.cfg.data.batch_size, self.train_data.dataset.shares, self.cfg.training.seed)
         if not same_order:  # another data order: skip the same share of the epoch's rows
             rows = position * state["batch_size"] * state["world_size"]
             position = min(rows // self.global_batch, self.steps_per_epoch[epoch] if epoch < len(self.steps_per_epoch) else 0)
@@ -262,7 +290,9 @@ class Trainer:
         plan_text = describe_plan(self.plan)
         if main:
             print(f"world_size {self.env.world_size} on {self.env.device.type} ({self.env.backend}); "
-                  f"model {cfg.model.name}; global batch {self.global_batch}")
+                  f"model {cfg.model.name}; global batch {self.global_batch}; loader workers per rank "
+                  f"{self.train_data.dataset.num_workers}{' (auto)' if cfg.data.num_workers < 0 else ''}; "
+                  f"{torch.get_num_threads()} intra-op threads per rank")
             print("sharding plan:\n" + plan_text, flush=True)
             if self.memory_estimate:
                 print("planner's memory estimate per rank (GB, device/host): " + ", ".join(
