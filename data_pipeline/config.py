@@ -13,12 +13,8 @@ class DataConfig:
     """Training rows per rank per step (the global batch is batch_size x world_size)."""
     eval_batch_size: int = 8192
     """Evaluation rows per rank per step."""
-    num_workers: int = -1
-    """DataLoader worker processes per rank (0 reads in the training process; -1, auto: 1 where
-    the host has at least two usable cores per rank on it, else 0). A worker helps only with a
-    core of its own: on a host whose ranks already fill the cores, handing batches over from
-    another process cost a 2-rank CPU run 17% of its speed (BENCHMARKS.md). 0 and 1 give the
-    same batches in the same order."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0 reads in the training process)."""
     shuffle: bool = True
     """Shuffle training row groups and mix their rows (see shuffle_buffer_rows), anew every epoch."""
     shuffle_buffer_rows: int = 131_072
@@ -29,7 +25,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.eval_batch_size <= 0:
             raise ValueError("data.batch_size and data.eval_batch_size must be positive")
-        if self.num_workers < -1:
-            raise ValueError("data.num_workers must be >= 0, or -1 (auto)")
+        if self.num_workers < 0:
+            raise ValueError("data.num_workers must be >= 0")
         if self.shuffle_buffer_rows < 0:
             raise ValueError("data.shuffle_buffer_rows must be >= 0")

@@ -71,15 +71,6 @@ def init_distributed() -> DistEnv:
     )
 
 
-def loader_workers(requested: int, env: DistEnv) -> int:
-    """`data.num_workers`, with -1 (auto) resolved for this host: one worker per rank where every
-    rank on the host can have a second usable core for it, else none (read in-process)."""
-    if requested >= 0:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 1 if cores >= 2 * env.local_world_size else 0
-
-
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -36,8 +36,7 @@ from models import build_model
 from trainer.checkpoint import (Checkpointer, Resume, committed, fault, find_init, lr_state, set_lr_state,
                                 set_rng_state, step_dir_name, truncate_records)
 from trainer.config import Config
-from trainer.distributed import (DistEnv, describe_plan, loader_workers, local_state_tensors, plan_with_estimate,
-                                 shard_model)
+from trainer.distributed import DistEnv, describe_plan, local_state_tensors, plan_with_estimate, shard_model
 from trainer.metrics import BestValidation, headline, task_metrics
 from trainer.observe import StepProfiler, TableCoverage, memory_per_rank, memory_record
 from trainer.optim import LearningRates, apply_sparse_optimizer, build_optimizer
@@ -59,14 +58,14 @@ def train_loader(cfg: Config, env: DistEnv, schema: DatasetSchema) -> RankLoader
     """This rank's share of the train split: shuffled, full batches only (pinned on CUDA)."""
     data = cfg.data
     return RankLoader(ParquetBatches(schema, "train", data.batch_size, env.rank, env.world_size, shuffle=data.shuffle,
-                                     num_workers=loader_workers(data.num_workers, env), drop_last=True, seed=cfg.training.seed,
+                                     num_workers=data.num_workers, drop_last=True, seed=cfg.training.seed,
                                      shuffle_buffer_rows=data.shuffle_buffer_rows), env.device.type == "cuda")
 
 
 def eval_loader(cfg: Config, env: DistEnv, schema: DatasetSchema, split: str) -> RankLoader:
     """This rank's share of `split` in file order, every row (the last batch padded)."""
     return RankLoader(ParquetBatches(schema, split, cfg.data.eval_batch_size, env.rank, env.world_size, shuffle=False,
-                                     num_workers=loader_workers(cfg.data.num_workers, env), drop_last=False,
+                                     num_workers=cfg.data.num_workers, drop_last=False,
                                      seed=cfg.training.seed),
                       env.device.type == "cuda")
 
@@ -291,7 +290,7 @@ class Trainer:
         if main:
             print(f"world_size {self.env.world_size} on {self.env.device.type} ({self.env.backend}); "
                   f"model {cfg.model.name}; global batch {self.global_batch}; loader workers per rank "
-                  f"{self.train_data.dataset.num_workers}{' (auto)' if cfg.data.num_workers < 0 else ''}; "
+                  f"{self.train_data.dataset.num_workers}; "
                   f"{torch.get_num_threads()} intra-op threads per rank")
             print("sharding plan:\n" + plan_text, flush=True)
             if self.memory_estimate:
