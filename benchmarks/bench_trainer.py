@@ -1,7 +1,7 @@
 """Trainer throughput against the minimal TorchRec loop, the loader, scaling and memory per rank.
 
-    python benchmarks/bench_trainer.py            # ~10 min: world sizes 1 and 2, plus the big-table run
-    python benchmarks/bench_trainer.py --quick    # ~4 min: fewer steps, no big-table run
+    python benchmarks/bench_trainer.py            # ~6 min: world sizes 1 and 2, plus the big-table run
+    python benchmarks/bench_trainer.py --quick    # ~3 min: fewer steps, no big-table run
     python benchmarks/bench_trainer.py --config configs/demo.toml --global-batch 512 --warmup 100 --steps 400 \
         --big-table-rows 0 --data.num_workers 0     # any --section.key VALUE overrides the trainer config
 
@@ -9,8 +9,8 @@ Model: DLRM at MLPerf's MLP sizes (`configs/bench_dlrm.toml`: bottom 512-256-128
 1024-1024-512-256-1, embedding dim 128) over the synthetic generator's 26 tables (10 to 100k rows),
 the same global batch at every world size (`data.batch_size` = global batch / world size).
 
-Each world size is one torchrun job; on every rank it runs, in this order (ABBA, so a drift of the
-shared machine's speed during the job hits both sides alike):
+Each world size is one torchrun job; on every rank it runs, in this order (symmetric, so a drift of
+the shared machine's speed during the job hits every side alike):
 
   trainer   `Trainer(cfg, env, schema).run()`, what `recsys train` runs: Parquet through the loader
             workers, TrainPipelineSparseDist, learning-rate schedule, table statistics, loss and
@@ -19,6 +19,7 @@ shared machine's speed during the job hits both sides alike):
   minimal   the loop torchrec's examples use: the same DMP model and optimizer
             (`trainer.train.build_sharded`), the same batches read into memory beforehand, then
             `pipeline.progress(batches)` and nothing else.
+  streamed  the minimal loop fed live by the trainer's train loader: what reading Parquet costs.
   minimal, trainer   again.
 
 Throughput is samples/s (global) over the steps after the first `--warmup` (the trainer's logged
@@ -111,12 +112,14 @@ def report(results: dict[int, dict], big: dict | None, args: argparse.Namespace)
     lines = [f"machine: {platform.machine()} {os.cpu_count()} cores ({_cpu_model()}), torch {_versions()}",
              f"config: {Path(args.config).name}; global batch {args.global_batch}; "
              f"{args.steps} timed steps after {args.warmup} warmup steps", "",
-             "| world | batch/rank | threads/rank | minimal loop samples/s | trainer samples/s | trainer / minimal |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "| world | batch/rank | threads/rank | minimal loop samples/s | minimal loop fed by the loader | trainer samples/s "
+             "| trainer / minimal |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for world, r in results.items():
         m, t = mean(r["minimal"]), mean(r["trainer"])
         spread = f" ({', '.join(f'{x:,.0f}' for x in r['minimal'])} / {', '.join(f'{x:,.0f}' for x in r['trainer'])})"
-        lines.append(f"| {world} | {args.global_batch // world} | {r['threads']} | {m:,.0f} | {t:,.0f} | **{t / m:.3f}**{spread} |")
+        streamed = f"{mean(r['streamed']):,.0f}" if r.get("streamed") else ""
+        lines.append(f"| {world} | {args.global_batch // world} | {r['threads']} | {m:,.0f} | {streamed} | {t:,.0f} "
+                     f"| **{t / m:.3f}**{spread} |")
     lines += ["", "Same training on both sides: the mean loss of every logged window, trainer against minimal loop, "
                   "differs by at most " + ", ".join(f"{loss_gap(r):.1e} (world {w})" for w, r in results.items()) + "."]
     lines += ["", "| world | trainer samples/s per rank | loader alone samples/s per rank (min over ranks) | loader / trainer | "
@@ -144,8 +147,9 @@ def report(results: dict[int, dict], big: dict | None, args: argparse.Namespace)
 
 
 def loss_gap(result: dict) -> float:
-    """The largest difference between any trainer run's and any minimal run's window losses."""
-    return max(abs(a - b) for t in result["losses"]["trainer"] for m in result["losses"]["minimal"] for a, b in zip(t, m, strict=True))
+    """The largest difference between any trainer run's and any minimal (or streamed) run's window losses."""
+    others = result["losses"]["minimal"] + result["losses"].get("streamed", [])
+    return max(abs(a - b) for t in result["losses"]["trainer"] for m in others for a, b in zip(t, m, strict=True))
 
 
 def _cpu_model() -> str:
@@ -190,7 +194,7 @@ def main(argv: list[str]) -> int:
         parser.error(f"--warmup and --steps must be multiples of training.log_every ({log_every}) and fit in one "
                      f"epoch of {per_epoch} batches (--rows {args.rows}, --global-batch {args.global_batch})")
     data = dataset(Path(args.data_dir), args.rows)
-    results = {w: run_job(w, args, data, f"world{w}", "trainer,minimal,minimal,trainer", []) for w in args.worlds}
+    results = {w: run_job(w, args, data, f"world{w}", "trainer,minimal,streamed,minimal,trainer", []) for w in args.worlds}
     big = None
     if args.big_table_rows:
         big = run_job(2, args, big_table_dataset(data, args.big_table_rows), "big_table", "trainer",
@@ -244,7 +248,7 @@ def trainer_rate(cfg, env, schema, run_dir: Path, warmup: int) -> tuple[float, l
     return samples / seconds, losses, summary
 
 
-def minimal_rate(cfg, env, schema, batches: list, warmup: int, steps: int) -> tuple[float, list[float]]:
+def minimal_rate(cfg, env, schema, batches, warmup: int, steps: int) -> tuple[float, list[float]]:
     """The same model and batches through torchrec's pipeline, nothing else: (samples/s (global)
     after `warmup` steps, the mean loss over ranks of every log_every steps, read after the
     clock stops, to check that both loops trained the same thing)."""
@@ -353,8 +357,8 @@ def worker(argv: list[str]) -> int:
     if cfg.training.threads:  # as the Trainer does, for the minimal loop too
         torch.set_num_threads(cfg.training.threads)
     rss_base = _rss_now_gb()
-    peak, rates, estimate, plan, train_peak = None, {"trainer": [], "minimal": []}, None, {}, None
-    losses = {"trainer": [], "minimal": []}  # per run: the mean loss of each log_every window
+    peak, rates, estimate, plan, train_peak = None, {"trainer": [], "minimal": [], "streamed": []}, None, {}, None
+    losses = {"trainer": [], "minimal": [], "streamed": []}  # per run: the mean loss of each log_every window
     batches = None
     for i, kind in enumerate(args.order.split(",")):
         if kind == "trainer":
@@ -364,6 +368,10 @@ def worker(argv: list[str]) -> int:
                 estimate = summary.get("planner_estimate_per_rank")
                 plan = {line.split()[0]: " ".join(line.split()[1:3]) for line in summary["sharding_plan"]}
                 train_peak = summary.get("train_peak_rss_gb_max")
+        elif kind == "streamed":  # the minimal loop fed by the trainer's loader as it reads: what data loading costs
+            loader = train_loader(cfg, env, schema)
+            loader.set_epoch(0)
+            rate, window_losses = minimal_rate(cfg, env, schema, loader, args.warmup, args.steps)
         else:
             if batches is None:  # the batches the trainer's first epoch starts with, in memory
                 loader = train_loader(cfg, env, schema)

@@ -166,7 +166,7 @@ class Trainer:
                 progress.write(note)
             fault("kill", self.step, self.env.rank)
             self.lr.after_step()
-            loss_sum += torch.stack([loss.float(), torch.ones((), device=loss.device)])
+            loss_sum += torch.stack([loss.detach().float(), torch.ones((), device=loss.device)])
             progress.update(1)
             if self.step % every == 0:
                 dist.all_reduce(loss_sum)  # mean over ranks; also syncs the device before timing

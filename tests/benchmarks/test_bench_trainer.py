@@ -22,12 +22,13 @@ def test_bench_trainer_compares_the_same_training(tmp_path):
     results = json.loads((out / "results.json").read_text())["worlds"]
     assert set(results) == {"1", "2"}
     for world, r in results.items():
-        assert len(r["trainer"]) == len(r["minimal"]) == 2 and min(r["trainer"] + r["minimal"]) > 0
+        assert len(r["trainer"]) == len(r["minimal"]) == 2 and len(r["streamed"]) == 1
+        assert min(r["trainer"] + r["minimal"] + r["streamed"]) > 0
         # every logged window (20 steps each: the warmup's and the timed one) of both trainer runs
-        # equals both minimal runs': same model, same batches, same order
-        assert all(len(x) == 2 for x in r["losses"]["trainer"] + r["losses"]["minimal"])
+        # equals the minimal runs' and the streamed one's: same model, same batches, same order
+        assert all(len(x) == 2 for x in r["losses"]["trainer"] + r["losses"]["minimal"] + r["losses"]["streamed"])
         for t in r["losses"]["trainer"]:
-            for m in r["losses"]["minimal"]:
+            for m in r["losses"]["minimal"] + r["losses"]["streamed"]:
                 assert max(abs(a - b) for a, b in zip(t, m)) < 1e-5, (world, t, m)
         assert len(r["loader_per_rank"]) == int(world) and min(r["loader_per_rank"]) > 0
         assert all(peak > base for base, peak in zip(r["rss_base_gb"], r["peak_rss_gb"]))
