@@ -43,7 +43,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -213,39 +212,47 @@ def _rss_now_gb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
 
 
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+def epoch_loader(cfg, env, schema):
+    """This rank's train loader at epoch 0: the batches the trainer's first epoch starts with."""
+    from trainer.train import train_loader
+
+    loader = train_loader(cfg, env, schema)
+    loader.set_epoch(0)
+    return loader
 
 
-def trainer_rate(cfg, env, schema, run_dir: Path, warmup: int) -> tuple[float, list[float], dict]:
-    """(samples/s over the logged windows after `warmup` steps, the mean loss of every logged
-    window, the run's summary); rate and losses on rank 0 only (its log)."""
+def trainer_run(cfg, env, schema, run_dir: Path, warmup: int) -> dict:
+    """One Trainer run: its summary, this rank's table bytes, and (rank 0 only, from its log) the
+    samples/s over the logged windows after `warmup` steps, the mean loss of every logged window
+    and the peak RSS over training (the last memory record, before the evaluations)."""
     import torch.distributed as dist
 
+    from trainer.observe import peak_rss_gb
     from trainer.train import Trainer
 
-    global TABLE_BYTES
     if env.is_main and run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run: its log appends to an old metrics.jsonl otherwise
     dist.barrier()
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     trainer = Trainer(cfg, env, schema)
-    TABLE_BYTES = table_bytes(trainer.model, trainer.optimizer)
-    summary = trainer.run()
+    run = {"table_bytes": table_bytes(trainer.model, trainer.optimizer), "rate": 0.0, "losses": [], "train_peak": None}
+    run["summary"] = trainer.run()
+    run["peak"] = peak_rss_gb()
     del trainer
     if not env.is_main:
-        return 0.0, [], summary
-    every, seconds, samples, losses = cfg.training.log_every, 0.0, 0, []
+        return run
+    every, seconds, samples = cfg.training.log_every, 0.0, 0
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        if record["phase"] == "memory":  # the last one: the peak over training, before the evaluations
-            summary["train_peak_rss_gb_max"] = record["peak_rss_gb_max"]
+        if record["phase"] == "memory":
+            run["train_peak"] = record["peak_rss_gb_max"]
         if record["phase"] == "train":
-            losses.append(record["loss"])
+            run["losses"].append(record["loss"])
             if record["step"] - every >= warmup:
                 window = every * cfg.data.batch_size * env.world_size
                 samples, seconds = samples + window, seconds + window / record["samples_per_s"]
-    return samples / seconds, losses, summary
+    run["rate"] = samples / seconds
+    return run
 
 
 def minimal_rate(cfg, env, schema, batches, warmup: int, steps: int) -> tuple[float, list[float]]:
@@ -278,9 +285,6 @@ def minimal_rate(cfg, env, schema, batches, warmup: int, steps: int) -> tuple[fl
     return rate, (means / env.world_size).tolist()
 
 
-TABLE_BYTES = 0  # this rank's embedding shards + their optimizer state, as allocated (set by trainer_rate)
-
-
 def table_bytes(model, optimizer) -> int:
     """Bytes of this rank's embedding table shards and their (fused) optimizer state: what the
     planner's storage estimate covers besides the lookup buffers."""
@@ -303,10 +307,7 @@ def loader_rate(cfg, env, schema, count: int) -> float:
     """Rows/s of this rank's train loader alone (all ranks at once), after its first batch."""
     import torch.distributed as dist
 
-    from trainer.train import train_loader
-
-    loader = train_loader(cfg, env, schema)
-    loader.set_epoch(0)
+    loader = epoch_loader(cfg, env, schema)
     count = min(count, len(loader) - 1)
     dist.barrier()
     batches = iter(loader)
@@ -347,7 +348,6 @@ def worker(argv: list[str]) -> int:
     from data_pipeline.schema import DatasetSchema
     from trainer.config import load_config
     from trainer.distributed import init_distributed
-    from trainer.train import train_loader
 
     env = init_distributed()
     schema = DatasetSchema.load(args.data)
@@ -357,26 +357,20 @@ def worker(argv: list[str]) -> int:
     if cfg.training.threads:  # as the Trainer does, for the minimal loop too
         torch.set_num_threads(cfg.training.threads)
     rss_base = _rss_now_gb()
-    peak, rates, estimate, plan, train_peak = None, {"trainer": [], "minimal": [], "streamed": []}, None, {}, None
+    rates = {"trainer": [], "minimal": [], "streamed": []}
     losses = {"trainer": [], "minimal": [], "streamed": []}  # per run: the mean loss of each log_every window
+    first = None  # the first trainer run: its memory is the trainer's, not the minimal loop's batches'
     batches = None
     for i, kind in enumerate(args.order.split(",")):
         if kind == "trainer":
-            rate, window_losses, summary = trainer_rate(cfg, env, schema, Path(args.out) / f"trainer-{i}", args.warmup)
-            if peak is None:
-                peak = _peak_rss_gb()  # the trainer ran first: its peak, not the minimal loop's batches
-                estimate = summary.get("planner_estimate_per_rank")
-                plan = {line.split()[0]: " ".join(line.split()[1:3]) for line in summary["sharding_plan"]}
-                train_peak = summary.get("train_peak_rss_gb_max")
+            run = trainer_run(cfg, env, schema, Path(args.out) / f"trainer-{i}", args.warmup)
+            first = first or run
+            rate, window_losses = run["rate"], run["losses"]
         elif kind == "streamed":  # the minimal loop fed by the trainer's loader as it reads: what data loading costs
-            loader = train_loader(cfg, env, schema)
-            loader.set_epoch(0)
-            rate, window_losses = minimal_rate(cfg, env, schema, loader, args.warmup, args.steps)
+            rate, window_losses = minimal_rate(cfg, env, schema, epoch_loader(cfg, env, schema), args.warmup, args.steps)
         else:
             if batches is None:  # the batches the trainer's first epoch starts with, in memory
-                loader = train_loader(cfg, env, schema)
-                loader.set_epoch(0)
-                batches = list(itertools.islice(iter(loader), total + 4))
+                batches = list(itertools.islice(iter(epoch_loader(cfg, env, schema)), total + 4))
             rate, window_losses = minimal_rate(cfg, env, schema, batches, args.warmup, args.steps)
         rates[kind].append(rate)
         losses[kind].append(window_losses)
@@ -384,12 +378,16 @@ def worker(argv: list[str]) -> int:
             print(f"[bench] {kind}: {rate:,.0f} samples/s", flush=True)
     loader = loader_rate(cfg, env, schema, args.loader_batches) if args.loader_batches else 0.0
 
-    mine = {"rss_base": rss_base, "peak": peak, "loader": loader, "table_gb": TABLE_BYTES / 1e9}
+    mine = {"rss_base": rss_base, "peak": first and first["peak"], "loader": loader,
+            "table_gb": first["table_bytes"] / 1e9 if first else 0.0}
     everyone = [None] * env.world_size
     dist.all_gather_object(everyone, mine)
     if env.is_main:
-        result = {**rates, "losses": losses, "threads": torch.get_num_threads(), "estimate": estimate, "plan": plan,
-                  "train_peak_rss_gb_max": train_peak,
+        summary = first["summary"] if first else {}
+        plan = {line.split()[0]: " ".join(line.split()[1:3]) for line in summary.get("sharding_plan", [])}
+        result = {**rates, "losses": losses, "threads": torch.get_num_threads(),
+                  "estimate": summary.get("planner_estimate_per_rank"), "plan": plan,
+                  "train_peak_rss_gb_max": first and first["train_peak"],
                   "rss_base_gb": [r["rss_base"] for r in everyone], "peak_rss_gb": [r["peak"] for r in everyone],
                   "loader_per_rank": [r["loader"] for r in everyone], "table_gb": [r["table_gb"] for r in everyone]}
         (Path(args.out) / "result.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -16,13 +16,17 @@ from data_pipeline.batch import Batch
 from data_pipeline.schema import DatasetSchema
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return rss / 1e6 if sys.platform != "darwin" else rss / 1e9  # bytes on macOS
+
+
 def memory_per_rank(device: torch.device) -> torch.Tensor:
     """[world_size, 2]: each rank's peak host RSS and peak device memory allocated, in GB (a
     collective: every rank calls it)."""
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    rss = rss_kb / 1e6 if sys.platform != "darwin" else rss_kb / 1e9  # bytes on macOS
     used = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
-    mine = torch.tensor([[rss, used]], dtype=torch.float64, device=device)
+    mine = torch.tensor([[peak_rss_gb(), used]], dtype=torch.float64, device=device)
     if not dist.is_initialized():
         return mine.cpu()
     everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]

@@ -65,8 +65,7 @@ def train_loader(cfg: Config, env: DistEnv, schema: DatasetSchema) -> RankLoader
 def eval_loader(cfg: Config, env: DistEnv, schema: DatasetSchema, split: str) -> RankLoader:
     """This rank's share of `split` in file order, every row (the last batch padded)."""
     return RankLoader(ParquetBatches(schema, split, cfg.data.eval_batch_size, env.rank, env.world_size, shuffle=False,
-                                     num_workers=cfg.data.num_workers, drop_last=False,
-                                     seed=cfg.training.seed),
+                                     num_workers=cfg.data.num_workers, drop_last=False, seed=cfg.training.seed),
                       env.device.type == "cuda")
 
 

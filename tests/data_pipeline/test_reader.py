@@ -155,10 +155,16 @@ def _mixed_table(start: int, n: int) -> pa.Table:
     return pa.table(columns)
 
 
+def _mixed_ids(i: int, k: int, key: str) -> tuple:
+    if key == "m":
+        return (i % 40,) * (i % 3)
+    if key == "n3":
+        return () if i % 6 == 0 else ((i + k) % 40,)
+    return ((i * 7 + k) % 40,)
+
+
 def _mixed_row(i: int) -> tuple:
-    ids = tuple(((i % 40,) * (i % 3)) if key == "m" else () if key == "n3" and i % 6 == 0 else
-                (((i + k) % 40,) if key == "n3" else ((i * 7 + k) % 40,)) for k, key in enumerate(MIXED_KEYS))
-    return float(i % 2), (float(i),), ids
+    return float(i % 2), (float(i),), tuple(_mixed_ids(i, k, key) for k, key in enumerate(MIXED_KEYS))
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
