@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import torchrec, fbgemm_gpu, torch; print('installed torch', torch.__version__, 'torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '1.8.0')"
 	touch $(STAMP)
 
-data/synthetic/dataset.json: $(STAMP) data_pipeline/synthetic.py
+data/synthetic/dataset.json: $(STAMP) data_pipeline/prepare/synthetic.py
 	$(BIN)/recsys prepare synthetic --rows 500000 --out data/synthetic --overwrite
 
 demo: install data/synthetic/dataset.json

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from data_pipeline.criteo import RAW_COLUMNS, CriteoOptions, prepare
+from data_pipeline.prepare.criteo import RAW_COLUMNS, CriteoOptions, prepare
 
 CACHE = Path("data/bench_criteo")
 

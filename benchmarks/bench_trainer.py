@@ -60,7 +60,7 @@ BIG_TABLE = "cat_0"
 # ---- parent: data, one torchrun job per world size, the tables -----------------------------------
 
 def dataset(root: Path, rows: int) -> Path:
-    from data_pipeline.synthetic import SyntheticSpec, generate
+    from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 
     out = root / f"synthetic-{rows}"
     generate(out, SyntheticSpec(rows=rows), overwrite=True, log=lambda line: print(line, flush=True))

@@ -7,7 +7,7 @@
 Writes the CSV and, next to it, `<out>.truth.npz` (`prob`: the true P(income = '>50K') of every
 row, in CSV order) and `<out>.truth.json` (the oracle AUC over all rows: the AUC of the true
 probabilities against the drawn labels, the best any model can do, and the spec). A benchmark
-re-derives the preparer's split (`data_pipeline.tabular.assign_splits`) to get the oracle AUC of
+re-derives the preparer's split (`data_pipeline.prepare.tabular.assign_splits`) to get the oracle AUC of
 the test rows alone.
 
 What makes it census-like and hard but learnable:

@@ -306,7 +306,7 @@ def census_baselines(csv: Path) -> tuple[float, dict]:
     import pyarrow.compute as pc
 
     from census_like import auc
-    from data_pipeline.tabular import assign_splits, read_table
+    from data_pipeline.prepare.tabular import assign_splits, read_table
 
     table = read_table(ROOT / csv)
     labels = (np.array(table["income"].to_pylist()) == ">50K").astype(np.int64)

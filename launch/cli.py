@@ -47,10 +47,10 @@ def _train(argv: list[str]) -> int:
 
 # `recsys prepare KIND` -> the module whose `main(argv)` prepares that kind of input.
 PREPARERS = {
-    "synthetic": "data_pipeline.synthetic",
-    "criteo": "data_pipeline.criteo",
-    "tabular": "data_pipeline.tabular",
-    "movielens": "data_pipeline.movielens",
+    "synthetic": "data_pipeline.prepare.synthetic",
+    "criteo": "data_pipeline.prepare.criteo",
+    "tabular": "data_pipeline.prepare.tabular",
+    "movielens": "data_pipeline.prepare.movielens",
 }
 
 
@@ -65,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         return _train(argv[1:])
     if argv[:1] in (["export"], ["predict"]):
-        from trainer import export
+        from trainer.tools import export
 
         return (export.main_export if argv[0] == "export" else export.main_predict)(argv[1:])
     if argv[:1] in (["evaluate"], ["report"]):
         import importlib
 
-        return importlib.import_module(f"trainer.{argv[0]}").main(argv[1:])
+        return importlib.import_module(f"trainer.tools.{argv[0]}").main(argv[1:])
     print(usage, file=sys.stderr)
     return 2
 

@@ -9,11 +9,11 @@ Which columns belong to which tower comes from `model.user_features` / `model.it
 from the dataset's `extra.towers` (`recsys prepare movielens` writes it). The biases are one
 weight per id of every sparse feature of both towers (`SparseLinear`, sharded like any table).
 Trained pointwise through `RankingModel` (squared error on ratings, log loss on clicks), or with
-`model.loss = "in_batch_softmax"` through `models.retrieval.InBatchSoftmax`, where the score is a
+`model.loss = "in_batch_softmax"` through `models.losses.InBatchSoftmax`, where the score is a
 cosine similarity / `model.temperature` (plus the biases) so that the softmax has a set scale.
 
 The first sparse feature of each tower names its entity (user id, item id): the retrieval loss
-masks repeats of an item by it, and the catalogue evaluation (`trainer.retrieval`) ranks by it.
+masks repeats of an item by it, and the catalogue evaluation (`trainer.catalogue`) ranks by it.
 """
 
 from __future__ import annotations

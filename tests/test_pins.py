@@ -17,6 +17,8 @@ FBGEMM = {"cpu": "fbgemm-gpu-cpu", "gpu": "fbgemm-gpu"}
 # The CUDA builds torch 2.13 and fbgemm-gpu 1.8.0 are published for (no cu128 since torch 2.12).
 CUDA_BUILDS = {"cu126": "12.6", "cu130": "13.0"}
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PACKAGES = [p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]]
+"""The top-level packages the wheel holds (their sub-packages come with them)."""
 
 
 def instructions(kind: str) -> list[tuple[str, str]]:
@@ -65,7 +67,7 @@ def test_dockerfile_installs_the_project_dependencies_from_pyproject(kind):
     steps = instructions(kind)
     copy_pyproject = steps.index(("COPY", "pyproject.toml ./"))
     install_deps = next(i for i, (op, value) in enumerate(steps) if op == "RUN" and "['project']['dependencies']" in value)
-    first_source = next(i for i, (op, value) in enumerate(steps) if op == "COPY" and value.split()[0] in PYPROJECT["tool"]["setuptools"]["packages"])
+    first_source = next(i for i, (op, value) in enumerate(steps) if op == "COPY" and value.split()[0] in PACKAGES)
     assert copy_pyproject < install_deps < first_source
     assert "pip install --no-cache-dir -r /tmp/requirements.txt" in steps[install_deps][1]
     assert any(re.fullmatch(r"pip install --no-cache-dir --no-deps -e \.", c) for c in pip_installs(kind))
@@ -111,7 +113,7 @@ def test_dockerfile_copies_what_the_image_needs(kind):
             copied += [s for s in sources if not s.startswith("--")]
     for source in copied:
         assert (ROOT / source).exists(), source
-    needed = {"pyproject.toml", "README.md", "configs", *PYPROJECT["tool"]["setuptools"]["packages"]}
+    needed = {"pyproject.toml", "README.md", "configs", *PACKAGES}
     assert needed <= set(copied), needed - set(copied)
     assert PYPROJECT["project"]["readme"] in copied  # setuptools reads it when installing
 

@@ -40,7 +40,7 @@ from trainer.distributed import DistEnv, describe_plan, local_state_tensors, pla
 from trainer.metrics import BestValidation, headline, task_metrics
 from trainer.observe import StepProfiler, TableCoverage, memory_per_rank, memory_record
 from trainer.optim import LearningRates, apply_sparse_optimizer, build_optimizer
-from trainer.retrieval import CatalogueRetrieval, supports_retrieval
+from trainer.catalogue import CatalogueRetrieval, supports_retrieval
 from trainer.run_log import RunLog
 
 SPLITS = ("train", "valid", "test")

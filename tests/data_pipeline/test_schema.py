@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.output import DatasetOutput
+from data_pipeline.prepare.output import DatasetOutput
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DataError, DatasetSchema, check_files
 from tests.conftest import TINY_SPARSE, write_dataset

@@ -20,7 +20,7 @@ from torchx.specs.builders import materialize_appdef
 from torchx.specs.finder import get_component
 
 from data_pipeline.schema import DatasetSchema
-from data_pipeline.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from launch.components import prepare, train
 from tests.conftest import ROOT
 from trainer.config import load_config
@@ -117,7 +117,7 @@ def test_two_simulated_nodes_match_one_node(dataset, one_node_two_ranks, tmp_pat
 @pytest.mark.slow
 def test_prepare_component_on_two_replicas_matches_one_process(tmp_path):
     from launch.cli import main as recsys
-    from tests.data_pipeline.test_criteo import criteo_lines, read_split, write_tsv
+    from tests.data_pipeline.prepare.test_criteo import criteo_lines, read_split, write_tsv
 
     src = write_tsv(tmp_path / "day_0", criteo_lines(3000))
     args = ["--input", src, "--num-embeddings", "1000", "--row-group-rows", "2048", "--chunk-mb", "0.05",

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DatasetSchema, SparseFeature
-from data_pipeline.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from models import ModelConfig, build_model
 from models.deepfm import second_order
 from models.wide_deep import LINEAR_WIDTH

@@ -3,7 +3,7 @@
 import json
 import tomllib
 
-from data_pipeline.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from tests.conftest import run_trainer
 
 

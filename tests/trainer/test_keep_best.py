@@ -7,7 +7,7 @@ last) validation metrics exactly."""
 import json
 
 from data_pipeline.schema import DatasetSchema
-from data_pipeline.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from tests.conftest import run_trainer
 
 

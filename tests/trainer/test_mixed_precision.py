@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 
 from data_pipeline.reader import ParquetBatches
-from data_pipeline.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from models import ModelConfig, build_model
 from tests.conftest import TINY_SPARSE, run_trainer, write_dataset
 from trainer.train import Trainer

@@ -15,7 +15,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from data_pipeline.batch import Batch
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DatasetSchema
-from data_pipeline.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from models import ModelConfig, build_model
 from trainer.config import ShardingConfig
 from trainer.distributed import destroy_distributed, init_distributed, plan_sharding, shard_model

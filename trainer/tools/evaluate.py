@@ -50,7 +50,7 @@ import torch
 from data_pipeline.atomic import write_atomic, write_text_atomic
 from data_pipeline.schema import DataError, DatasetSchema
 from trainer.checkpoint import CheckpointError, locate, read_meta
-from trainer.export import checkpoint_model, load_model_file, prediction_columns, schema_from_json, score_split, to_prediction
+from trainer.tools.export import checkpoint_model, load_model_file, prediction_columns, schema_from_json, score_split, to_prediction
 from trainer.metrics import task_metrics, top_k_metrics
 
 DERIVED = ("popularity", "activity", "new")
@@ -379,7 +379,7 @@ def report(result: dict) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="recsys evaluate", description="Metrics of a model on a dataset split, overall, per segment and per user.",
-                                     epilog="Segment specs: COL, popularity:COL, activity:COL, new:COL (see trainer/evaluate.py).")
+                                     epilog="Segment specs: COL, popularity:COL, activity:COL, new:COL (see trainer/tools/evaluate.py).")
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="a checkpoint (step-N), a checkpoints or run directory (its latest), or a model file from `recsys export`")
     parser.add_argument("--data", required=True, type=Path, help="a dataset directory (dataset.json + Parquet)")

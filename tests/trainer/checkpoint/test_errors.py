@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.schema import DatasetSchema
-from data_pipeline.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from tests.conftest import run_trainer
 from trainer.checkpoint import (CheckpointError, IncompatibleCheckpoint, check_compatible, committed, locate, read_meta,
                                 verify_files)

@@ -2,7 +2,7 @@
 
     recsys prepare criteo --input train.txt --out data/criteo-kaggle --num-embeddings 10000000
     recsys prepare criteo --input 'day_*.gz' --test-files day_23.gz --out data/criteo-tb --min-count 3
-    torchx run -s local_cwd dist.ddp -j 4x1 -m data_pipeline.criteo -- --input 'day_*.gz' --out D
+    torchx run -s local_cwd dist.ddp -j 4x1 -m data_pipeline.prepare.criteo -- --input 'day_*.gz' --out D
 
 Input: one example per line, 40 tab-separated fields: label (0/1), 13 integer counts (may be
 negative or empty), 26 categorical values as hex strings (may be empty); `.gz` files are read as is.
@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from data_pipeline.atomic import write_atomic
-from data_pipeline.output import DatasetOutput, input_identity, write_json
+from data_pipeline.prepare.output import DatasetOutput, input_identity, write_json
 from data_pipeline.schema import DataError, DatasetSchema, SparseFeature, SplitInfo
 
 NUM_DENSE = 13

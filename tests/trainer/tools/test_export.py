@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DatasetSchema
-from data_pipeline.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from models import MODELS, ModelConfig, build_model
 from tests.trainer.test_sharded_equals_unsharded import copy_state_dict
 from trainer.config import ShardingConfig

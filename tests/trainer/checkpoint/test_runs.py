@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from tests.conftest import ROOT
 from trainer.checkpoint import committed, locate
-from trainer.export import checkpoint_tensors
+from trainer.tools.export import checkpoint_tensors
 
 pytestmark = pytest.mark.slow
 
@@ -158,7 +158,7 @@ def test_export_and_predict_reproduce_the_trainers_test_metrics(data, clean, tmp
     from torchmetrics.functional.classification import binary_auroc
 
     from trainer.checkpoint import CheckpointError
-    from trainer.export import load_model_file
+    from trainer.tools.export import load_model_file
 
     model_file = tmp_path / "models" / "clean.pt"
     exported = cli("export", str(clean), "--out", str(model_file))

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from tests.conftest import run_trainer
-from trainer import report
+from trainer.tools import report
 
 SEGMENT_LABELS = ["new users (0 clicks)", "1-9 clicks", "10+ clicks"]
 

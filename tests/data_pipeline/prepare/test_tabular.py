@@ -12,10 +12,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline import tabular
+from data_pipeline.prepare import tabular
 from data_pipeline.reader import ParquetBatches, list_row_groups
 from data_pipeline.schema import DatasetSchema, check_files, check_row_group
-from data_pipeline.tabular import FIRST_ID, NULL_ID, OOV_ID, apply_transforms, assign_splits, load_transforms, read_table
+from data_pipeline.prepare.tabular import FIRST_ID, NULL_ID, OOV_ID, apply_transforms, assign_splits, load_transforms, read_table
 
 ROWS = 6000
 SEED = 0

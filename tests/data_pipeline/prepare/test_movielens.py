@@ -12,8 +12,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline import movielens
-from data_pipeline.movielens import GENRES, MovieLensOptions, featurize, load_transforms, prepare, read_inputs
+from data_pipeline.prepare import movielens
+from data_pipeline.prepare.movielens import GENRES, MovieLensOptions, featurize, load_transforms, prepare, read_inputs
 from tests.conftest import ROOT
 from data_pipeline.reader import ParquetBatches, list_row_groups
 from data_pipeline.schema import DatasetSchema, check_files, check_row_group

@@ -54,7 +54,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from data_pipeline.output import DatasetOutput, input_identity, row_group_size, write_json, write_parquet
+from data_pipeline.prepare.output import DatasetOutput, input_identity, row_group_size, write_json, write_parquet
 from data_pipeline.schema import DataError, DatasetSchema, SparseFeature, SplitInfo
 
 VERSION = 1  # bump when the transforms change meaning, so stale datasets are not reported up to date
@@ -685,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="recsys prepare tabular",
         description=__doc__.split("\n\n")[0],
-        epilog="Ids: 0 = missing, 1 = out of vocabulary, 2.. = values by train frequency. See data_pipeline/tabular.py.",
+        epilog="Ids: 0 = missing, 1 = out of vocabulary, 2.. = values by train frequency. See data_pipeline/prepare/tabular.py.",
     )
     parser.add_argument("--input", required=True, help="CSV (.csv, .csv.gz, .tsv) or Parquet (.parquet) file")
     parser.add_argument("--label", required=True, help="label column")

@@ -23,8 +23,8 @@ from data_pipeline.schema import SparseFeature
 from models import ModelConfig
 from tests.conftest import write_dataset
 from trainer.config import Config
-from trainer.evaluate import ACTIVITY_LABELS, evaluate, main, parse_segment
-from trainer.export import MODEL_FORMAT, MODEL_VERSION, build_cpu_model
+from trainer.tools.evaluate import ACTIVITY_LABELS, evaluate, main, parse_segment
+from trainer.tools.export import MODEL_FORMAT, MODEL_VERSION, build_cpu_model
 
 USERS, ITEMS, TRAIN_ITEMS = 40, 60, 50  # test rows also hold items 50-59, never seen in training
 KS = [3, 10]

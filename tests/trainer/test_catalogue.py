@@ -15,13 +15,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data_pipeline.batch import Batch
-from data_pipeline.movielens import GENRES, MovieLensOptions, prepare
+from data_pipeline.prepare.movielens import GENRES, MovieLensOptions, prepare
 from data_pipeline.schema import DatasetSchema
-from models.retrieval import entity_ids
+from models.losses import entity_ids
 from tests.conftest import run_trainer
 from trainer.distributed import _free_port
 from trainer.metrics import top_k_metrics
-from trainer.retrieval import CatalogueRetrieval
+from trainer.catalogue import CatalogueRetrieval
 
 KS = [1, 3, 10]
 

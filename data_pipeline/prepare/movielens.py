@@ -64,7 +64,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from data_pipeline.output import DatasetOutput, input_identity, row_group_size, write_json, write_parquet
+from data_pipeline.prepare.output import DatasetOutput, input_identity, row_group_size, write_json, write_parquet
 from data_pipeline.schema import DataError, DatasetSchema, SparseFeature, SplitInfo
 
 VERSION = 2  # bump when features or layout change, so stale datasets are not reported up to date
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="recsys prepare movielens",
         description=__doc__.split("\n\n")[0],
-        epilog="Features, splits and the negative-sampling scheme: see data_pipeline/movielens.py.",
+        epilog="Features, splits and the negative-sampling scheme: see data_pipeline/prepare/movielens.py.",
     )
     parser.add_argument("--input", required=True, help="directory of u.data/u.user/u.item or ratings/users/items.parquet")
     parser.add_argument("--out", required=True, help="output dataset directory")

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline import criteo
-from data_pipeline.criteo import CriteoOptions, prepare
+from data_pipeline.prepare import criteo
+from data_pipeline.prepare.criteo import CriteoOptions, prepare
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DataError, DatasetSchema
 from tests.conftest import ROOT, run_trainer
@@ -184,10 +184,10 @@ def test_replicas_under_torchrun_match_one_process(tmp_path):
     gz = write_tsv(tmp_path / "day_1.gz", criteo_lines(1000, seed=1))
     args = ["--input", src, gz, "--num-embeddings", "1000", "--row-group-rows", "2048", "--chunk-mb", "0.05", "--min-count", "2", "--workers", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "data_pipeline.criteo",
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "data_pipeline.prepare.criteo",
                           *args, "--out", str(tmp_path / "replicas")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "data_pipeline.criteo", *args, "--out", str(tmp_path / "single")],
+    single = subprocess.run([sys.executable, "-m", "data_pipeline.prepare.criteo", *args, "--out", str(tmp_path / "single")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     a, b = DatasetSchema.load(tmp_path / "replicas"), DatasetSchema.load(tmp_path / "single")

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from models.retrieval import InBatchSoftmaxLoss, entity_ids
+from models.losses import InBatchSoftmaxLoss, entity_ids
 from trainer.distributed import _free_port
 
 NUM_ITEMS = 6

@@ -18,7 +18,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DatasetSchema
-from data_pipeline.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from models import ModelConfig, build_model
 from trainer.checkpoint import Checkpointer, Resume, committed, read_meta
 from trainer.config import Config, ShardingConfig
