@@ -12,8 +12,7 @@ from data_pipeline.schema import DatasetSchema
 from models.config import ModelConfig
 from models.deepfm import build_deepfm
 from models.dlrm import build_dlrm
-from models.ranking import RankingModel
-from models.losses import InBatchSoftmax
+from models.losses import InBatchSoftmax, RankingModel
 from models.two_tower import build_two_tower
 from models.wide_deep import build_wide_deep
 

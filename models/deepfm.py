@@ -19,8 +19,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data_pipeline.schema import DatasetSchema
 from models.config import ModelConfig
-from models.dlrm import embedding_tables
-from models.wide_deep import SparseLinear, deep_mlp
+from models.embeddings import SparseLinear, embedding_tables
+from models.wide_deep import deep_mlp
 
 
 def second_order(embeddings: torch.Tensor) -> torch.Tensor:

@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import torch
 from torchrec.models.dlrm import DLRM, DLRM_DCN
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from data_pipeline.schema import DatasetSchema, SparseFeature
+from data_pipeline.schema import DatasetSchema
 from models.config import ModelConfig
-
-
-def embedding_tables(features: list[SparseFeature], dim: int) -> list[EmbeddingBagConfig]:
-    """One `t_<name>` table per feature, sized from dataset.json. Multi-hot bags are averaged, so a
-    row's vector does not grow with its list length."""
-    return [
-        EmbeddingBagConfig(
-            name=f"t_{f.name}",
-            feature_names=[f.name],
-            num_embeddings=f.num_embeddings,
-            embedding_dim=dim,
-            pooling=PoolingType.MEAN if f.multi_hot else PoolingType.SUM,
-        )
-        for f in features
-    ]
+from models.embeddings import embedding_tables
 
 
 def build_dlrm(cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> DLRM:

@@ -1,12 +1,14 @@
-"""The in-batch softmax loss of a two-tower model (Yi et al. 2019, "Sampling-bias-corrected
-neural modeling for large corpus item recommendations").
+"""The training wrappers: batch in, (loss, outputs) out, the shape torchrec's train pipelines expect.
 
-Each positive row is a query: its user vector against the item vectors of every row of the global
-batch (all ranks' rows are gathered, so a batch of B per rank gives B x world_size candidates,
-including the dataset's sampled negatives). The softmax over their scores should pick the row's own
-item. Other rows carrying the same item are masked ("accidental hits"), and with logQ correction
-each candidate's score is lowered by log(its share of all candidates seen in training so far), so
-that popular items are not pushed down for being drawn as negatives more often.
+`RankingModel` is the pointwise loss of the dataset's task (log loss on clicks, squared error on
+ratings). `InBatchSoftmax` is the in-batch softmax loss of a two-tower model (Yi et al. 2019,
+"Sampling-bias-corrected neural modeling for large corpus item recommendations"): each positive row
+is a query, its user vector against the item vectors of every row of the global batch (all ranks'
+rows are gathered, so a batch of B per rank gives B x world_size candidates, including the
+dataset's sampled negatives). The softmax over their scores should pick the row's own item. Other
+rows carrying the same item are masked ("accidental hits"), and with logQ correction each
+candidate's score is lowered by log(its share of all candidates seen in training so far), so that
+popular items are not pushed down for being drawn as negatives more often.
 """
 
 from __future__ import annotations
@@ -19,6 +21,37 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data_pipeline.batch import Batch
+from data_pipeline.schema import TASKS
+
+
+class RankingModel(nn.Module):
+    """Pointwise model: weighted loss over `model(batch.dense, batch.sparse)` outputs.
+
+    The task comes from `dataset.json`: "binary" -> log loss on logits; "regression" -> squared
+    error on the raw output (metrics clip it to the label range). Rows of weight 0 (evaluation padding) contribute nothing; the loss is the weighted mean.
+    `forward` only reads attributes of `batch` before calling the model, so the train pipeline's
+    tracer can find the sharded embedding lookup's input (`batch.sparse`) and overlap its
+    all-to-all with the previous step.
+    """
+
+    def __init__(self, model: nn.Module, task: str = "binary", offset: float = 0.0) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task '{task}' is not one of {', '.join(TASKS)}")
+        self.model = model
+        self.task = task
+        self.offset = offset
+        """Added to the model's output: the middle of a regression label's range, so predictions
+        start near the labels (3 stars, not 0) instead of spending the first steps getting there."""
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        logits = self.model(batch.dense, batch.sparse).squeeze(-1) + self.offset
+        if self.task == "binary":
+            losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+        else:
+            losses = (logits - batch.labels) ** 2
+        loss = (losses * batch.weights).sum() / batch.weights.sum().clamp(min=1.0)
+        return loss, (loss.detach(), logits.detach(), batch.labels, batch.weights)
 
 
 def entity_ids(sparse: KeyedJaggedTensor, feature: str) -> torch.Tensor:

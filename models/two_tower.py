@@ -26,8 +26,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data_pipeline.schema import DatasetSchema
 from models.config import ModelConfig
-from models.dlrm import embedding_tables
-from models.wide_deep import LINEAR_WIDTH, SparseLinear
+from models.embeddings import LINEAR_WIDTH, SparseLinear, embedding_tables
 
 
 def tower_columns(cfg: ModelConfig, schema: DatasetSchema) -> dict[str, list[str]]:

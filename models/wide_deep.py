@@ -5,7 +5,7 @@ The wide part trains with its own Adagrad at `model.wide_lr` (the paper uses FTR
 per-coordinate method): its collection carries a hint that `trainer.optim.apply_sparse_optimizer`
 honours. The deep tables get `optimizer.sparse`, the MLP and the dense linear term `optimizer.dense`.
 
-`SparseLinear` and `deep_mlp` are shared with DeepFM (its first-order term and deep part).
+`deep_mlp` is shared with DeepFM (its deep part); `models.embeddings.SparseLinear` is the wide part.
 """
 
 from __future__ import annotations
@@ -13,20 +13,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchrec.models.deepfm import SparseArch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data_pipeline.schema import DatasetSchema, SparseFeature
+from data_pipeline.schema import DatasetSchema
 from models.config import ModelConfig
-from models.dlrm import embedding_tables
-
-LINEAR_WIDTH = 4
-"""Stored width of a linear (one weight per id) table. fbgemm's sharded kernels need rows of a
-multiple of 4 floats, so a width-1 table cannot be sharded; each weight is kept as 4 copies that
-start at 0 and get the same gradient, so they stay equal, and the model reads their mean. Under
-Adagrad (plain or rowwise; both scale-free in the gradient) each copy, and so the mean, moves as a
-width-1 weight would (eps aside); plain SGD would move it 4 times slower."""
+from models.embeddings import SparseLinear, embedding_tables
 
 
 def crossed_features(schema: DatasetSchema) -> set[str]:
@@ -49,38 +41,6 @@ def deep_mlp(in_features: int, layer_sizes: list[int], dropout: float, batch_nor
         in_features = size
     layers.append(nn.Linear(in_features, 1, device=device))
     return nn.Sequential(*layers)
-
-
-class SparseLinear(nn.Module):
-    """A linear model: one weight per id of every feature (summed over a multi-hot bag), plus a
-    linear term on the dense features. Output [B, 1], no bias (the deep part has one).
-
-    The weights are an EmbeddingBagCollection of `<prefix>_<name>` tables, so they shard like
-    any table; they start at 0, as a linear model trained online does."""
-
-    def __init__(self, features: list[SparseFeature], num_dense: int, prefix: str,
-                 dense_device: torch.device, sparse_device: torch.device) -> None:
-        super().__init__()
-        tables = [
-            EmbeddingBagConfig(
-                name=f"{prefix}_{f.name}",
-                feature_names=[f.name],
-                num_embeddings=f.num_embeddings,
-                embedding_dim=LINEAR_WIDTH,
-                pooling=PoolingType.SUM,
-                init_fn=nn.init.zeros_,
-            )
-            for f in features
-        ]
-        self.embedding_bag_collection = EmbeddingBagCollection(tables=tables, device=sparse_device)
-        self.dense = nn.Linear(num_dense, 1, bias=False, device=dense_device) if num_dense else None
-
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        weights = self.embedding_bag_collection(sparse).values()  # [B, F * LINEAR_WIDTH]
-        out = weights.sum(dim=1, keepdim=True) / LINEAR_WIDTH  # the mean of equal copies
-        if self.dense is not None:
-            out = out + self.dense(dense)
-        return out
 
 
 class WideDeep(nn.Module):

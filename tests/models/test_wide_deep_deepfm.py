@@ -15,7 +15,7 @@ from data_pipeline.schema import DatasetSchema, SparseFeature
 from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from models import ModelConfig, build_model
 from models.deepfm import second_order
-from models.wide_deep import LINEAR_WIDTH
+from models.embeddings import LINEAR_WIDTH
 from tests.conftest import TINY_SPARSE, run_trainer, write_dataset
 from trainer.optim import apply_sparse_optimizer
 
