@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 NPROC   ?= 2
 
-.PHONY: install demo test bench clean
+.PHONY: install lint format demo test bench clean
 
 install: $(STAMP)
 
@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0 fbgemm-gpu-cpu==1.8.0
 	$(BIN)/pip install -q --no-deps torchrec==1.8.0
-	$(BIN)/pip install -q pyre-extensions tensordict iopath pytest dockerfile-parse scikit-learn
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q pyre-extensions tensordict iopath
+	$(BIN)/pip install -q -e ".[test,lint]"
 	@echo "(pip's note 'torchrec requires fbgemm-gpu' is expected: fbgemm-gpu-cpu provides the same module)"
 	$(BIN)/python -c "import torchrec, fbgemm_gpu, torch; print('installed torch', torch.__version__, 'torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '1.8.0')"
 	touch $(STAMP)
@@ -31,6 +31,15 @@ demo: install data/synthetic/dataset.json
 	@$(BIN)/python -c "import json; s = json.load(open('runs/demo/summary.json')); print('summary: world_size', s['world_size'], '| test auc %.4f (oracle %.4f) | valid auc %.4f | %.0f samples/s' % (s['test']['auc'], s['oracle_auc'], s['valid']['auc'], s['samples_per_s']))"
 	$(BIN)/recsys evaluate --checkpoint runs/demo --data data/synthetic --segment-by popularity:cat_0 --segment-by int_0
 	$(BIN)/recsys report runs/demo
+
+# ruff: lint and format check (pyproject.toml [tool.ruff]); `make format` rewrites the files.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test: install
 	$(BIN)/python -m pytest -q tests

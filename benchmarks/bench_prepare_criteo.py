@@ -55,7 +55,9 @@ def reference(path: Path) -> float:
         str(path),
         read_options=pacsv.ReadOptions(column_names=RAW_COLUMNS, block_size=8 << 20, use_threads=False),
         parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
-        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in RAW_COLUMNS}, strings_can_be_null=True, null_values=[""]),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in RAW_COLUMNS}, strings_can_be_null=True, null_values=[""]
+        ),
     )
     for _ in reader:
         pass
@@ -80,12 +82,17 @@ def main() -> None:
     for workers in args.workers:
         out = Path(tempfile.mkdtemp(prefix="bench_criteo_", dir=CACHE))
         shutil.rmtree(out)
-        opts = CriteoOptions(inputs=[str(path)], out=str(out), num_embeddings=[1 << 20] * 26, workers=workers, chunk_bytes=64 << 20)
+        opts = CriteoOptions(
+            inputs=[str(path)], out=str(out), num_embeddings=[1 << 20] * 26, workers=workers, chunk_bytes=64 << 20
+        )
         start = time.perf_counter()
         prepare(opts, log=lambda *_: None)
         took = time.perf_counter() - start
         shutil.rmtree(out)
-        print(f"{f'recsys prepare criteo, {workers} worker(s)':32s} {args.lines / took:12,.0f} {mb / took:8.1f} {ref / took:6.2f}")
+        print(
+            f"{f'recsys prepare criteo, {workers} worker(s)':32s} {args.lines / took:12,.0f} "
+            f"{mb / took:8.1f} {ref / took:6.2f}"
+        )
 
 
 if __name__ == "__main__":

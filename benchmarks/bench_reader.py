@@ -29,6 +29,7 @@ page cache is warmed first, so this measures decoding, not the disk.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import multiprocessing
@@ -64,6 +65,7 @@ class Spec:
 
 
 # ---- the dataset ---------------------------------------------------------------------------------
+
 
 def _vocab() -> np.ndarray:
     return np.geomspace(10, 10_000_000, NUM_SPARSE).round().astype(np.int64)
@@ -129,6 +131,7 @@ def build(root: Path, spec: Spec) -> DatasetSchema:
 
 # ---- one measurement (runs in a child process) ---------------------------------------------------
 
+
 def _cpu_seconds() -> float:
     """CPU time of this process and its reaped children (the loader's workers, once joined)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -180,16 +183,15 @@ def measure(job: dict) -> dict:
 
 # ---- the driver ----------------------------------------------------------------------------------
 
+
 def _tree(pid: int) -> list[int]:
     pids, todo = [], [pid]
     while todo:
         p = todo.pop()
         pids.append(p)
         for children in Path(f"/proc/{p}/task").glob("*/children"):
-            try:
+            with contextlib.suppress(OSError):  # the process ended meanwhile
                 todo += [int(c) for c in children.read_text().split()]
-            except OSError:
-                pass
     return pids
 
 
@@ -209,7 +211,9 @@ def _pss_mb(pids: list[int]) -> float:
 def run(job: dict) -> dict:
     """Run one measurement in a fresh process, sampling its process tree's memory meanwhile."""
     with tempfile.TemporaryFile("w+") as err:  # shown only on failure (torch's import chatter otherwise)
-        child = subprocess.Popen([sys.executable, __file__, "--measure", json.dumps(job)], stdout=subprocess.PIPE, stderr=err, text=True)
+        child = subprocess.Popen(
+            [sys.executable, __file__, "--measure", json.dumps(job)], stdout=subprocess.PIPE, stderr=err, text=True
+        )
         peak = 0.0
         while child.poll() is None:
             peak = max(peak, _pss_mb(_tree(child.pid)))
@@ -253,22 +257,31 @@ def main() -> None:
         with open(path, "rb") as f:
             while f.read(1 << 24):
                 pass
-    print(f"{root}: {spec.rows:,} rows, {len(files)} files, {groups} row groups, {size_gb:.1f} GB; "
-          f"batch {args.batch_size}, shuffle buffer {args.shuffle_buffer_rows:,} rows; {os.cpu_count()} cores")
+    print(
+        f"{root}: {spec.rows:,} rows, {len(files)} files, {groups} row groups, {size_gb:.1f} GB; "
+        f"batch {args.batch_size}, shuffle buffer {args.shuffle_buffer_rows:,} rows; {os.cpu_count()} cores"
+    )
 
     base = {"data": str(root), "batch_size": args.batch_size, "shuffle_buffer_rows": args.shuffle_buffer_rows}
     plain = {"kind": "raw", "use_threads": False, "options": {}}
     same = {"kind": "raw", "use_threads": False, "options": {"pre_buffer": True}}
     rows = []  # (label, workers, split, job)
     for k in range(1, args.workers + 1):
-        rows += [("raw pyarrow, plain", k, "train", plain), ("raw pyarrow, same opts", k, "train", same),
-                 ("ours, shuffled", k, "train", {"kind": "ours", "shuffle": True}),
-                 ("ours, in order", k, "train", {"kind": "ours", "shuffle": False})]
+        rows += [
+            ("raw pyarrow, plain", k, "train", plain),
+            ("raw pyarrow, same opts", k, "train", same),
+            ("ours, shuffled", k, "train", {"kind": "ours", "shuffle": True}),
+            ("ours, in order", k, "train", {"kind": "ours", "shuffle": False}),
+        ]
     rows += [("raw pyarrow, default threads", 1, "train", {**plain, "use_threads": True})]
-    rows += [("ours, shuffled, 1/4 of the files", k, "quarter", {"kind": "ours", "shuffle": True}) for k in (1, args.workers)]
+    rows += [
+        ("ours, shuffled, 1/4 of the files", k, "quarter", {"kind": "ours", "shuffle": True}) for k in (1, args.workers)
+    ]
 
-    print(f"{'reader':32s} {'workers':>7s} {'rows/s':>12s} {'CPU s/M rows':>13s} {'peak MB':>8s}  "
-          f"ours/raw at equal workers, by wall time (by CPU time): vs plain, vs same opts")
+    print(
+        f"{'reader':32s} {'workers':>7s} {'rows/s':>12s} {'CPU s/M rows':>13s} {'peak MB':>8s}  "
+        f"ours/raw at equal workers, by wall time (by CPU time): vs plain, vs same opts"
+    )
     results: dict[tuple[str, int, str], dict] = {}
     for label, k, split, job in rows:
         if args.only and args.only not in label and not label.startswith("raw pyarrow, plain"):
@@ -284,9 +297,14 @@ def main() -> None:
         if label.startswith("ours") and split == "train":
             ratio = "  " + ", ".join(
                 f"{best['rate'] / raw['rate']:.2f}x ({best['cpu_rate'] / raw['cpu_rate']:.2f}x)"
-                for raw in (results.get((name, k, split)) for name in ("raw pyarrow, plain", "raw pyarrow, same opts")) if raw)
-        print(f"{label:32s} {k:>7d} {best['rate']:>12,.0f} {best['cpu'] / best['rows'] * 1e6:>13.2f} "
-              f"{best['peak_mb']:>8.0f}{ratio}", flush=True)
+                for raw in (results.get((name, k, split)) for name in ("raw pyarrow, plain", "raw pyarrow, same opts"))
+                if raw
+            )
+        print(
+            f"{label:32s} {k:>7d} {best['rate']:>12,.0f} {best['cpu'] / best['rows'] * 1e6:>13.2f} "
+            f"{best['peak_mb']:>8.0f}{ratio}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

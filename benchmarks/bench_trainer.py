@@ -47,8 +47,9 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -58,6 +59,7 @@ BIG_TABLE = "cat_0"
 
 
 # ---- parent: data, one torchrun job per world size, the tables -----------------------------------
+
 
 def dataset(root: Path, rows: int) -> Path:
     from data_pipeline.prepare.synthetic import SyntheticSpec, generate
@@ -88,10 +90,34 @@ def run_job(world: int, args: argparse.Namespace, data: Path, name: str, order: 
     out = Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", __file__, "worker",
-           "--data", str(data), "--out", str(out), "--global-batch", str(args.global_batch), "--warmup", str(args.warmup),
-           "--steps", str(args.steps), "--config", args.config, "--order", order, "--loader-batches", str(args.loader_batches if "minimal" in order else 0),
-           "--", *args.overrides, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={world}",
+        __file__,
+        "worker",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--global-batch",
+        str(args.global_batch),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--config",
+        args.config,
+        "--order",
+        order,
+        "--loader-batches",
+        str(args.loader_batches if "minimal" in order else 0),
+        "--",
+        *args.overrides,
+        *extra,
+    ]
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
     with open(out / "job.log", "w") as log:
@@ -108,40 +134,65 @@ def mean(values: list[float]) -> float:
 
 
 def report(results: dict[int, dict], big: dict | None, args: argparse.Namespace) -> str:
-    lines = [f"machine: {platform.machine()} {os.cpu_count()} cores ({_cpu_model()}), torch {_versions()}",
-             f"config: {Path(args.config).name}; global batch {args.global_batch}; "
-             f"{args.steps} timed steps after {args.warmup} warmup steps", "",
-             "| world | batch/rank | threads/rank | minimal loop samples/s | minimal loop fed by the loader | trainer samples/s "
-             "| trainer / minimal |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"machine: {platform.machine()} {os.cpu_count()} cores ({_cpu_model()}), torch {_versions()}",
+        f"config: {Path(args.config).name}; global batch {args.global_batch}; "
+        f"{args.steps} timed steps after {args.warmup} warmup steps",
+        "",
+        "| world | batch/rank | threads/rank | minimal loop samples/s | minimal loop fed by the loader "
+        "| trainer samples/s | trainer / minimal |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for world, r in results.items():
         m, t = mean(r["minimal"]), mean(r["trainer"])
         spread = f" ({', '.join(f'{x:,.0f}' for x in r['minimal'])} / {', '.join(f'{x:,.0f}' for x in r['trainer'])})"
         streamed = f"{mean(r['streamed']):,.0f}" if r.get("streamed") else ""
-        lines.append(f"| {world} | {args.global_batch // world} | {r['threads']} | {m:,.0f} | {streamed} | {t:,.0f} "
-                     f"| **{t / m:.3f}**{spread} |")
-    lines += ["", "Same training on both sides: the mean loss of every logged window, trainer against minimal loop, "
-                  "differs by at most " + ", ".join(f"{loss_gap(r):.1e} (world {w})" for w, r in results.items()) + "."]
-    lines += ["", "| world | trainer samples/s per rank | loader alone samples/s per rank (min over ranks) | loader / trainer | "
-                  "scaling vs world 1 (minimal, trainer) |", "|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {world} | {args.global_batch // world} | {r['threads']} | {m:,.0f} | {streamed} | {t:,.0f} "
+            f"| **{t / m:.3f}**{spread} |"
+        )
+    lines += [
+        "",
+        "Same training on both sides: the mean loss of every logged window, trainer against minimal loop, "
+        "differs by at most " + ", ".join(f"{loss_gap(r):.1e} (world {w})" for w, r in results.items()) + ".",
+    ]
+    lines += [
+        "",
+        "| world | trainer samples/s per rank | loader alone samples/s per rank (min over ranks) | loader / trainer | "
+        "scaling vs world 1 (minimal, trainer) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     first = next(iter(results.values()))
     for world, r in results.items():
         per_rank = mean(r["trainer"]) / world
         loader = min(r["loader_per_rank"])
-        scaling = f"{mean(r['minimal']) / mean(first['minimal']):.2f}x, {mean(r['trainer']) / mean(first['trainer']):.2f}x"
+        scaling = (
+            f"{mean(r['minimal']) / mean(first['minimal']):.2f}x, {mean(r['trainer']) / mean(first['trainer']):.2f}x"
+        )
         lines.append(f"| {world} | {per_rank:,.0f} | {loader:,.0f} | **{loader / per_rank:.1f}x** | {scaling} |")
-    lines += ["", "| run | rank | RSS before model GB | peak RSS while training GB (max over ranks) | peak RSS GB "
-                  "(with valid/test) | peak - before | tables + optimizer state allocated GB | planner estimate GB (host) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "| run | rank | RSS before model GB | peak RSS while training GB (max over ranks) | peak RSS GB "
+        "(with valid/test) | peak - before | tables + optimizer state allocated GB | planner estimate GB (host) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     runs = [(f"world {w}", r) for w, r in results.items()] + ([("big table", big)] if big else [])
     for name, r in runs:
         for rank, (base, peak, tables) in enumerate(zip(r["rss_base_gb"], r["peak_rss_gb"], r["table_gb"])):
             estimate = r["estimate"][rank]["ddr_gb"] if r["estimate"] else float("nan")
             training = r.get("train_peak_rss_gb_max") or float("nan")
-            lines.append(f"| {name} | {rank} | {base:.2f} | {training:.2f} | {peak:.2f} | {peak - base:.2f} | {tables:.3f} | {estimate:.3f} |")
+            lines.append(
+                f"| {name} | {rank} | {base:.2f} | {training:.2f} | {peak:.2f} | {peak - base:.2f} "
+                f"| {tables:.3f} | {estimate:.3f} |"
+            )
     if big:
-        lines += ["", f"big table: {BIG_TABLE} declared {args.big_table_rows:,} rows x {args.embedding_dim} "
-                      f"({args.big_table_rows * args.embedding_dim * 4 / 1e9:.2f} GB of weights), sharding.ddr_cap_gb {args.big_table_cap_gb} "
-                      f"per rank; trained {mean(big['trainer']):,.0f} samples/s; plan of {BIG_TABLE}: {big['plan']['t_' + BIG_TABLE]}"]
+        lines += [
+            "",
+            f"big table: {BIG_TABLE} declared {args.big_table_rows:,} rows x {args.embedding_dim} "
+            f"({args.big_table_rows * args.embedding_dim * 4 / 1e9:.2f} GB of weights), "
+            f"sharding.ddr_cap_gb {args.big_table_cap_gb} per rank; trained {mean(big['trainer']):,.0f} samples/s; "
+            f"plan of {BIG_TABLE}: {big['plan']['t_' + BIG_TABLE]}",
+        ]
     return "\n".join(lines)
 
 
@@ -176,7 +227,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--loader-batches", type=int, default=100, help="batches per rank for the loader-alone rate")
     parser.add_argument("--big-table-rows", type=int, default=4_000_000, help="0: skip the big-table run")
     parser.add_argument("--big-table-cap-gb", type=float, default=1.6, help="host budget per rank in the big-table run")
-    parser.add_argument("--data-dir", default=str(ROOT / "data" / "bench_trainer"), help="where the datasets are cached")
+    parser.add_argument(
+        "--data-dir", default=str(ROOT / "data" / "bench_trainer"), help="where the datasets are cached"
+    )
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_trainer"))
     args, overrides = parser.parse_known_args(argv)
     if overrides and not (overrides[0].startswith("--") and "." in overrides[0]):
@@ -190,14 +243,24 @@ def main(argv: list[str]) -> int:
     args.embedding_dim = toml.get("model", {}).get("embedding_dim", 16)
     per_epoch = int(args.rows * 0.8) // args.global_batch  # the generator's train share
     if args.warmup % log_every or args.steps % log_every or per_epoch < args.warmup + args.steps + 4:
-        parser.error(f"--warmup and --steps must be multiples of training.log_every ({log_every}) and fit in one "
-                     f"epoch of {per_epoch} batches (--rows {args.rows}, --global-batch {args.global_batch})")
+        parser.error(
+            f"--warmup and --steps must be multiples of training.log_every ({log_every}) and fit in one "
+            f"epoch of {per_epoch} batches (--rows {args.rows}, --global-batch {args.global_batch})"
+        )
     data = dataset(Path(args.data_dir), args.rows)
-    results = {w: run_job(w, args, data, f"world{w}", "trainer,minimal,streamed,minimal,trainer", []) for w in args.worlds}
+    results = {
+        w: run_job(w, args, data, f"world{w}", "trainer,minimal,streamed,minimal,trainer", []) for w in args.worlds
+    }
     big = None
     if args.big_table_rows:
-        big = run_job(2, args, big_table_dataset(data, args.big_table_rows), "big_table", "trainer",
-                      ["--sharding.ddr_cap_gb", str(args.big_table_cap_gb), "--sharding.min_partition", "64"])
+        big = run_job(
+            2,
+            args,
+            big_table_dataset(data, args.big_table_rows),
+            "big_table",
+            "trainer",
+            ["--sharding.ddr_cap_gb", str(args.big_table_cap_gb), "--sharding.min_partition", "64"],
+        )
     text = report(results, big, args)
     (Path(args.out) / "results.md").write_text(text + "\n")
     (Path(args.out) / "results.json").write_text(json.dumps({"worlds": results, "big_table": big}, indent=1) + "\n")
@@ -206,6 +269,7 @@ def main(argv: list[str]) -> int:
 
 
 # ---- worker: one rank of a torchrun job ----------------------------------------------------------
+
 
 def _rss_now_gb() -> float:
     with open("/proc/self/statm") as f:
@@ -352,8 +416,19 @@ def worker(argv: list[str]) -> int:
     env = init_distributed()
     schema = DatasetSchema.load(args.data)
     total = args.warmup + args.steps
-    cfg = load_config(["--config", args.config, "--data", args.data, "--data.batch_size", str(args.global_batch // env.world_size),
-                       "--training.max_steps", str(total), *overrides])
+    cfg = load_config(
+        [
+            "--config",
+            args.config,
+            "--data",
+            args.data,
+            "--data.batch_size",
+            str(args.global_batch // env.world_size),
+            "--training.max_steps",
+            str(total),
+            *overrides,
+        ]
+    )
     if cfg.training.threads:  # as the Trainer does, for the minimal loop too
         torch.set_num_threads(cfg.training.threads)
     rss_base = _rss_now_gb()
@@ -367,7 +442,9 @@ def worker(argv: list[str]) -> int:
             first = first or run
             rate, window_losses = run["rate"], run["losses"]
         elif kind == "streamed":  # the minimal loop fed by the trainer's loader as it reads: what data loading costs
-            rate, window_losses = minimal_rate(cfg, env, schema, epoch_loader(cfg, env, schema), args.warmup, args.steps)
+            rate, window_losses = minimal_rate(
+                cfg, env, schema, epoch_loader(cfg, env, schema), args.warmup, args.steps
+            )
         else:
             if batches is None:  # the batches the trainer's first epoch starts with, in memory
                 batches = list(itertools.islice(iter(epoch_loader(cfg, env, schema)), total + 4))
@@ -378,18 +455,29 @@ def worker(argv: list[str]) -> int:
             print(f"[bench] {kind}: {rate:,.0f} samples/s", flush=True)
     loader = loader_rate(cfg, env, schema, args.loader_batches) if args.loader_batches else 0.0
 
-    mine = {"rss_base": rss_base, "peak": first and first["peak"], "loader": loader,
-            "table_gb": first["table_bytes"] / 1e9 if first else 0.0}
+    mine = {
+        "rss_base": rss_base,
+        "peak": first and first["peak"],
+        "loader": loader,
+        "table_gb": first["table_bytes"] / 1e9 if first else 0.0,
+    }
     everyone = [None] * env.world_size
     dist.all_gather_object(everyone, mine)
     if env.is_main:
         summary = first["summary"] if first else {}
         plan = {line.split()[0]: " ".join(line.split()[1:3]) for line in summary.get("sharding_plan", [])}
-        result = {**rates, "losses": losses, "threads": torch.get_num_threads(),
-                  "estimate": summary.get("planner_estimate_per_rank"), "plan": plan,
-                  "train_peak_rss_gb_max": first and first["train_peak"],
-                  "rss_base_gb": [r["rss_base"] for r in everyone], "peak_rss_gb": [r["peak"] for r in everyone],
-                  "loader_per_rank": [r["loader"] for r in everyone], "table_gb": [r["table_gb"] for r in everyone]}
+        result = {
+            **rates,
+            "losses": losses,
+            "threads": torch.get_num_threads(),
+            "estimate": summary.get("planner_estimate_per_rank"),
+            "plan": plan,
+            "train_peak_rss_gb_max": first and first["train_peak"],
+            "rss_base_gb": [r["rss_base"] for r in everyone],
+            "peak_rss_gb": [r["peak"] for r in everyone],
+            "loader_per_rank": [r["loader"] for r in everyone],
+            "table_gb": [r["table_gb"] for r in everyone],
+        }
         (Path(args.out) / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     dist.destroy_process_group()
     return 0

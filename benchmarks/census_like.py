@@ -37,13 +37,61 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 EDUCATION = (
-    "Preschool", "1st-4th", "5th-6th", "7th-8th", "9th", "10th", "11th", "12th", "HS-grad", "Some-college",
-    "Assoc-voc", "Assoc-acdm", "Bachelors", "Masters", "Prof-school", "Doctorate",
+    "Preschool",
+    "1st-4th",
+    "5th-6th",
+    "7th-8th",
+    "9th",
+    "10th",
+    "11th",
+    "12th",
+    "HS-grad",
+    "Some-college",
+    "Assoc-voc",
+    "Assoc-acdm",
+    "Bachelors",
+    "Masters",
+    "Prof-school",
+    "Doctorate",
 )
-EDUCATION_P = (0.002, 0.005, 0.01, 0.02, 0.016, 0.028, 0.036, 0.013, 0.32, 0.22, 0.042, 0.033, 0.165, 0.055, 0.018, 0.017)
-WORKCLASS = ("Private", "Self-emp-not-inc", "Local-gov", "State-gov", "Self-emp-inc", "Federal-gov", "Without-pay", "Never-worked")
+EDUCATION_P = (
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.016,
+    0.028,
+    0.036,
+    0.013,
+    0.32,
+    0.22,
+    0.042,
+    0.033,
+    0.165,
+    0.055,
+    0.018,
+    0.017,
+)
+WORKCLASS = (
+    "Private",
+    "Self-emp-not-inc",
+    "Local-gov",
+    "State-gov",
+    "Self-emp-inc",
+    "Federal-gov",
+    "Without-pay",
+    "Never-worked",
+)
 WORKCLASS_P = (0.73, 0.08, 0.065, 0.04, 0.035, 0.03, 0.012, 0.008)
-MARITAL = ("Married-civ-spouse", "Never-married", "Divorced", "Separated", "Widowed", "Married-spouse-absent", "Married-AF-spouse")
+MARITAL = (
+    "Married-civ-spouse",
+    "Never-married",
+    "Divorced",
+    "Separated",
+    "Widowed",
+    "Married-spouse-absent",
+    "Married-AF-spouse",
+)
 MARITAL_P = (0.46, 0.33, 0.135, 0.03, 0.03, 0.013, 0.002)
 RACE = ("White", "Black", "Asian-Pac-Islander", "Amer-Indian-Eskimo", "Other")
 RACE_P = (0.85, 0.096, 0.032, 0.01, 0.012)
@@ -83,8 +131,15 @@ def generate(rows: int, seed: int) -> tuple[pa.Table, np.ndarray]:
     marital[(age < 23) & (rng.random(n) < 0.7)] = 1  # mostly never married when young
     sex = (rng.random(n) < 0.67).astype(np.int64)  # 1 = Male
     husband = (marital == 0) & (sex == 1)
-    relationship = np.where(husband, "Husband", np.where((marital == 0), "Wife",
-                            rng.choice(["Not-in-family", "Own-child", "Unmarried", "Other-relative"], n, p=[0.5, 0.3, 0.15, 0.05])))
+    relationship = np.where(
+        husband,
+        "Husband",
+        np.where(
+            (marital == 0),
+            "Wife",
+            rng.choice(["Not-in-family", "Own-child", "Unmarried", "Other-relative"], n, p=[0.5, 0.3, 0.15, 0.05]),
+        ),
+    )
     race = rng.choice(len(RACE), n, p=RACE_P)
     country = np.where(rng.random(n) < 0.88, 0, 1 + _zipf(rng, n, NUM_COUNTRIES - 1, 1.2))
     employer = _zipf(rng, n, NUM_EMPLOYERS, 0.9)
@@ -119,26 +174,28 @@ def generate(rows: int, seed: int) -> tuple[pa.Table, np.ndarray]:
 
     occ_names = np.array([f"occ-{i:02d}" for i in range(NUM_OCCUPATIONS)])
     country_names = np.array(["United-States"] + [f"country-{i:02d}" for i in range(1, NUM_COUNTRIES)])
-    table = pa.table({
-        "age": pa.array(age),
-        "workclass": null_out(np.array(WORKCLASS)[workclass], 0.05),
-        "fnlwgt": pa.array(fnlwgt),
-        "education": pa.array(np.array(EDUCATION)[edu]),
-        "education_num": pa.array(edu + 1),
-        "marital_status": pa.array(np.array(MARITAL)[marital]),
-        "occupation": null_out(occ_names[occ], 0.05),
-        "relationship": pa.array(relationship),
-        "race": pa.array(np.array(RACE)[race]),
-        "sex": pa.array(np.where(sex == 1, "Male", "Female")),
-        "capital_gain": pa.array(gain),
-        "capital_loss": pa.array(loss),
-        "hours_per_week": null_out(hours, 0.02),
-        "native_country": null_out(country_names[country], 0.02),
-        "employer": pa.array(np.array([f"emp{i:04d}" for i in range(NUM_EMPLOYERS)])[employer]),
-        "veteran": pa.array(veteran),
-        "has_mortgage": pa.array(has_mortgage),
-        "income": pa.array(np.where(income, ">50K", "<=50K")),
-    })
+    table = pa.table(
+        {
+            "age": pa.array(age),
+            "workclass": null_out(np.array(WORKCLASS)[workclass], 0.05),
+            "fnlwgt": pa.array(fnlwgt),
+            "education": pa.array(np.array(EDUCATION)[edu]),
+            "education_num": pa.array(edu + 1),
+            "marital_status": pa.array(np.array(MARITAL)[marital]),
+            "occupation": null_out(occ_names[occ], 0.05),
+            "relationship": pa.array(relationship),
+            "race": pa.array(np.array(RACE)[race]),
+            "sex": pa.array(np.where(sex == 1, "Male", "Female")),
+            "capital_gain": pa.array(gain),
+            "capital_loss": pa.array(loss),
+            "hours_per_week": null_out(hours, 0.02),
+            "native_country": null_out(country_names[country], 0.02),
+            "employer": pa.array(np.array([f"emp{i:04d}" for i in range(NUM_EMPLOYERS)])[employer]),
+            "veteran": pa.array(veteran),
+            "has_mortgage": pa.array(has_mortgage),
+            "income": pa.array(np.where(income, ">50K", "<=50K")),
+        }
+    )
     return table, prob
 
 
@@ -171,12 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     pacsv.write_csv(table, tmp, pacsv.WriteOptions(quoting_style="none"))
     # pyarrow writes nulls as empty fields; the preparer reads "" (and "?") as null
     labels = np.array(table["income"].to_pylist()) == ">50K"
-    truth = {"rows": args.rows, "seed": args.seed, "positive_rate": round(float(labels.mean()), 4),
-             "oracle_auc": round(auc(prob, labels), 5)}
+    truth = {
+        "rows": args.rows,
+        "seed": args.seed,
+        "positive_rate": round(float(labels.mean()), 4),
+        "oracle_auc": round(auc(prob, labels), 5),
+    }
     np.savez(out.with_name(out.name + ".truth.npz"), prob=prob)
     out.with_name(out.name + ".truth.json").write_text(json.dumps(truth, indent=2) + "\n")
     tmp.replace(out)
-    print(f"{args.rows:,} rows -> {out}; positive rate {truth['positive_rate']:.3f}, oracle AUC {truth['oracle_auc']:.4f}")
+    print(
+        f"{args.rows:,} rows -> {out}; positive rate {truth['positive_rate']:.3f}, oracle AUC {truth['oracle_auc']:.4f}"
+    )
     return 0
 
 

@@ -71,7 +71,9 @@ class Run:
 # configs/demo.toml: batch 256 per rank, dense adam 0.01, sparse rowwise adagrad 0.02, 1 epoch,
 # eval every 400 steps (781 steps an epoch on 2 ranks).
 SYNTHETIC_CONFIG = "configs/demo.toml"
-SYNTHETIC_ROWS = 4_000_000  # 500k (the demo) is data-limited: DLRM's valid AUC peaks after 1 epoch at 0.021 below the oracle
+SYNTHETIC_ROWS = (
+    4_000_000  # 500k (the demo) is data-limited: DLRM's valid AUC peaks after 1 epoch at 0.021 below the oracle
+)
 EVERY_2000 = ["--training.eval_every", "2000"]
 LR_0003 = [*EVERY_2000, "--training.keep_best", "true", "--optimizer.dense_lr", "0.003"]
 SYNTHETIC_RUNS = [
@@ -79,21 +81,65 @@ SYNTHETIC_RUNS = [
     Run("dlrm_dcn", "dlrm_dcn", EVERY_2000, "demo preset"),
     Run("wide_deep", "wide_deep", EVERY_2000, "demo preset"),
     Run("deepfm", "deepfm", EVERY_2000, "demo preset"),
-    Run("dlrm_dcn+2ep", "dlrm_dcn", [*EVERY_2000, "--training.epochs", "2", "--training.keep_best", "true"], "2 epochs, best valid kept"),
-    Run("wide_deep+2ep", "wide_deep", [*EVERY_2000, "--training.epochs", "2", "--training.keep_best", "true"], "2 epochs, best valid kept"),
-    Run("deepfm+2ep", "deepfm", [*EVERY_2000, "--training.epochs", "2", "--training.keep_best", "true"], "2 epochs, best valid kept"),
-    Run("dlrm_dcn+2ep+lr0.003", "dlrm_dcn", [*EVERY_2000, "--training.epochs", "2", "--training.keep_best", "true",
-                                             "--optimizer.dense_lr", "0.003"], "2 epochs, best kept, dense lr 0.003"),
-    Run("deepfm+lr0.003", "deepfm", [*EVERY_2000, "--training.keep_best", "true", "--optimizer.dense_lr", "0.003"], "dense lr 0.003, best kept"),
-    Run("wide_deep+lr0.003", "wide_deep", [*EVERY_2000, "--training.keep_best", "true", "--optimizer.dense_lr", "0.003"], "dense lr 0.003, best kept"),
-    Run("deepfm+lr0.003+cos", "deepfm", [*LR_0003, "--optimizer.lr_schedule", "cosine"], "dense lr 0.003, cosine decay"),
-    Run("wide_deep+lr0.003+cos", "wide_deep", [*LR_0003, "--optimizer.lr_schedule", "cosine"], "dense lr 0.003, cosine decay"),
+    Run(
+        "dlrm_dcn+2ep",
+        "dlrm_dcn",
+        [*EVERY_2000, "--training.epochs", "2", "--training.keep_best", "true"],
+        "2 epochs, best valid kept",
+    ),
+    Run(
+        "wide_deep+2ep",
+        "wide_deep",
+        [*EVERY_2000, "--training.epochs", "2", "--training.keep_best", "true"],
+        "2 epochs, best valid kept",
+    ),
+    Run(
+        "deepfm+2ep",
+        "deepfm",
+        [*EVERY_2000, "--training.epochs", "2", "--training.keep_best", "true"],
+        "2 epochs, best valid kept",
+    ),
+    Run(
+        "dlrm_dcn+2ep+lr0.003",
+        "dlrm_dcn",
+        [*EVERY_2000, "--training.epochs", "2", "--training.keep_best", "true", "--optimizer.dense_lr", "0.003"],
+        "2 epochs, best kept, dense lr 0.003",
+    ),
+    Run(
+        "deepfm+lr0.003",
+        "deepfm",
+        [*EVERY_2000, "--training.keep_best", "true", "--optimizer.dense_lr", "0.003"],
+        "dense lr 0.003, best kept",
+    ),
+    Run(
+        "wide_deep+lr0.003",
+        "wide_deep",
+        [*EVERY_2000, "--training.keep_best", "true", "--optimizer.dense_lr", "0.003"],
+        "dense lr 0.003, best kept",
+    ),
+    Run(
+        "deepfm+lr0.003+cos", "deepfm", [*LR_0003, "--optimizer.lr_schedule", "cosine"], "dense lr 0.003, cosine decay"
+    ),
+    Run(
+        "wide_deep+lr0.003+cos",
+        "wide_deep",
+        [*LR_0003, "--optimizer.lr_schedule", "cosine"],
+        "dense lr 0.003, cosine decay",
+    ),
     Run("deepfm+lr0.003+bn", "deepfm", [*LR_0003, "--model.batch_norm", "true"], "dense lr 0.003, batch norm"),
     Run("wide_deep+lr0.003+bn", "wide_deep", [*LR_0003, "--model.batch_norm", "true"], "dense lr 0.003, batch norm"),
-    Run("wide_deep+lr0.003+bn+2ep", "wide_deep", [*LR_0003, "--model.batch_norm", "true", "--training.epochs", "2"],
-        "dense lr 0.003, batch norm, 2 epochs"),
-    Run("wide_deep+lr0.003+bn+d32", "wide_deep", [*LR_0003, "--model.batch_norm", "true", "--model.embedding_dim", "32"],
-        "dense lr 0.003, batch norm, embedding dim 32"),
+    Run(
+        "wide_deep+lr0.003+bn+2ep",
+        "wide_deep",
+        [*LR_0003, "--model.batch_norm", "true", "--training.epochs", "2"],
+        "dense lr 0.003, batch norm, 2 epochs",
+    ),
+    Run(
+        "wide_deep+lr0.003+bn+d32",
+        "wide_deep",
+        [*LR_0003, "--model.batch_norm", "true", "--model.embedding_dim", "32"],
+        "dense lr 0.003, batch norm, embedding dim 32",
+    ),
 ]
 
 MOVIELENS_CONFIG = "configs/movielens.toml"
@@ -114,7 +160,12 @@ RETRIEVAL_RUNS = [
     Run("two_tower", "two_tower", [], "preset: in-batch softmax, temperature 0.1, logQ correction"),
     Run("two_tower+t0.05", "two_tower", ["--model.temperature", "0.05"], "temperature 0.05"),
     Run("two_tower-logq", "two_tower", ["--model.logq_correction", "false"], "no logQ correction"),
-    Run("two_tower+pointwise", "two_tower", ["--model.loss", "pointwise"], "pointwise log loss on the 4 sampled negatives"),
+    Run(
+        "two_tower+pointwise",
+        "two_tower",
+        ["--model.loss", "pointwise"],
+        "pointwise log loss on the 4 sampled negatives",
+    ),
 ]
 
 CENSUS_ROWS = 100_000
@@ -130,6 +181,7 @@ CENSUS_RUNS = [
 
 
 # ---- running the CLI ---------------------------------------------------------------------------
+
 
 def _recsys() -> list[str]:
     script = Path(sys.executable).parent / "recsys"
@@ -149,8 +201,20 @@ def prepare(args: list[str]) -> None:
 
 
 def train_args(section: str, config: str, data: Path, run: Run) -> list[str]:
-    return ["train", "--config", config, "--data", str(data), "--model", run.model, *run.flags,
-            "--nproc-per-node", NPROC, "--run-dir", str(RUNS / section / run.label)]
+    return [
+        "train",
+        "--config",
+        config,
+        "--data",
+        str(data),
+        "--model",
+        run.model,
+        *run.flags,
+        "--nproc-per-node",
+        NPROC,
+        "--run-dir",
+        str(RUNS / section / run.label),
+    ]
 
 
 def train(args: list[str], rerun: bool) -> dict:
@@ -165,7 +229,9 @@ def train(args: list[str], rerun: bool) -> dict:
         shutil.rmtree(run_dir)  # a stale summary.json must not pass for this run's
     print(f"$ {shown(args)}", flush=True)
     start = time.monotonic()
-    done = subprocess.run([*_recsys(), *args, "--training.progress_bar", "false"], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [*_recsys(), *args, "--training.progress_bar", "false"], cwd=ROOT, capture_output=True, text=True
+    )
     if done.returncode or not (run_dir / "summary.json").exists():
         sys.exit(f"error: training failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -201,6 +267,7 @@ def selected(runs: list[Run], only: list[str] | None) -> list[Run]:
 
 # ---- synthetic ---------------------------------------------------------------------------------
 
+
 def synthetic(opts) -> None:
     data = DATA / f"synthetic-{SYNTHETIC_ROWS // 1_000_000}m"
     prep = ["prepare", "synthetic", "--rows", str(SYNTHETIC_ROWS), "--out", str(data)]
@@ -211,13 +278,28 @@ def synthetic(opts) -> None:
         s = train(args, opts.rerun)
         commands.append(shown(args))
         auc, oracle = s["test"]["auc"], s["oracle_auc"]
-        rows.append([run.label, run.note or _settings(run), f"{auc:.4f}", f"{oracle:.4f}", f"{oracle - auc:+.4f}",
-                     f"{s['best_valid'].get('auc', float('nan')):.4f}", str(s["steps"]), f"{s['train_time_s']:.0f}"])
-    print_table(f"Synthetic ({SYNTHETIC_ROWS:,} rows, 2 ranks): test AUC vs oracle",
-                ["run", "settings", "test AUC", "oracle AUC", "gap", "best valid AUC", "steps", "train s"], rows, commands)
+        rows.append(
+            [
+                run.label,
+                run.note or _settings(run),
+                f"{auc:.4f}",
+                f"{oracle:.4f}",
+                f"{oracle - auc:+.4f}",
+                f"{s['best_valid'].get('auc', float('nan')):.4f}",
+                str(s["steps"]),
+                f"{s['train_time_s']:.0f}",
+            ]
+        )
+    print_table(
+        f"Synthetic ({SYNTHETIC_ROWS:,} rows, 2 ranks): test AUC vs oracle",
+        ["run", "settings", "test AUC", "oracle AUC", "gap", "best valid AUC", "steps", "train s"],
+        rows,
+        commands,
+    )
 
 
 # ---- movielens ---------------------------------------------------------------------------------
+
 
 def _ratings(data: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     table = pq.read_table(ROOT / data / split, columns=["user_id", "movie_id", "rating"])
@@ -246,8 +328,11 @@ def bias_baseline(train, valid, test, sweeps: int = 10) -> dict:
     lams = (1, 2, 3, 5, 8, 12, 20, 30)
     best = min(lams, key=lambda lam: errors(*fit(lam), vu, vi, vr)[0])
     e = np.clip(mu, 1, 5) - sr
-    return {"global_mean": (float(np.sqrt((e**2).mean())), float(np.abs(e).mean())),
-            "bias": errors(*fit(best), su, si, sr), "bias_lambda": best}
+    return {
+        "global_mean": (float(np.sqrt((e**2).mean())), float(np.abs(e).mean())),
+        "bias": errors(*fit(best), su, si, sr),
+        "bias_lambda": best,
+    }
 
 
 def movielens(opts) -> None:
@@ -255,31 +340,83 @@ def movielens(opts) -> None:
         print(f"movielens: skipped, {MOVIELENS_INPUT} (relative to the repository root) is not there")
         return
     data = DATA / "movielens"
-    prep = ["prepare", "movielens", "--input", str(MOVIELENS_INPUT), "--out", str(data), "--split", "random", "--seed", "0"]
+    prep = [
+        "prepare",
+        "movielens",
+        "--input",
+        str(MOVIELENS_INPUT),
+        "--out",
+        str(data),
+        "--split",
+        "random",
+        "--seed",
+        "0",
+    ]
     prepare(prep)
     base = bias_baseline(*(_ratings(data, s) for s in ("train", "valid", "test")))
-    rows = [["global mean", "train mean rating", f"{base['global_mean'][0]:.4f}", f"{base['global_mean'][1]:.4f}", "", "", ""],
-            ["user + item bias", f"ALS, 10 sweeps, L2 {base['bias_lambda']} (picked on valid)", f"{base['bias'][0]:.4f}",
-             f"{base['bias'][1]:.4f}", "", "", ""]]
+    rows = [
+        [
+            "global mean",
+            "train mean rating",
+            f"{base['global_mean'][0]:.4f}",
+            f"{base['global_mean'][1]:.4f}",
+            "",
+            "",
+            "",
+        ],
+        [
+            "user + item bias",
+            f"ALS, 10 sweeps, L2 {base['bias_lambda']} (picked on valid)",
+            f"{base['bias'][0]:.4f}",
+            f"{base['bias'][1]:.4f}",
+            "",
+            "",
+            "",
+        ],
+    ]
     commands = [shown(prep)]
     for run in selected(MOVIELENS_RUNS, opts.only):
         args = train_args("movielens", MOVIELENS_CONFIG, data, run)
         s = train(args, opts.rerun)
         commands.append(shown(args))
-        rows.append([run.label, run.note or _settings(run), f"{s['test']['rmse']:.4f}", f"{s['test']['mae']:.4f}",
-                     f"{s['best_valid'].get('rmse', float('nan')):.4f}", str(s["steps"]), f"{s['train_time_s']:.0f}"])
-    print_table("MovieLens-100K ratings (random 80/10/10, 2 ranks): test RMSE / MAE in stars",
-                ["run", "settings", "test RMSE", "test MAE", "best valid RMSE", "steps", "train s"], rows, commands)
+        rows.append(
+            [
+                run.label,
+                run.note or _settings(run),
+                f"{s['test']['rmse']:.4f}",
+                f"{s['test']['mae']:.4f}",
+                f"{s['best_valid'].get('rmse', float('nan')):.4f}",
+                str(s["steps"]),
+                f"{s['train_time_s']:.0f}",
+            ]
+        )
+    print_table(
+        "MovieLens-100K ratings (random 80/10/10, 2 ranks): test RMSE / MAE in stars",
+        ["run", "settings", "test RMSE", "test MAE", "best valid RMSE", "steps", "train s"],
+        rows,
+        commands,
+    )
 
 
 # ---- retrieval ---------------------------------------------------------------------------------
+
 
 def retrieval(opts) -> None:
     if not (ROOT / MOVIELENS_INPUT).is_dir():
         print(f"retrieval: skipped, {MOVIELENS_INPUT} (relative to the repository root) is not there")
         return
     data = DATA / "movielens-implicit-llo"
-    prep = ["prepare", "movielens", "--input", str(MOVIELENS_INPUT), "--out", str(data), "--implicit", "--split", "leave-last-out"]
+    prep = [
+        "prepare",
+        "movielens",
+        "--input",
+        str(MOVIELENS_INPUT),
+        "--out",
+        str(data),
+        "--implicit",
+        "--split",
+        "leave-last-out",
+    ]
     prepare(prep)
     rows, commands, popular = [], [shown(prep)], None
     for run in selected(RETRIEVAL_RUNS, opts.only):
@@ -288,24 +425,63 @@ def retrieval(opts) -> None:
         commands.append(shown(args))
         popular = s["most_popular"]["test"]
         t = s["test"]
-        rows.append([run.label, run.note or _settings(run), f"{t['recall@10']:.4f}", f"{t['ndcg@10']:.4f}", f"{t['recall@50']:.4f}",
-                     f"{t['ndcg@50']:.4f}", f"{t['recall@10'] / popular['recall@10']:.2f}x", f"{s['best_valid']['recall@10']:.4f}",
-                     str(s["best_valid_step"]), f"{s['train_time_s']:.0f}"])
+        rows.append(
+            [
+                run.label,
+                run.note or _settings(run),
+                f"{t['recall@10']:.4f}",
+                f"{t['ndcg@10']:.4f}",
+                f"{t['recall@50']:.4f}",
+                f"{t['ndcg@50']:.4f}",
+                f"{t['recall@10'] / popular['recall@10']:.2f}x",
+                f"{s['best_valid']['recall@10']:.4f}",
+                str(s["best_valid_step"]),
+                f"{s['train_time_s']:.0f}",
+            ]
+        )
     if popular:
-        rows.insert(0, ["most popular", "train counts, the user's earlier items hidden", f"{popular['recall@10']:.4f}",
-                        f"{popular['ndcg@10']:.4f}", f"{popular['recall@50']:.4f}", f"{popular['ndcg@50']:.4f}", "1.00x", "", "", ""])
-    print_table("MovieLens-100K implicit, leave-last-out (943 test users, 1682 items, 2 ranks): top-K over the whole catalogue",
-                ["run", "settings", "test Recall@10", "test NDCG@10", "Recall@50", "NDCG@50", "R@10 vs popular",
-                 "best valid R@10", "best step", "train s"], rows, commands)
+        rows.insert(
+            0,
+            [
+                "most popular",
+                "train counts, the user's earlier items hidden",
+                f"{popular['recall@10']:.4f}",
+                f"{popular['ndcg@10']:.4f}",
+                f"{popular['recall@50']:.4f}",
+                f"{popular['ndcg@50']:.4f}",
+                "1.00x",
+                "",
+                "",
+                "",
+            ],
+        )
+    print_table(
+        "MovieLens-100K implicit, leave-last-out (943 test users, 1682 items, 2 ranks): top-K over the whole catalogue",
+        [
+            "run",
+            "settings",
+            "test Recall@10",
+            "test NDCG@10",
+            "Recall@50",
+            "NDCG@50",
+            "R@10 vs popular",
+            "best valid R@10",
+            "best step",
+            "train s",
+        ],
+        rows,
+        commands,
+    )
 
 
 # ---- census ------------------------------------------------------------------------------------
 
+
 def census_baselines(csv: Path) -> tuple[float, dict]:
     """(oracle AUC of the test rows, {name: test AUC}) for the GBDT baseline on the same splits."""
     import pyarrow.compute as pc
-
     from census_like import auc
+
     from data_pipeline.prepare.tabular import assign_splits, read_table
 
     table = read_table(ROOT / csv)
@@ -341,12 +517,21 @@ def census_baselines(csv: Path) -> tuple[float, dict]:
     x = np.stack(columns, axis=1)
     start = time.monotonic()
     # early stopping on a 10% slice of train (sklearn's own), so the test rows are never looked at
-    gbdt = HistGradientBoostingClassifier(max_iter=500, learning_rate=0.1, categorical_features=np.array(categorical),
-                                          early_stopping=True, validation_fraction=0.1, n_iter_no_change=20, random_state=0)
+    gbdt = HistGradientBoostingClassifier(
+        max_iter=500,
+        learning_rate=0.1,
+        categorical_features=np.array(categorical),
+        early_stopping=True,
+        validation_fraction=0.1,
+        n_iter_no_change=20,
+        random_state=0,
+    )
     gbdt.fit(x[split == 0], labels[split == 0])
     test_prob = gbdt.predict_proba(x[test])[:, 1]
-    results[f"GBDT (HistGradientBoosting, raw columns, {gbdt.n_iter_} trees, early stop on 10% of train, "
-            f"{time.monotonic() - start:.0f} s)"] = auc(test_prob, labels[test])
+    results[
+        f"GBDT (HistGradientBoosting, raw columns, {gbdt.n_iter_} trees, early stop on 10% of train, "
+        f"{time.monotonic() - start:.0f} s)"
+    ] = auc(test_prob, labels[test])
     return oracle, results
 
 
@@ -367,16 +552,31 @@ def census(opts) -> None:
     prepare(prep)
     oracle, baselines = census_baselines(csv)
     rows = [["oracle", "true probabilities of the generator", f"{oracle:.4f}", "", "", ""]]
-    rows += [[name.split(" (")[0], name.split(" (", 1)[1].rstrip(")"), f"{value:.4f}", "", "", ""] for name, value in baselines.items()]
+    rows += [
+        [name.split(" (")[0], name.split(" (", 1)[1].rstrip(")"), f"{value:.4f}", "", "", ""]
+        for name, value in baselines.items()
+    ]
     commands = [f"python benchmarks/census_like.py --rows {CENSUS_ROWS} --out {csv}", shown(prep)]
     for run in selected(CENSUS_RUNS, opts.only):
         args = train_args("census", CENSUS_CONFIG, data, run)
         s = train(args, opts.rerun)
         commands.append(shown(args))
-        rows.append([run.label, run.note or _settings(run), f"{s['test']['auc']:.4f}", f"{s['test']['logloss']:.4f}",
-                     f"{s['best_valid'].get('auc', float('nan')):.4f}", str(s["steps"])])
-    print_table(f"Census-like ({CENSUS_ROWS:,} rows, stratified 80/10/10, 2 ranks): test AUC",
-                ["run", "settings", "test AUC", "test logloss", "best valid AUC", "steps"], rows, commands)
+        rows.append(
+            [
+                run.label,
+                run.note or _settings(run),
+                f"{s['test']['auc']:.4f}",
+                f"{s['test']['logloss']:.4f}",
+                f"{s['best_valid'].get('auc', float('nan')):.4f}",
+                str(s["steps"]),
+            ]
+        )
+    print_table(
+        f"Census-like ({CENSUS_ROWS:,} rows, stratified 80/10/10, 2 ranks): test AUC",
+        ["run", "settings", "test AUC", "test logloss", "best valid AUC", "steps"],
+        rows,
+        commands,
+    )
 
 
 SECTIONS = {"synthetic": synthetic, "movielens": movielens, "census": census, "retrieval": retrieval}
@@ -386,7 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("section", choices=(*SECTIONS, "all"))
     parser.add_argument("--only", nargs="+", help="only the runs whose label contains one of these")
-    parser.add_argument("--rerun", action="store_true", help="train again even where a result for the same command exists")
+    parser.add_argument(
+        "--rerun", action="store_true", help="train again even where a result for the same command exists"
+    )
     opts = parser.parse_args(argv)
     for name in SECTIONS if opts.section == "all" else [opts.section]:
         SECTIONS[name](opts)

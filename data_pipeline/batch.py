@@ -36,7 +36,7 @@ class Batch(Pipelineable):
     labels: torch.Tensor  # [B] float32
     weights: torch.Tensor  # [B] float32; 0 marks a padding row (eval) that counts nowhere
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         return Batch(
             dense=self.dense.to(device=device, non_blocking=non_blocking),
             sparse=self.sparse.to(device=device, non_blocking=non_blocking),
@@ -50,7 +50,7 @@ class Batch(Pipelineable):
         self.labels.record_stream(stream)
         self.weights.record_stream(stream)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """Page-locked copy (a no-op for tensors already pinned), so `to(cuda, non_blocking=True)`
         overlaps with compute. Called by the DataLoader's pin thread when `pin_memory=True`."""
         return Batch(
@@ -66,6 +66,7 @@ class Batch(Pipelineable):
 
 
 # ---- the flat batch buffer ---------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class BatchLayout:
@@ -138,6 +139,7 @@ def _ragged_index(starts: np.ndarray, lengths: np.ndarray, total: int) -> np.nda
 
 
 # ---- Arrow -> numpy ------------------------------------------------------------------------------
+
 
 def _array(table: pa.Table, name: str) -> pa.Array:
     """A column as one Arrow array (a row group read is one chunk; more are combined)."""

@@ -31,11 +31,11 @@ import functools
 import os
 import select
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import forkserver
 from multiprocessing.queues import SimpleQueue
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -192,9 +192,7 @@ class ParquetBatches(IterableDataset):
         info = get_worker_info()
         worker = 0 if info is None else info.id
         if (0 if info is None else info.num_workers) != self.num_workers:
-            raise RuntimeError(
-                f"built for {self.num_workers} loader workers, run with {info and info.num_workers}"
-            )
+            raise RuntimeError(f"built for {self.num_workers} loader workers, run with {info and info.num_workers}")
         ring = None
         if info is not None and self.transport is not None:
             ring = _Ring(worker, self.transport.free[worker], self.transport.slots)
@@ -215,6 +213,7 @@ def _runs(ranges: list[list[int]]) -> np.ndarray:
 
 # ---- worker -> training process transport -----------------------------------------------------
 
+
 @dataclass
 class _Transport:
     free: list[SimpleQueue]  # per worker: slots the training process has copied out
@@ -231,7 +230,7 @@ class SharedBatch:
     length_per_key: list[int]
     ring: torch.Tensor | None
 
-    def pin_memory(self) -> "SharedBatch":
+    def pin_memory(self) -> SharedBatch:
         return self  # the DataLoader's pin thread must not copy the ring; RankLoader pins the copy
 
 

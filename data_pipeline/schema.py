@@ -74,9 +74,7 @@ class DatasetSchema:
     def split_files(self, split: str) -> list[Path]:
         """The split's Parquet files, sorted; raises DataError if the split or its files are missing."""
         if split not in self.splits:
-            raise DataError(
-                f"{self.root / SCHEMA_FILE}: no split '{split}' (splits: {sorted(self.splits)})"
-            )
+            raise DataError(f"{self.root / SCHEMA_FILE}: no split '{split}' (splits: {sorted(self.splits)})")
         split_dir = self.root / self.splits[split].path
         files = sorted(split_dir.glob("*.parquet"))
         if not files:
@@ -103,7 +101,7 @@ class DatasetSchema:
         write_text_atomic(self.root / SCHEMA_FILE, json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, root: str | Path) -> "DatasetSchema":
+    def load(cls, root: str | Path) -> DatasetSchema:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"dataset directory {root} does not exist")
@@ -137,6 +135,7 @@ class DatasetSchema:
 
 
 # ---- checks ------------------------------------------------------------------------------------
+
 
 def _expected_kind(schema: DatasetSchema, column: str) -> str:
     if column == schema.label or column == schema.weight or column in schema.dense:
@@ -225,7 +224,9 @@ def check_row_group(schema: DatasetSchema, table: pa.Table, where: str) -> None:
             bad = pc.invert(pc.is_finite(values))
             if pc.any(bad).as_py():
                 row = _first_bad_row(bad)
-                raise DataError(f"{where}: column '{column}' has a non-finite value ({values[row].as_py()}) at row {row}")
+                raise DataError(
+                    f"{where}: column '{column}' has a non-finite value ({values[row].as_py()}) at row {row}"
+                )
     for f in schema.sparse:
         col = table.column(f.name)
         if f.multi_hot:

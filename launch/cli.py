@@ -40,7 +40,17 @@ def _train(argv: list[str]) -> int:
     except DataError as e:
         print(f"error: {_message(e)}", file=sys.stderr)
         return 2
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(known.nproc_per_node), "-m", "trainer", *rest]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(known.nproc_per_node),
+        "-m",
+        "trainer",
+        *rest,
+    ]
     os.execv(sys.executable, cmd)
     return 0  # not reached
 
@@ -56,8 +66,10 @@ PREPARERS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    usage = (f"usage: recsys {{prepare {{{' | '.join(PREPARERS)}}} | train | export | predict | evaluate | report}} ...  "
-             "(add --help after a command)")
+    usage = (
+        f"usage: recsys {{prepare {{{' | '.join(PREPARERS)}}} | train | export | predict | evaluate | report}} ...  "
+        "(add --help after a command)"
+    )
     if argv[:1] == ["prepare"] and len(argv) > 1 and argv[1] in PREPARERS:
         import importlib
 

@@ -3,9 +3,11 @@
     # this machine, 2 ranks (the same as `recsys train --nproc-per-node 2`)
     torchx run -s local_cwd launch/components.py:train -j 1x2 --config configs/demo.toml
     # trainer flags go after `--`, exactly as `python -m trainer` takes them
-    torchx run -s local_cwd launch/components.py:train -j 1x2 --config configs/demo.toml -- --data.batch_size 512 --run-dir runs/x
+    torchx run -s local_cwd launch/components.py:train -j 1x2 --config configs/demo.toml -- \
+        --data.batch_size 512 --run-dir runs/x
     # 2 nodes x 8 GPUs on Kubernetes (Volcano), or 2 nodes on Slurm; add --dryrun to see the request
-    torchx run -s kubernetes -cfg queue=default launch/components.py:train -j 2x8 --gpu 8 --image REPO/recsys-trainer:gpu ...
+    torchx run -s kubernetes -cfg queue=default launch/components.py:train -j 2x8 --gpu 8 \
+        --image REPO/recsys-trainer:gpu ...
     torchx run -s slurm -cfg partition=gpu,time=2:00:00 launch/components.py:train -j 2x8 --gpu 8 ...
     # `torchx run launch/components.py:train --help` lists every option
 
@@ -74,9 +76,23 @@ def train(
         debug: set PyTorch's debug variables (TORCH_DISTRIBUTED_DEBUG=DETAIL, ...)
     """
     args = (["--config", config] if config else []) + list(overrides)
-    return _ddp("trainer", args, j=j, image=image, name=name, h=h, cpu=cpu, gpu=gpu, memMB=memMB, env=env,
-                mounts=mounts, max_retries=max_retries, rdzv_backend=rdzv_backend, rdzv_port=rdzv_port,
-                debug=debug)
+    return _ddp(
+        "trainer",
+        args,
+        j=j,
+        image=image,
+        name=name,
+        h=h,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        env=env,
+        mounts=mounts,
+        max_retries=max_retries,
+        rdzv_backend=rdzv_backend,
+        rdzv_port=rdzv_port,
+        debug=debug,
+    )
 
 
 def prepare(
@@ -113,9 +129,24 @@ def prepare(
     """
     if parse_nnodes(j)[2] != 1:
         raise ValueError(f"prepare runs one replica per node (-j NNODESx1); got -j {j}")
-    return _ddp("launch.cli", ["prepare", "criteo", *args], j=j, image=image, name=name, h=h, cpu=cpu, gpu=0,
-                memMB=memMB, env=env, mounts=mounts, max_retries=max_retries, rdzv_backend="c10d",
-                rdzv_port=rdzv_port, debug=False, role="prepare")
+    return _ddp(
+        "launch.cli",
+        ["prepare", "criteo", *args],
+        j=j,
+        image=image,
+        name=name,
+        h=h,
+        cpu=cpu,
+        gpu=0,
+        memMB=memMB,
+        env=env,
+        mounts=mounts,
+        max_retries=max_retries,
+        rdzv_backend="c10d",
+        rdzv_port=rdzv_port,
+        debug=False,
+        role="prepare",
+    )
 
 
 def _ddp(module: str, args: List[str], *, j: str, gpu: int, h: Optional[str], role: str = "", **kwargs) -> specs.AppDef:
@@ -123,8 +154,10 @@ def _ddp(module: str, args: List[str], *, j: str, gpu: int, h: Optional[str], ro
     nproc = parse_nnodes(j)[2]  # also rejects a malformed -j with torchx's own message
     gpus = specs.resource(h=h).gpu if h else gpu
     if gpus > 0 and nproc > gpus:
-        raise ValueError(f"-j {j} starts {nproc} processes per node but a node has {gpus} GPUs; "
-                         "each process takes one GPU (cuda:LOCAL_RANK)")
+        raise ValueError(
+            f"-j {j} starts {nproc} processes per node but a node has {gpus} GPUs; "
+            "each process takes one GPU (cuda:LOCAL_RANK)"
+        )
     app = ddp(*args, m=module, j=j, gpu=gpu, h=h, **kwargs)
     if role:
         app.roles[0].name = role

@@ -3,7 +3,7 @@ the trainer builds their embedding tables on the `meta` device and the planner p
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -27,14 +27,19 @@ MODELS: dict[str, ModelBuilder] = {
 }
 
 
-def build_model(cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> nn.Module:
+def build_model(
+    cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device
+) -> nn.Module:
     """The named model wrapped for training with `model.loss`; embedding tables on
     `sparse_device` (`meta` to shard)."""
     if cfg.name not in MODELS:
         raise ValueError(f"model.name '{cfg.name}' is not one of: {', '.join(sorted(MODELS))}")
     if cfg.loss == "in_batch_softmax":
         if schema.task != "binary":
-            raise ValueError(f"model.loss in_batch_softmax needs 0/1 labels (positives are 1); {schema.root} has task '{schema.task}'")
+            raise ValueError(
+                f"model.loss in_batch_softmax needs 0/1 labels (positives are 1); "
+                f"{schema.root} has task '{schema.task}'"
+            )
         model = MODELS[cfg.name](cfg, schema, dense_device, sparse_device)
         num_items = next(f.num_embeddings for f in schema.sparse if f.name == model.item_id)
         return InBatchSoftmax(model, num_items, cfg.logq_correction, dense_device)

@@ -35,7 +35,9 @@ class DeepFM(nn.Module):
     """forward(dense [B, n_dense], sparse KJT) -> logits [B, 1]. Dense features enter the
     first-order term and the deep MLP (the FM pairs sparse fields only)."""
 
-    def __init__(self, cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device
+    ) -> None:
         super().__init__()
         self.num_fields, self.dim = len(schema.sparse), cfg.embedding_dim
         self.features = schema.sparse_names
@@ -53,5 +55,7 @@ class DeepFM(nn.Module):
         return self.first_order(dense, sparse) + second_order(embeddings) + deep
 
 
-def build_deepfm(cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> DeepFM:
+def build_deepfm(
+    cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device
+) -> DeepFM:
     return DeepFM(cfg, schema, dense_device, sparse_device)

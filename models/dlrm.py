@@ -11,7 +11,9 @@ from models.config import ModelConfig
 from models.embeddings import embedding_tables
 
 
-def build_dlrm(cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> DLRM:
+def build_dlrm(
+    cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device
+) -> DLRM:
     ebc = EmbeddingBagCollection(tables=embedding_tables(schema.sparse, cfg.embedding_dim), device=sparse_device)
     common = dict(
         embedding_bag_collection=ebc,

@@ -43,8 +43,14 @@ class SparseLinear(nn.Module):
     The weights are an EmbeddingBagCollection of `<prefix>_<name>` tables, so they shard like
     any table; they start at 0, as a linear model trained online does."""
 
-    def __init__(self, features: list[SparseFeature], num_dense: int, prefix: str,
-                 dense_device: torch.device, sparse_device: torch.device) -> None:
+    def __init__(
+        self,
+        features: list[SparseFeature],
+        num_dense: int,
+        prefix: str,
+        dense_device: torch.device,
+        sparse_device: torch.device,
+    ) -> None:
         super().__init__()
         tables = [
             EmbeddingBagConfig(

@@ -28,7 +28,8 @@ class RankingModel(nn.Module):
     """Pointwise model: weighted loss over `model(batch.dense, batch.sparse)` outputs.
 
     The task comes from `dataset.json`: "binary" -> log loss on logits; "regression" -> squared
-    error on the raw output (metrics clip it to the label range). Rows of weight 0 (evaluation padding) contribute nothing; the loss is the weighted mean.
+    error on the raw output (metrics clip it to the label range). Rows of weight 0 (evaluation
+    padding) contribute nothing; the loss is the weighted mean.
     `forward` only reads attributes of `batch` before calling the model, so the train pipeline's
     tracer can find the sharded embedding lookup's input (`batch.sparse`) and overlap its
     all-to-all with the previous step.
@@ -44,7 +45,9 @@ class RankingModel(nn.Module):
         """Added to the model's output: the middle of a regression label's range, so predictions
         start near the labels (3 stars, not 0) instead of spending the first steps getting there."""
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, batch: Batch
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         logits = self.model(batch.dense, batch.sparse).squeeze(-1) + self.offset
         if self.task == "binary":
             losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
@@ -87,8 +90,15 @@ class InBatchSoftmaxLoss(nn.Module):
         self.logq_correction = logq_correction
         self.register_buffer("candidate_counts", torch.zeros(num_items, dtype=torch.long, device=device))
 
-    def forward(self, user: torch.Tensor, item: torch.Tensor, item_bias: torch.Tensor, sparse: KeyedJaggedTensor,
-                labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        user: torch.Tensor,
+        item: torch.Tensor,
+        item_bias: torch.Tensor,
+        sparse: KeyedJaggedTensor,
+        labels: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
         ids = entity_ids(sparse, self.item_feature)
         present = (weights > 0) & (ids >= 0)
         all_items, all_bias = _gather(item, True), _gather(item_bias, True)
@@ -102,7 +112,9 @@ class InBatchSoftmaxLoss(nn.Module):
         own = query + (dist.get_rank() * len(ids) if dist.is_initialized() else 0)  # each query's column
         logits = user[query] @ all_items.T + all_bias
         if self.logq_correction:
-            share = (self.candidate_counts.double() + 1) / (self.candidate_counts.sum().double() + len(self.candidate_counts))
+            share = (self.candidate_counts.double() + 1) / (
+                self.candidate_counts.sum().double() + len(self.candidate_counts)
+            )
             logits = logits - share.log().float()[all_ids.clamp(min=0)]
         hidden = ~all_present.unsqueeze(0) | (all_ids.unsqueeze(0) == ids[query].unsqueeze(1))
         hidden[torch.arange(len(query), device=own.device), own] = False
@@ -122,7 +134,9 @@ class InBatchSoftmax(nn.Module):
         self.model = model
         self.loss = InBatchSoftmaxLoss(num_items, model.item_id, logq_correction, device)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, batch: Batch
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         user, item, user_bias, item_bias = self.model.encode(batch.dense, batch.sparse)
         scores = (user * item).sum(dim=1) + user_bias + item_bias + self.model.global_bias
         loss = self.loss(user, item, item_bias, batch.sparse, batch.labels, batch.weights)

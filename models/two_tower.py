@@ -39,7 +39,9 @@ def tower_columns(cfg: ModelConfig, schema: DatasetSchema) -> dict[str, list[str
     known = set(schema.sparse_names) | set(schema.dense)
     for side, names in columns.items():
         if not names:
-            raise ValueError(f"two_tower: no {side} features; set model.{side}_features or prepare the dataset with towers")
+            raise ValueError(
+                f"two_tower: no {side} features; set model.{side}_features or prepare the dataset with towers"
+            )
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ValueError(f"two_tower: model.{side}_features names columns the dataset lacks: {', '.join(unknown)}")
@@ -49,10 +51,14 @@ def tower_columns(cfg: ModelConfig, schema: DatasetSchema) -> dict[str, list[str
 class Tower(nn.Module):
     """MLP over [embeddings of its sparse features, its dense features] -> `out_dim` numbers."""
 
-    def __init__(self, sparse: list[str], dense_index: list[int], dim: int, layer_sizes: list[int], device: torch.device) -> None:
+    def __init__(
+        self, sparse: list[str], dense_index: list[int], dim: int, layer_sizes: list[int], device: torch.device
+    ) -> None:
         super().__init__()
         self.sparse = sparse
-        self.register_buffer("dense_index", torch.tensor(dense_index, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer(
+            "dense_index", torch.tensor(dense_index, dtype=torch.long, device=device), persistent=False
+        )
         layers: list[nn.Module] = []
         width = len(sparse) * dim + len(dense_index)
         for size in layer_sizes:
@@ -69,7 +75,9 @@ class Tower(nn.Module):
 class TwoTower(nn.Module):
     """forward(dense [B, n_dense], sparse KJT) -> scores [B, 1]; `encode` gives the parts."""
 
-    def __init__(self, cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device
+    ) -> None:
         super().__init__()
         columns = tower_columns(cfg, schema)
         sparse = {side: [n for n in names if n in schema.sparse_names] for side, names in columns.items()}
@@ -104,5 +112,7 @@ class TwoTower(nn.Module):
         return ((u * v).sum(dim=1) + user_bias + item_bias + self.global_bias).unsqueeze(1)
 
 
-def build_two_tower(cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> TwoTower:
+def build_two_tower(
+    cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device
+) -> TwoTower:
     return TwoTower(cfg, schema, dense_device, sparse_device)

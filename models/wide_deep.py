@@ -28,7 +28,9 @@ def crossed_features(schema: DatasetSchema) -> set[str]:
     return {n for n in names if "_x_" in n and all(part in names for part in n.split("_x_"))}
 
 
-def deep_mlp(in_features: int, layer_sizes: list[int], dropout: float, batch_norm: bool, device: torch.device) -> nn.Sequential:
+def deep_mlp(
+    in_features: int, layer_sizes: list[int], dropout: float, batch_norm: bool, device: torch.device
+) -> nn.Sequential:
     """Linear [-> BatchNorm] -> ReLU [-> Dropout] per hidden layer, then a linear layer to one logit."""
     layers: list[nn.Module] = []
     for size in layer_sizes:
@@ -46,11 +48,16 @@ def deep_mlp(in_features: int, layer_sizes: list[int], dropout: float, batch_nor
 class WideDeep(nn.Module):
     """forward(dense [B, n_dense], sparse KJT) -> logits [B, 1] = wide + deep."""
 
-    def __init__(self, cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device
+    ) -> None:
         super().__init__()
         num_dense = len(schema.dense)
         self.wide = SparseLinear(schema.sparse, num_dense, "wide", dense_device, sparse_device)
-        self.wide.embedding_bag_collection.sparse_optimizer = {"name": "adagrad", "lr": cfg.wide_lr}  # see trainer.optim
+        self.wide.embedding_bag_collection.sparse_optimizer = {
+            "name": "adagrad",
+            "lr": cfg.wide_lr,
+        }  # see trainer.optim
         crosses = crossed_features(schema)
         deep_features = [f for f in schema.sparse if f.name not in crosses]
         ebc = EmbeddingBagCollection(tables=embedding_tables(deep_features, cfg.embedding_dim), device=sparse_device)
@@ -68,5 +75,7 @@ class WideDeep(nn.Module):
         return self.wide(dense, sparse) + deep
 
 
-def build_wide_deep(cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device) -> WideDeep:
+def build_wide_deep(
+    cfg: ModelConfig, schema: DatasetSchema, dense_device: torch.device, sparse_device: torch.device
+) -> WideDeep:
     return WideDeep(cfg, schema, dense_device, sparse_device)

@@ -4,9 +4,9 @@ non-root user that TorchX can start any command as, and copy what the image need
 
 import io
 import re
-import tomllib
 
 import pytest
+import tomllib
 from dockerfile_parse import DockerfileParser
 
 from tests.conftest import ROOT
@@ -37,8 +37,13 @@ def pins(text: str) -> dict[str, str]:
 
 def pip_installs(kind: str) -> list[str]:
     """Every `pip install ...` command of the RUN instructions."""
-    return [cmd.strip() for op, value in instructions(kind) if op == "RUN" for cmd in re.split(r"&&|;", value)
-            if "pip install" in cmd]
+    return [
+        cmd.strip()
+        for op, value in instructions(kind)
+        if op == "RUN"
+        for cmd in re.split(r"&&|;", value)
+        if "pip install" in cmd
+    ]
 
 
 def test_dockerfiles_and_makefile_pin_the_same_triple():
@@ -51,7 +56,9 @@ def test_dockerfiles_and_makefile_pin_the_same_triple():
             assert image_pins.get(package) == version, (path.name, package)
         assert "--no-deps torchrec" in text, path.name
         # whatever both pin, they pin alike; the unpinned helpers are the same set
-        assert {p: v for p, v in image_pins.items() if p in make_pins} == {p: v for p, v in make_pins.items() if p in image_pins}
+        assert {p: v for p, v in image_pins.items() if p in make_pins} == {
+            p: v for p, v in make_pins.items() if p in image_pins
+        }
         assert any(c.endswith("pyre-extensions tensordict iopath") for c in pip_installs(kind)), path.name
     for package, version in {**TRIPLE, "fbgemm-gpu-cpu": "1.8.0"}.items():
         assert make_pins.get(package) == version, package
@@ -66,7 +73,9 @@ def test_dockerfile_installs_the_project_dependencies_from_pyproject(kind):
     a layer that only pyproject.toml invalidates; the project itself goes in with --no-deps."""
     steps = instructions(kind)
     copy_pyproject = steps.index(("COPY", "pyproject.toml ./"))
-    install_deps = next(i for i, (op, value) in enumerate(steps) if op == "RUN" and "['project']['dependencies']" in value)
+    install_deps = next(
+        i for i, (op, value) in enumerate(steps) if op == "RUN" and "['project']['dependencies']" in value
+    )
     first_source = next(i for i, (op, value) in enumerate(steps) if op == "COPY" and value.split()[0] in PACKAGES)
     assert copy_pyproject < install_deps < first_source
     assert "pip install --no-cache-dir -r /tmp/requirements.txt" in steps[install_deps][1]
@@ -77,7 +86,9 @@ def test_dockerfile_installs_the_project_dependencies_from_pyproject(kind):
 def test_dockerfile_layers_are_small_and_cache_friendly(kind):
     steps = instructions(kind)
     assert [op for op, _ in steps].count("FROM") == 1
-    torch_layer = next(i for i, (op, value) in enumerate(steps) if op == "RUN" and "torch==2.13.0" in value and "pip install" in value)
+    torch_layer = next(
+        i for i, (op, value) in enumerate(steps) if op == "RUN" and "torch==2.13.0" in value and "pip install" in value
+    )
     assert all(op != "COPY" for op, _ in steps[:torch_layer])  # no source change rebuilds the torch layer
     for command in pip_installs(kind):
         assert "--no-cache-dir" in command, command
@@ -97,7 +108,7 @@ def test_dockerfile_runs_as_non_root_without_entrypoint(kind):
     assert users, "no USER: the image would run as root"
     last_user = steps[users[-1]][1].split(":")[0]
     assert last_user not in ("root", "0")
-    assert all(op != "RUN" for op, _ in steps[users[-1]:])  # nothing after it runs as root again
+    assert all(op != "RUN" for op, _ in steps[users[-1] :])  # nothing after it runs as root again
     assert any(op == "RUN" and re.search(rf"useradd .*\b{last_user}$", value) for op, value in steps)
     # TorchX (local_docker, kubernetes) starts `bash -c "torchrun ..."` as the container command:
     # an ENTRYPOINT would be put in front of it
@@ -123,15 +134,21 @@ def test_gpu_image_cuda_matches_its_wheel_index():
     base = parser.baseimage  # ARG defaults substituted
     cu = parser.args["CU"]
     assert cu in CUDA_BUILDS, f"torch 2.13 / fbgemm-gpu 1.8.0 publish {sorted(CUDA_BUILDS)}, not {cu}"
-    assert re.fullmatch(rf"nvidia/cuda:{re.escape(CUDA_BUILDS[cu])}\.\d+-(base|runtime|cudnn-runtime)-ubuntu\d\d\.04", base), base
+    assert re.fullmatch(
+        rf"nvidia/cuda:{re.escape(CUDA_BUILDS[cu])}\.\d+-(base|runtime|cudnn-runtime)-ubuntu\d\d\.04", base
+    ), base
     index = "--index-url https://download.pytorch.org/whl/${CU}"
     installs = pip_installs("gpu")
     assert any(c.startswith("pip install --no-cache-dir torch==2.13.0") and c.endswith(index) for c in installs)
     assert any(c.startswith("pip install --no-cache-dir fbgemm-gpu==1.8.0") and c.endswith(index) for c in installs)
-    assert any(c.endswith("torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu") for c in pip_installs("cpu"))
+    assert any(
+        c.endswith("torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu") for c in pip_installs("cpu")
+    )
 
 
-def test_test_dependencies_are_installed_by_make():
-    assert any(d.startswith("dockerfile-parse") for d in PYPROJECT["project"]["optional-dependencies"]["test"])
-    install_line = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "pip install" in line and "pytest" in line)
-    assert "dockerfile-parse" in install_line
+def test_test_and_lint_dependencies_are_installed_by_make():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert any(d.startswith("dockerfile-parse") for d in extras["test"])
+    assert any(d.startswith("ruff==") for d in extras["lint"])  # pinned: formatting differs across releases
+    install = [line for line in (ROOT / "Makefile").read_text().splitlines() if "pip install" in line and "-e" in line]
+    assert any('-e ".[test,lint]"' in line for line in install), install

@@ -18,7 +18,7 @@ the users x items score matrix).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -68,14 +68,18 @@ def _positives(schema: DatasetSchema, split: str, user: str, item: str) -> tuple
     """(user ids, item ids) of the split's rows with label 1."""
     tables = [pq.read_table(f, columns=[user, item, schema.label]) for f in schema.split_files(split)]
     table = pa.concat_tables(tables)
-    table = table.filter(pc.and_(pc.greater(table[schema.label], 0), pc.and_(pc.is_valid(table[user]), pc.is_valid(table[item]))))
+    table = table.filter(
+        pc.and_(pc.greater(table[schema.label], 0), pc.and_(pc.is_valid(table[user]), pc.is_valid(table[item])))
+    )
     return table[user].to_numpy(), table[item].to_numpy()
 
 
 def item_features(items: pa.Table, schema: DatasetSchema, item_feature: str, num_items: int) -> torch.Tensor | None:
     """[num_items, values] unit rows: the first multi-hot feature of the catalogue as a bag of its
     values per item (zero rows for items without one), for diversity@K; None if it has none."""
-    feature = next((f for f in schema.sparse if f.multi_hot and f.name != item_feature and f.name in items.column_names), None)
+    feature = next(
+        (f for f in schema.sparse if f.multi_hot and f.name != item_feature and f.name in items.column_names), None
+    )
     if feature is None:
         return None
     lists = items[feature.name].combine_chunks()
@@ -104,8 +108,17 @@ def intra_list_diversity(features: torch.Tensor, top: torch.Tensor) -> torch.Ten
 class CatalogueRetrieval:
     """Recall@K / NDCG@K of the model and of the most-popular baseline on the valid and test splits."""
 
-    def __init__(self, schema: DatasetSchema, user_feature: str, item_feature: str, ks: list[int],
-                 rank: int, world_size: int, device: torch.device, batch_size: int = 4096) -> None:
+    def __init__(
+        self,
+        schema: DatasetSchema,
+        user_feature: str,
+        item_feature: str,
+        ks: list[int],
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        batch_size: int = 4096,
+    ) -> None:
         self.schema, self.ks, self.rank, self.world_size, self.device = schema, sorted(ks), rank, world_size, device
         self.batch_size = batch_size
         self.user_feature, self.item_feature = user_feature, item_feature
@@ -116,7 +129,9 @@ class CatalogueRetrieval:
         self.items = items.filter(pc.is_valid(items[item_feature]))
         self.item_ids = torch.from_numpy(self.items[item_feature].to_numpy().astype(np.int64))
         self.users = pq.read_table(schema.root / schema.extra["users"])
-        self.popularity = torch.from_numpy(np.bincount(self.positives["train"][1], minlength=self.num_items).astype(np.float32))
+        self.popularity = torch.from_numpy(
+            np.bincount(self.positives["train"][1], minlength=self.num_items).astype(np.float32)
+        )
         self.features = item_features(self.items, schema, item_feature, self.num_items)
         self.diverse_ks = [k for k in self.ks if k >= 2] if self.features is not None else []
 
@@ -168,7 +183,9 @@ class CatalogueRetrieval:
         names = list(top_k_metrics(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), self.ks))
         names += [f"popularity_lift@{k}" for k in self.ks] + [f"diversity@{k}" for k in self.diverse_ks]
         features = self.features.to(self.device) if self.features is not None else None
-        totals = torch.zeros(2, len(names) + 1, dtype=torch.float64, device=self.device)  # (model, popular) x (metrics, users)
+        totals = torch.zeros(
+            2, len(names) + 1, dtype=torch.float64, device=self.device
+        )  # (model, popular) x (metrics, users)
         shown = torch.zeros(2, len(self.ks), self.num_items, device=self.device)  # items in someone's top K
         in_catalogue = ~catalogue.isinf()
         mean_popularity = self.popularity.to(self.device)[in_catalogue].mean().clamp(min=1e-12)
@@ -181,7 +198,9 @@ class CatalogueRetrieval:
                 metrics = top_k_metrics(scores, relevant, self.ks)
                 top = scores.topk(min(max(self.ks), self.num_items), dim=1).indices
                 for i, k in enumerate(self.ks):  # how popular, and how many distinct, the items shown are
-                    metrics[f"popularity_lift@{k}"] = self.popularity.to(self.device)[top[:, :k]].mean(dim=1) / mean_popularity
+                    metrics[f"popularity_lift@{k}"] = (
+                        self.popularity.to(self.device)[top[:, :k]].mean(dim=1) / mean_popularity
+                    )
                     shown[row, i, top[:, :k].flatten()] = 1
                 for k in self.diverse_ks:
                     metrics[f"diversity@{k}"] = intra_list_diversity(features, top[:, :k])
@@ -190,8 +209,13 @@ class CatalogueRetrieval:
         if dist.is_initialized():
             dist.all_reduce(totals)
             dist.all_reduce(shown, op=dist.ReduceOp.MAX)
-        results = [{name: (totals[row, j] / totals[row, -1].clamp(min=1)).item() for j, name in enumerate(names)} for row in (0, 1)]
+        results = [
+            {name: (totals[row, j] / totals[row, -1].clamp(min=1)).item() for j, name in enumerate(names)}
+            for row in (0, 1)
+        ]
         for row in (0, 1):  # catalogue coverage: the share of the catalogue that some user is shown
             for i, k in enumerate(self.ks):
-                results[row][f"coverage@{k}"] = (shown[row, i] * in_catalogue).sum().item() / max(int(in_catalogue.sum()), 1)
+                results[row][f"coverage@{k}"] = (shown[row, i] * in_catalogue).sum().item() / max(
+                    int(in_catalogue.sum()), 1
+                )
         return results[0], results[1]

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import tomllib
 import tyro
 
 from data_pipeline.config import DataConfig
@@ -66,9 +66,13 @@ class OptimizerConfig:
         if self.sparse not in ("rowwise_adagrad", "adagrad", "sgd"):
             raise ValueError(f"optimizer.sparse must be rowwise_adagrad, adagrad or sgd, got '{self.sparse}'")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"optimizer.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'")
+            raise ValueError(
+                f"optimizer.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'"
+            )
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip_norm < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("optimizer: warmup_steps, weight_decay, grad_clip_norm must be >= 0, min_lr_ratio in [0, 1]")
+            raise ValueError(
+                "optimizer: warmup_steps, weight_decay, grad_clip_norm must be >= 0, min_lr_ratio in [0, 1]"
+            )
         self.table_lrs()  # validate the "table=lr" entries now
 
     def table_lrs(self) -> dict[str, float]:
@@ -89,13 +93,15 @@ UVM_KERNELS = ("fused_uvm", "fused_uvm_caching")
 
 
 def _table_entries(entries: list[str], key: str, allowed: tuple[str, ...]) -> dict[str, list[str]]:
-    """"table=a+b" entries -> {table: [a, b]}, each value one of `allowed`."""
+    """ "table=a+b" entries -> {table: [a, b]}, each value one of `allowed`."""
     out = {}
     for entry in entries:
         table, sep, values = entry.partition("=")
         choices = [v.strip() for v in values.split("+") if v.strip()]
         if not sep or not table.strip() or not choices:
-            raise ValueError(f"sharding.{key} entries look like 't_cat_25={allowed[0]}' (several joined by +), got '{entry}'")
+            raise ValueError(
+                f"sharding.{key} entries look like 't_cat_25={allowed[0]}' (several joined by +), got '{entry}'"
+            )
         unknown = [c for c in choices if c not in allowed]
         if unknown:
             raise ValueError(f"sharding.{key}: unknown {unknown} in '{entry}'; choose from {allowed}")
@@ -147,7 +153,10 @@ class ShardingConfig:
         self.table_types(), self.table_kernels()  # validate the "table=..." entries now
         if not 0 < self.cache_load_factor <= 1 or not 0 <= self.storage_reserve < 1:
             raise ValueError("sharding.cache_load_factor must lie in (0, 1] and sharding.storage_reserve in [0, 1)")
-        if min(self.min_partition, self.hbm_cap_gb, self.ddr_cap_gb, self.intra_host_bw_gbps, self.inter_host_bw_gbps) < 0:
+        if (
+            min(self.min_partition, self.hbm_cap_gb, self.ddr_cap_gb, self.intra_host_bw_gbps, self.inter_host_bw_gbps)
+            < 0
+        ):
             raise ValueError("sharding: min_partition, caps and bandwidths must be >= 0")
 
     def table_types(self) -> dict[str, list[str]]:
@@ -217,8 +226,12 @@ class TrainingConfig:
     an uninterrupted run. For time-boxed jobs, and for testing resumption."""
 
     def __post_init__(self) -> None:
-        if self.profile_steps and (len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]):
-            raise ValueError(f"training.profile_steps must be [first, last] with 1 <= first <= last, got {self.profile_steps}")
+        if self.profile_steps and (
+            len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]
+        ):
+            raise ValueError(
+                f"training.profile_steps must be [first, last] with 1 <= first <= last, got {self.profile_steps}"
+            )
         if self.stop_at_step < 0 or self.table_stats_max_rows < 0 or self.threads < 0:
             raise ValueError("training.stop_at_step, training.table_stats_max_rows and training.threads must be >= 0")
         if self.epochs <= 0 or self.max_steps < 0 or self.eval_every < 0 or self.log_every <= 0:

@@ -15,11 +15,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.collective_utils import invoke_on_rank_and_broadcast_result
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-from torchrec.distributed.planner.types import HardwareConfig, KernelConfig, PlannerError, TopologyFactory, TrainerConfig
+from torchrec.distributed.planner.types import (
+    HardwareConfig,
+    KernelConfig,
+    PlannerError,
+    TopologyFactory,
+    TrainerConfig,
+)
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import CacheParams, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -102,23 +108,32 @@ def topology(env: DistEnv, sharding: ShardingConfig) -> Topology:
     return TopologyFactory.create_topology(
         TrainerConfig(world_size=env.world_size, local_world_size=env.local_world_size),
         hardware,
-        KernelConfig(compute_device=env.device.type, use_hardware_based_bandwidth=True),  # our bandwidths, defaults for unset ones
+        KernelConfig(
+            compute_device=env.device.type, use_hardware_based_bandwidth=True
+        ),  # our bandwidths, defaults for unset ones
     )
 
 
 def table_constraints(model: nn.Module, sharding: ShardingConfig, device_type: str) -> dict[str, ParameterConstraints]:
     """One ParameterConstraints per table: the allowed sharding types and kernels (per-table
     entries override the global lists), the cache size for UVM caching, the narrowest column shard."""
-    tables = [t.name for m in model.modules() if isinstance(m, EmbeddingBagCollection) for t in m.embedding_bag_configs()]
+    tables = [
+        t.name for m in model.modules() if isinstance(m, EmbeddingBagCollection) for t in m.embedding_bag_configs()
+    ]
     types, kernels = sharding.table_types(), sharding.table_kernels()
     unknown = sorted((set(types) | set(kernels)) - set(tables))
     if unknown:
-        raise ValueError(f"sharding.table_*: no table named {', '.join(unknown)}; the model's tables: {', '.join(tables)}")
+        raise ValueError(
+            f"sharding.table_*: no table named {', '.join(unknown)}; the model's tables: {', '.join(tables)}"
+        )
     constraints = {}
     for table in tables:
         table_kernels = kernels.get(table, sharding.compute_kernels) or None
         if device_type != "cuda" and table_kernels and set(table_kernels) & set(UVM_KERNELS):
-            raise ValueError(f"sharding: {table} may only use {table_kernels}, but UVM kernels need a GPU (this run is on {device_type})")
+            raise ValueError(
+                f"sharding: {table} may only use {table_kernels}, but UVM kernels need a GPU "
+                f"(this run is on {device_type})"
+            )
         constraints[table] = ParameterConstraints(
             sharding_types=types.get(table, sharding.sharding_types),
             compute_kernels=table_kernels,
@@ -128,13 +143,16 @@ def table_constraints(model: nn.Module, sharding: ShardingConfig, device_type: s
     return constraints
 
 
-def plan_sharding(model: nn.Module, env: DistEnv, batch_size: int, sharding: ShardingConfig | None = None) -> ShardingPlan:
+def plan_sharding(
+    model: nn.Module, env: DistEnv, batch_size: int, sharding: ShardingConfig | None = None
+) -> ShardingPlan:
     """Ask torchrec's planner where each table goes (see `plan_with_estimate`)."""
     return plan_with_estimate(model, env, batch_size, sharding)[0]
 
 
-def plan_with_estimate(model: nn.Module, env: DistEnv, batch_size: int,
-                       sharding: ShardingConfig | None = None) -> tuple[ShardingPlan, list[dict[str, float]] | None]:
+def plan_with_estimate(
+    model: nn.Module, env: DistEnv, batch_size: int, sharding: ShardingConfig | None = None
+) -> tuple[ShardingPlan, list[dict[str, float]] | None]:
     """(plan, the planner's estimate of each rank's memory) from torchrec's planner. Rank 0 plans
     and broadcasts the plan (or its failure), so all ranks agree even if their estimates differ,
     and all fail together."""

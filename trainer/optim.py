@@ -32,7 +32,9 @@ SPARSE_OPTIMIZER_HINT = "sparse_optimizer"
 rate than the configured one."""
 
 
-def apply_sparse_optimizer(model: nn.Module, name: str, lr: float, eps: float, table_lr: dict[str, float] | None = None) -> None:
+def apply_sparse_optimizer(
+    model: nn.Module, name: str, lr: float, eps: float, table_lr: dict[str, float] | None = None
+) -> None:
     """Fuse optimizer `name` at `lr` into every EmbeddingBagCollection's backward, or what the
     collection's `SPARSE_OPTIMIZER_HINT` asks for; `table_lr` overrides the rate of single tables
     (by table name). The hint lets a model train some tables differently (Wide&Deep's wide part:
@@ -52,8 +54,9 @@ def apply_sparse_optimizer(model: nn.Module, name: str, lr: float, eps: float, t
         raise ValueError(f"optimizer.table_lr names tables the model does not have: {', '.join(sorted(table_lr))}")
 
 
-def build_optimizer(model: nn.Module, dense: str, lr: float, eps: float, weight_decay: float = 0.0,
-                    grad_clip_norm: float = 0.0) -> CombinedOptimizer:
+def build_optimizer(
+    model: nn.Module, dense: str, lr: float, eps: float, weight_decay: float = 0.0, grad_clip_norm: float = 0.0
+) -> CombinedOptimizer:
     """Dense optimizer over every parameter not already updated in backward, combined with the
     sharded model's fused optimizer (so one `step`/`zero_grad`/`state_dict` covers both).
     Clipping (torchrec's GradientClippingOptimizer) sees the dense gradients after DDP's
@@ -87,8 +90,17 @@ class LearningRates:
     on the validation metric, and the LambdaLR stops after warmup so it does not undo the drops.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, schedule: str, warmup_steps: int,
-                 min_lr_ratio: float, plateau_factor: float, plateau_patience: int, higher_is_better: bool) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        schedule: str,
+        warmup_steps: int,
+        min_lr_ratio: float,
+        plateau_factor: float,
+        plateau_patience: int,
+        higher_is_better: bool,
+    ) -> None:
         self.schedule, self.warmup_steps = schedule, warmup_steps
         self.optimizer = optimizer
         self.per_step = torch.optim.lr_scheduler.LambdaLR(

@@ -1,10 +1,10 @@
 """What a run leaves behind in its run directory (rank 0 writes; other ranks hold a no-op log).
 
-    config.toml     the resolved config (reload it with --config to repeat the run)
-    plan.txt        the sharding plan
-    metrics.jsonl   one JSON record per log/eval event
-    summary.json    final figures (written atomically at the end)
-    tb/             TensorBoard curves
+config.toml     the resolved config (reload it with --config to repeat the run)
+plan.txt        the sharding plan
+metrics.jsonl   one JSON record per log/eval event
+summary.json    final figures (written atomically at the end)
+tb/             TensorBoard curves
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from data_pipeline.atomic import write_text_atomic
 
 
 class RunLog:
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True, purge_step: int | None = None) -> None:
+    def __init__(
+        self, run_dir: str | Path, enabled: bool, tensorboard: bool = True, purge_step: int | None = None
+    ) -> None:
         """`purge_step`: a resumed run's first step; TensorBoard drops the events a failed attempt
         wrote from there on."""
         self.dir = Path(run_dir)

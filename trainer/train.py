@@ -18,8 +18,8 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -33,14 +33,24 @@ from data_pipeline.batch import Batch
 from data_pipeline.reader import ParquetBatches, RankLoader
 from data_pipeline.schema import DataError, DatasetSchema, check_files
 from models import build_model
-from trainer.checkpoint import (Checkpointer, Resume, committed, fault, find_init, lr_state, set_lr_state,
-                                set_rng_state, step_dir_name, truncate_records)
+from trainer.catalogue import CatalogueRetrieval, supports_retrieval
+from trainer.checkpoint import (
+    Checkpointer,
+    Resume,
+    committed,
+    fault,
+    find_init,
+    lr_state,
+    set_lr_state,
+    set_rng_state,
+    step_dir_name,
+    truncate_records,
+)
 from trainer.config import Config
 from trainer.distributed import DistEnv, describe_plan, local_state_tensors, plan_with_estimate, shard_model
 from trainer.metrics import BestValidation, headline, task_metrics
 from trainer.observe import StepProfiler, TableCoverage, memory_per_rank, memory_record
 from trainer.optim import LearningRates, apply_sparse_optimizer, build_optimizer
-from trainer.catalogue import CatalogueRetrieval, supports_retrieval
 from trainer.run_log import RunLog
 
 SPLITS = ("train", "valid", "test")
@@ -57,20 +67,44 @@ def preflight(cfg: Config) -> DatasetSchema:
 def train_loader(cfg: Config, env: DistEnv, schema: DatasetSchema) -> RankLoader:
     """This rank's share of the train split: shuffled, full batches only (pinned on CUDA)."""
     data = cfg.data
-    return RankLoader(ParquetBatches(schema, "train", data.batch_size, env.rank, env.world_size, shuffle=data.shuffle,
-                                     num_workers=data.num_workers, drop_last=True, seed=cfg.training.seed,
-                                     shuffle_buffer_rows=data.shuffle_buffer_rows), env.device.type == "cuda")
+    return RankLoader(
+        ParquetBatches(
+            schema,
+            "train",
+            data.batch_size,
+            env.rank,
+            env.world_size,
+            shuffle=data.shuffle,
+            num_workers=data.num_workers,
+            drop_last=True,
+            seed=cfg.training.seed,
+            shuffle_buffer_rows=data.shuffle_buffer_rows,
+        ),
+        env.device.type == "cuda",
+    )
 
 
 def eval_loader(cfg: Config, env: DistEnv, schema: DatasetSchema, split: str) -> RankLoader:
     """This rank's share of `split` in file order, every row (the last batch padded)."""
-    return RankLoader(ParquetBatches(schema, split, cfg.data.eval_batch_size, env.rank, env.world_size, shuffle=False,
-                                     num_workers=cfg.data.num_workers, drop_last=False, seed=cfg.training.seed),
-                      env.device.type == "cuda")
+    return RankLoader(
+        ParquetBatches(
+            schema,
+            split,
+            cfg.data.eval_batch_size,
+            env.rank,
+            env.world_size,
+            shuffle=False,
+            num_workers=cfg.data.num_workers,
+            drop_last=False,
+            seed=cfg.training.seed,
+        ),
+        env.device.type == "cuda",
+    )
 
 
-def build_sharded(cfg: Config, env: DistEnv, schema: DatasetSchema
-                  ) -> tuple[DistributedModelParallel, CombinedOptimizer, ShardingPlan, list[dict[str, float]] | None]:
+def build_sharded(
+    cfg: Config, env: DistEnv, schema: DatasetSchema
+) -> tuple[DistributedModelParallel, CombinedOptimizer, ShardingPlan, list[dict[str, float]] | None]:
     """The model as it trains: built with its tables on `meta`, the sparse optimizer fused into
     them, planned, sharded (DMP), and the dense optimizer combined with the fused one. Returns
     (model, optimizer, plan, the planner's memory estimate per rank). One path, so the trainer
@@ -111,8 +145,16 @@ class Trainer:
         self.towers = self.model.module.model  # the model inside the loss wrapper
         self.retrieval = None
         if cfg.training.top_k and hasattr(self.towers, "encode") and supports_retrieval(schema):
-            self.retrieval = CatalogueRetrieval(schema, self.towers.user_id, self.towers.item_id, cfg.training.top_k,
-                                                env.rank, env.world_size, env.device, data.eval_batch_size)
+            self.retrieval = CatalogueRetrieval(
+                schema,
+                self.towers.user_id,
+                self.towers.item_id,
+                cfg.training.top_k,
+                env.rank,
+                env.world_size,
+                env.device,
+                data.eval_batch_size,
+            )
         self.most_popular: dict[str, dict[str, float]] = {}  # split -> the baseline's retrieval metrics
 
         self.checkpoints = Checkpointer(cfg, env, self.model, self.optimizer, schema)
@@ -122,9 +164,14 @@ class Trainer:
         self.table_stats: dict[str, float] = {}
         self.dropped_records = 0
         if resume is not None and env.is_main:  # records of a failed attempt after the checkpoint go
-            self.dropped_records = truncate_records(Path(cfg.run_dir) / "metrics.jsonl", resume.meta["train_state"]["metrics_bytes"])
-        self.log = RunLog(cfg.run_dir, enabled=env.is_main,
-                          purge_step=resume.meta["train_state"]["step"] + 1 if resume is not None else None)
+            self.dropped_records = truncate_records(
+                Path(cfg.run_dir) / "metrics.jsonl", resume.meta["train_state"]["metrics_bytes"]
+            )
+        self.log = RunLog(
+            cfg.run_dir,
+            enabled=env.is_main,
+            purge_step=resume.meta["train_state"]["step"] + 1 if resume is not None else None,
+        )
         self.step = 0
         self.saved_step = -1  # the step of the last checkpoint this run saved or loaded
         self.valid_step: int | None = None
@@ -136,8 +183,16 @@ class Trainer:
         every_step = sum(self.steps_per_epoch)
         self.total_steps = min(every_step, cfg.training.max_steps or every_step)
         self.higher_is_better = schema.task == "binary"  # the headline metric: auc up, rmse down
-        self.lr = LearningRates(self.optimizer, self.total_steps, opt.lr_schedule, opt.warmup_steps, opt.min_lr_ratio,
-                                opt.plateau_factor, opt.plateau_patience, self.higher_is_better)
+        self.lr = LearningRates(
+            self.optimizer,
+            self.total_steps,
+            opt.lr_schedule,
+            opt.warmup_steps,
+            opt.min_lr_ratio,
+            opt.plateau_factor,
+            opt.plateau_patience,
+            self.higher_is_better,
+        )
 
     def _bf16_forward(self, batch: Batch):
         """The model's forward under bfloat16 autocast; outputs back in fp32 for the loss's
@@ -184,7 +239,9 @@ class Trainer:
     def evaluate(self, split: str) -> dict[str, float]:
         """Score every row of `split` once (ranks pad to equal batch counts; padding is not scored)."""
         self.model.eval()
-        metrics = task_metrics(self.schema.task, self.env.device, self.schema.label_range, self.cfg.training.auroc_thresholds)
+        metrics = task_metrics(
+            self.schema.task, self.env.device, self.schema.label_range, self.cfg.training.auroc_thresholds
+        )
         batches = iter(self.eval_data[split])
         while True:
             try:
@@ -196,7 +253,9 @@ class Trainer:
         if self.retrieval is not None:
             if hasattr(self.pipeline, "detach"):
                 self.pipeline.detach()  # the tables' own forward back; the next progress() re-attaches
-            retrieved, self.most_popular[split] = self.retrieval.evaluate(split, lambda b: self.towers.encode(b.dense, b.sparse))
+            retrieved, self.most_popular[split] = self.retrieval.evaluate(
+                split, lambda b: self.towers.encode(b.dense, b.sparse)
+            )
             results = {**retrieved, **results}  # first: the headline metric
         self.model.train()
         return results
@@ -209,15 +268,26 @@ class Trainer:
     def _train_state(self, epoch: int, position: int, valid: dict, best: BestValidation) -> dict:
         """Everything besides model and optimizer tensors that the run needs to continue exactly."""
         metrics = Path(self.cfg.run_dir) / "metrics.jsonl"
-        complete = self.step >= self.total_steps or best.should_stop or (
-            epoch == self.cfg.training.epochs - 1 and position >= self.steps_per_epoch[epoch])
+        complete = (
+            self.step >= self.total_steps
+            or best.should_stop
+            or (epoch == self.cfg.training.epochs - 1 and position >= self.steps_per_epoch[epoch])
+        )
         return {
-            "step": self.step, "epoch": epoch, "epoch_batches": position, "complete": complete,
-            "world_size": self.env.world_size, "batch_size": self.cfg.data.batch_size,
-            "num_workers": self.train_data.dataset.num_workers, "seed": self.cfg.training.seed,
-            "lr": lr_state(self.lr), "valid": valid, "valid_step": self.valid_step,
+            "step": self.step,
+            "epoch": epoch,
+            "epoch_batches": position,
+            "complete": complete,
+            "world_size": self.env.world_size,
+            "batch_size": self.cfg.data.batch_size,
+            "num_workers": self.train_data.dataset.num_workers,
+            "seed": self.cfg.training.seed,
+            "lr": lr_state(self.lr),
+            "valid": valid,
+            "valid_step": self.valid_step,
             "best": {"metrics": best.metrics, "step": best.step, "evals_since_best": best.evals_since_best},
-            "train_time": self.train_time, "most_popular": self.most_popular,
+            "train_time": self.train_time,
+            "most_popular": self.most_popular,
             "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
         }
 
@@ -236,27 +306,56 @@ class Trainer:
         state, notes = self.checkpoints.load(self.resume)
         self.step, self.saved_step = state["step"], state["step"]
         set_lr_state(self.lr, state["lr"])
-        best.metrics, best.step, best.evals_since_best = state["best"]["metrics"], state["best"]["step"], state["best"]["evals_since_best"]
-        self.train_time, self.most_popular, self.valid_step = state["train_time"], state["most_popular"], state["valid_step"]
+        best.metrics, best.step, best.evals_since_best = (
+            state["best"]["metrics"],
+            state["best"]["step"],
+            state["best"]["evals_since_best"],
+        )
+        self.train_time, self.most_popular, self.valid_step = (
+            state["train_time"],
+            state["most_popular"],
+            state["valid_step"],
+        )
         epoch, position = state["epoch"], state["epoch_batches"]
         # 0 and 1 workers read the same order (one share of the rank's row groups)
-        same_order = (state["world_size"], state["batch_size"], max(state["num_workers"], 1), state["seed"]) == \
-            (self.env.world_size, self.cfg.data.batch_size, self.train_data.dataset.shares, self.cfg.training.seed)
+        same_order = (state["world_size"], state["batch_size"], max(state["num_workers"], 1), state["seed"]) == (
+            self.env.world_size,
+            self.cfg.data.batch_size,
+            self.train_data.dataset.shares,
+            self.cfg.training.seed,
+        )
         if not same_order:  # another data order: skip the same share of the epoch's rows
             rows = position * state["batch_size"] * state["world_size"]
-            position = min(rows // self.global_batch, self.steps_per_epoch[epoch] if epoch < len(self.steps_per_epoch) else 0)
-            notes.append("world size, batch size, loader workers or seed changed: the data order differs from the "
-                         f"original run's; resuming epoch {epoch} at batch {position} (the same share of its rows)")
+            position = min(
+                rows // self.global_batch, self.steps_per_epoch[epoch] if epoch < len(self.steps_per_epoch) else 0
+            )
+            notes.append(
+                "world size, batch size, loader workers or seed changed: the data order differs from the "
+                f"original run's; resuming epoch {epoch} at batch {position} (the same share of its rows)"
+            )
         if epoch < len(self.steps_per_epoch) and position >= self.steps_per_epoch[epoch]:
             epoch, position = epoch + 1, 0
-        self.log.record("resume", self.step, checkpoint=str(self.resume.path), epoch=epoch, epoch_batches=position,
-                        attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), dropped_records=self.dropped_records)
+        self.log.record(
+            "resume",
+            self.step,
+            checkpoint=str(self.resume.path),
+            epoch=epoch,
+            epoch_batches=position,
+            attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            dropped_records=self.dropped_records,
+        )
         if self.env.is_main:
-            print(f"resumed from {self.resume.path} (step {self.step}, epoch {epoch}, batch {position} of it): "
-                  f"checked in {self.resume.seconds:.2f} s, loaded in {time.perf_counter() - start:.2f} s", flush=True)
+            print(
+                f"resumed from {self.resume.path} (step {self.step}, epoch {epoch}, batch {position} of it): "
+                f"checked in {self.resume.seconds:.2f} s, loaded in {time.perf_counter() - start:.2f} s",
+                flush=True,
+            )
             if state["complete"]:
-                print("  note: the checkpoint is the end of training: nothing is left to train, only the test split "
-                      "(a new --run-dir, or --checkpoint.dir, trains afresh)", flush=True)
+                print(
+                    "  note: the checkpoint is the end of training: nothing is left to train, only the test split "
+                    "(a new --run-dir, or --checkpoint.dir, trains afresh)",
+                    flush=True,
+                )
             for line in [*(f"changed since the checkpoint: {c}" for c in self.resume.changes), *notes]:
                 print(f"  note: {line}", flush=True)
         return epoch, position, state["valid"], state.get("rng") if same_order else None
@@ -273,8 +372,10 @@ class Trainer:
             path = self.checkpoints.root / step_dir_name(best.step)
             if path not in committed(self.checkpoints.root):
                 if self.env.is_main:
-                    print(f"warning: the weights of the best validation (step {best.step}) were neither kept in memory nor "
-                          f"in a checkpoint (checkpoint.keep_best); testing the last weights")
+                    print(
+                        f"warning: the weights of the best validation (step {best.step}) were neither kept in "
+                        f"memory nor in a checkpoint (checkpoint.keep_best); testing the last weights"
+                    )
                 return self.step
             self.checkpoints.load_model(path)
         if self.env.is_main:
@@ -287,14 +388,21 @@ class Trainer:
         main = self.env.is_main
         plan_text = describe_plan(self.plan)
         if main:
-            print(f"world_size {self.env.world_size} on {self.env.device.type} ({self.env.backend}); "
-                  f"model {cfg.model.name}; global batch {self.global_batch}; loader workers per rank "
-                  f"{self.train_data.dataset.num_workers}; "
-                  f"{torch.get_num_threads()} intra-op threads per rank")
+            print(
+                f"world_size {self.env.world_size} on {self.env.device.type} ({self.env.backend}); "
+                f"model {cfg.model.name}; global batch {self.global_batch}; loader workers per rank "
+                f"{self.train_data.dataset.num_workers}; "
+                f"{torch.get_num_threads()} intra-op threads per rank"
+            )
             print("sharding plan:\n" + plan_text, flush=True)
             if self.memory_estimate:
-                print("planner's memory estimate per rank (GB, device/host): " + ", ".join(
-                    f"{r}: {e['hbm_gb']:.3f}/{e['ddr_gb']:.3f}" for r, e in enumerate(self.memory_estimate)), flush=True)
+                print(
+                    "planner's memory estimate per rank (GB, device/host): "
+                    + ", ".join(
+                        f"{r}: {e['hbm_gb']:.3f}/{e['ddr_gb']:.3f}" for r, e in enumerate(self.memory_estimate)
+                    ),
+                    flush=True,
+                )
         self.log.write_file("config.toml", cfg.to_toml())
         self.log.write_file("plan.txt", plan_text + "\n")
 
@@ -313,7 +421,9 @@ class Trainer:
         self.position = (start_epoch, start_position)
         stopped = False
         # `with`: the bar is closed (and its line ended) even when a phase raises.
-        with tqdm(total=total, initial=self.step, unit="step", disable=not (main and t.progress_bar), dynamic_ncols=True) as progress:
+        with tqdm(
+            total=total, initial=self.step, unit="step", disable=not (main and t.progress_bar), dynamic_ncols=True
+        ) as progress:
             for epoch in range(start_epoch, t.epochs):
                 if self.step >= total or best.should_stop or stopped:
                     break
@@ -329,8 +439,11 @@ class Trainer:
                     collections.deque(itertools.islice(batches, start_position), maxlen=0)  # read and drop
                     position = start_position
                     if main:
-                        print(f"skipped the {start_position} batches of epoch {epoch} trained before the checkpoint in "
-                              f"{time.perf_counter() - skip_start:.2f} s", flush=True)
+                        print(
+                            f"skipped the {start_position} batches of epoch {epoch} trained before the checkpoint in "
+                            f"{time.perf_counter() - skip_start:.2f} s",
+                            flush=True,
+                        )
                     if rng is not None:
                         set_rng_state(rng)
                 size = self.steps_per_epoch[epoch]
@@ -359,10 +472,14 @@ class Trainer:
                         improved = best.update(valid, self.step)
                         if improved and t.keep_best:
                             # On the host: a second copy of the tables must not take device memory.
-                            best_weights = {k: v.detach().to("cpu", copy=True) for k, v in local_state_tensors(self.model).items()}
+                            best_weights = {
+                                k: v.detach().to("cpu", copy=True) for k, v in local_state_tensors(self.model).items()
+                            }
                         if best.should_stop and main:
-                            progress.write(f"early stop at step {self.step}: no better valid {headline(valid)[0]} "
-                                           f"for {best.evals_since_best} evaluations (best at step {best.step})")
+                            progress.write(
+                                f"early stop at step {self.step}: no better valid {headline(valid)[0]} "
+                                f"for {best.evals_since_best} evaluations (best at step {best.step})"
+                            )
                     stopped = self.step == t.stop_at_step
                     if (ck.every_steps and self.step % ck.every_steps == 0) or (improved and ck.keep_best) or stopped:
                         self._save(epoch, position, valid, best)
@@ -372,8 +489,15 @@ class Trainer:
             self.checkpoints.wait()
             self.log.close()
             if main:
-                where = f"; checkpoint {self.checkpoints.root / step_dir_name(self.step)}" if ck.enabled else " (checkpoints are off)"
-                print(f"stopped at step {self.step} (training.stop_at_step){where}; run the same command again to continue")
+                where = (
+                    f"; checkpoint {self.checkpoints.root / step_dir_name(self.step)}"
+                    if ck.enabled
+                    else " (checkpoints are off)"
+                )
+                print(
+                    f"stopped at step {self.step} (training.stop_at_step){where}; "
+                    "run the same command again to continue"
+                )
             return {"stopped_at_step": self.step}
         self._save(*self.position, valid, best)  # the end (unless the last step already saved one)
         self.checkpoints.wait()  # committed before the test split (which may load the best) and the summary
@@ -404,20 +528,28 @@ class Trainer:
             "valid_oracle_auc": self.schema.splits["valid"].oracle_auc,
             "sharding_plan": plan_text.splitlines()[1:],
             "planner_estimate_per_rank": self.memory_estimate,
-            "table_coverage": {k.removesuffix("_coverage"): v for k, v in self.table_stats.items() if k.endswith("_coverage")},
+            "table_coverage": {
+                k.removesuffix("_coverage"): v for k, v in self.table_stats.items() if k.endswith("_coverage")
+            },
             "peak_rss_gb_per_rank": [round(x, 3) for x in self.memory[:, 0].tolist()],
             "device_gb_per_rank": [round(x, 3) for x in self.memory[:, 1].tolist()],
             "resumed_from": str(self.resume.path) if self.resume is not None else None,
-            "checkpoints": {"dir": str(self.checkpoints.root), "saved": self.checkpoints.saves,
-                            "save_s": round(self.checkpoints.save_seconds, 3),
-                            "stall_s": round(self.checkpoints.stall_seconds, 3), "bytes": self.checkpoints.last_bytes},
+            "checkpoints": {
+                "dir": str(self.checkpoints.root),
+                "saved": self.checkpoints.saves,
+                "save_s": round(self.checkpoints.save_seconds, 3),
+                "stall_s": round(self.checkpoints.stall_seconds, 3),
+                "bytes": self.checkpoints.last_bytes,
+            },
         }
         self.log.write_file("summary.json", json.dumps(summary, indent=2) + "\n")
         self.log.close()
         if main:
             oracle = f" (oracle auc {summary['oracle_auc']:.4f})" if summary["oracle_auc"] else ""
-            print(f"test {_format(test)}{oracle} | valid {_format(valid)} | {summary['samples_per_s']:,.0f} samples/s "
-                  f"| {self.step} steps | summary: {self.log.dir / 'summary.json'}")
+            print(
+                f"test {_format(test)}{oracle} | valid {_format(valid)} | {summary['samples_per_s']:,.0f} samples/s "
+                f"| {self.step} steps | summary: {self.log.dir / 'summary.json'}"
+            )
         return summary
 
 

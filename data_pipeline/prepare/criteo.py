@@ -43,10 +43,10 @@ import os
 import re
 import sys
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -105,6 +105,7 @@ class BadRows(DataError):
 
 # ---- units of work -----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Unit:
     file_index: int
@@ -149,7 +150,7 @@ class _ByteRange(io.RawIOBase):
     """A read-only view of bytes [start, end) of a file, for pyarrow's CSV reader."""
 
     def __init__(self, path: str, start: int, end: int) -> None:
-        self.f = open(path, "rb")
+        self.f = open(path, "rb")  # noqa: SIM115 - closed by close(), as pyarrow closes its streams
         self.f.seek(start)
         self.left = end - start
 
@@ -233,7 +234,7 @@ class Parsed:
 @dataclass
 class UnitReport:
     lines: int = 0
-    rows: dict = field(default_factory=lambda: {s: 0 for s in SPLITS})
+    rows: dict = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
     bad: int = 0
     examples: list = field(default_factory=list)  # (line in unit, reason)
 
@@ -324,8 +325,14 @@ class _Parser:
             try:
                 numbers = pc.cast(column, pa.int64())
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                well_formed = pc.fill_null(pc.match_substring_regex(column, _INTEGER), True).to_numpy(zero_copy_only=False)
-                self._bad(~well_formed & ok, first, lambda r, name=name, column=column: f"{name} {column[r].as_py()!r} is not an integer")
+                well_formed = pc.fill_null(pc.match_substring_regex(column, _INTEGER), True).to_numpy(
+                    zero_copy_only=False
+                )
+                self._bad(
+                    ~well_formed & ok,
+                    first,
+                    lambda r, name=name, column=column: f"{name} {column[r].as_py()!r} is not an integer",
+                )
                 ok &= well_formed
                 numbers = pc.cast(pc.if_else(pa.array(well_formed), column, pa.scalar(None, pa.string())), pa.int64())
             dense[:, j] = pc.fill_null(numbers, 0).to_numpy()
@@ -342,7 +349,9 @@ class _Parser:
 
     def _bad(self, mask: np.ndarray, first: int, reason) -> None:
         for row in np.flatnonzero(mask):
-            self.bad_good_rows.append((first + int(row), reason(int(row)) if len(self.bad_good_rows) < MAX_REPORTED else ""))
+            self.bad_good_rows.append(
+                (first + int(row), reason(int(row)) if len(self.bad_good_rows) < MAX_REPORTED else "")
+            )
         if mask.any():
             self._check_limit()
 
@@ -357,15 +366,19 @@ class _Parser:
     def finish(self) -> UnitReport:
         report = self.report
         report.bad = len(self.skipped_lines) + len(self.bad_good_rows)
-        examples = [(n, f"wrong number of fields (expected {len(RAW_COLUMNS)})") for n in self.skipped_lines[:MAX_REPORTED]]
+        examples = [
+            (n, f"wrong number of fields (expected {len(RAW_COLUMNS)})") for n in self.skipped_lines[:MAX_REPORTED]
+        ]
         examples += [(self.line_of(r), why) for r, why in self.bad_good_rows[:MAX_REPORTED]]
         report.examples = sorted(examples)[:MAX_REPORTED]
         return report
 
     def message(self) -> str:
         report = self.finish()
-        return (f"{report.bad} malformed lines in {self.unit.path} (more than --max-bad-rows {self.opts.max_bad_rows}): "
-                + "; ".join(_examples(self.unit, report.examples)))
+        return (
+            f"{report.bad} malformed lines in {self.unit.path} (more than --max-bad-rows {self.opts.max_bad_rows}): "
+            + "; ".join(_examples(self.unit, report.examples))
+        )
 
 
 def _lines_before(path: str, offset: int) -> int:
@@ -380,19 +393,20 @@ def _lines_before(path: str, offset: int) -> int:
 
 
 def _examples(unit: Unit, examples: list, limit: int = 5) -> list[str]:
-    """"file line N: reason" for a unit's malformed lines, with line numbers counted in the file."""
+    """ "file line N: reason" for a unit's malformed lines, with line numbers counted in the file."""
     first = _lines_before(unit.path, unit.start) if unit.start and examples else 0
     return [f"{unit.path} line {first + n}: {why}" for n, why in examples[:limit]]
 
 
 # ---- the two passes over one unit (run in worker processes) --------------------------------------
 
+
 def count_unit(unit: Unit, opts: CriteoOptions, out: str) -> UnitReport:
     """Pass 1 (vocabulary mode): distinct values and their counts on the train rows of one unit."""
     parser = _Parser(unit, opts)
     counts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(NUM_SPARSE)]
     for parsed in parser:
-        train = (parsed.split == 0)
+        train = parsed.split == 0
         for j in range(NUM_SPARSE):
             present = parsed.values[train & ~parsed.missing[:, j], j]
             counts[j].append(np.unique(present, return_counts=True))
@@ -414,7 +428,9 @@ def _merge_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarra
     if not parts:
         return np.zeros(0, np.uint64), np.zeros(0, np.int64)
     values, inverse = np.unique(np.concatenate([v for v, _ in parts]), return_inverse=True)
-    return values, np.bincount(inverse, weights=np.concatenate([c for _, c in parts]), minlength=len(values)).astype(np.int64)
+    return values, np.bincount(inverse, weights=np.concatenate([c for _, c in parts]), minlength=len(values)).astype(
+        np.int64
+    )
 
 
 def _ids(parsed: Parsed, vocab: list[np.ndarray] | None, sizes: list[int]) -> np.ndarray:
@@ -490,6 +506,7 @@ def _flush(pending, split, writers, temps, row_group_rows: int, final: bool) -> 
 
 # ---- orchestration ---------------------------------------------------------------------------------
 
+
 class _Replicas:
     """This process's place among the replicas of a TorchX/torchrun job (a world of 1 otherwise)."""
 
@@ -497,9 +514,9 @@ class _Replicas:
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         if self.world > 1:
-            import torch.distributed as dist
-
             from datetime import timedelta
+
+            import torch.distributed as dist
 
             # Replicas wait at barriers while others finish whole gzip files or rank 0 merges
             # the vocabulary: far longer than the default 30 minutes on Terabyte-sized inputs.
@@ -642,12 +659,14 @@ def _build_vocabulary(units: list[Unit], opts: CriteoOptions, log) -> None:
         values, totals = _merge_counts(parts)
         vocab[name] = values[totals >= opts.min_count]
     write_atomic(Path(opts.out) / "vocabulary.npz", lambda tmp: _savez(tmp, vocab))
-    log("  vocabulary (ids = values seen >= %d times, + missing, + rare): %s" % (
-        opts.min_count, ", ".join(f"{n} {len(v) + 2:,}" for n, v in vocab.items())))
+    log(
+        f"  vocabulary (ids = values seen >= {opts.min_count} times, + missing, + rare): "
+        + ", ".join(f"{n} {len(v) + 2:,}" for n, v in vocab.items())
+    )
 
 
 def _finish(output: DatasetOutput, units: list[Unit], opts: CriteoOptions, sizes: list[int], log) -> DatasetSchema:
-    rows = {s: 0 for s in SPLITS}
+    rows = dict.fromkeys(SPLITS, 0)
     bad, lines, examples = 0, 0, []
     for unit in units:
         report = json.loads((Path(opts.out) / "_units" / f"{unit.key}.json").read_text())
@@ -690,26 +709,38 @@ def _finish(output: DatasetOutput, units: list[Unit], opts: CriteoOptions, sizes
 
 # ---- command line -----------------------------------------------------------------------------------
 
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="recsys prepare criteo", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="recsys prepare criteo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--input", nargs="+", required=True, help="TSV files or globs (.gz allowed)")
     parser.add_argument("--out", required=True, help="output dataset directory")
-    parser.add_argument("--num-embeddings", type=int, default=10_000_000, help="hash id space for every feature (MLPerf max_ind_range)")
+    parser.add_argument(
+        "--num-embeddings", type=int, default=10_000_000, help="hash id space for every feature (MLPerf max_ind_range)"
+    )
     parser.add_argument("--num-embeddings-per-feature", type=_ints, help="26 comma-separated hash id spaces")
-    parser.add_argument("--min-count", type=int, default=0, help="build a vocabulary of values seen >= this often on train (0: hash)")
+    parser.add_argument(
+        "--min-count", type=int, default=0, help="build a vocabulary of values seen >= this often on train (0: hash)"
+    )
     parser.add_argument("--dense-transform", choices=["log1p", "none"], default="log1p")
-    parser.add_argument("--split-fractions", type=lambda s: tuple(float(x) for x in s.split(",")), default=(0.8, 0.1, 0.1))
+    parser.add_argument(
+        "--split-fractions", type=lambda s: tuple(float(x) for x in s.split(",")), default=(0.8, 0.1, 0.1)
+    )
     parser.add_argument("--valid-files", help="glob on file names that make the valid split")
     parser.add_argument("--test-files", help="glob on file names that make the test split (Terabyte: day_23*)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-bad-rows", type=int, default=0, help="malformed lines to skip before failing")
     parser.add_argument("--row-group-rows", type=int, default=65_536)
-    parser.add_argument("--chunk-mb", type=float, default=256, help="uncompressed files are split into units of this size")
+    parser.add_argument(
+        "--chunk-mb", type=float, default=256, help="uncompressed files are split into units of this size"
+    )
     parser.add_argument("--workers", type=int, default=0, help="processes per replica (0: every core)")
     parser.add_argument("--overwrite", action="store_true", help="replace a different dataset at --out")
     args = parser.parse_args(argv)

@@ -69,8 +69,25 @@ from data_pipeline.schema import DataError, DatasetSchema, SparseFeature, SplitI
 
 VERSION = 2  # bump when features or layout change, so stale datasets are not reported up to date
 GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 AGE_BOUNDARIES = (18, 25, 35, 45, 50, 56)  # bucket i holds ages in [boundary[i-1], boundary[i])
 AGE_LABELS = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
@@ -119,6 +136,7 @@ class MovieLensOptions:
 
 # ---- reading and validating the inputs ---------------------------------------------------------
 
+
 @dataclass
 class Inputs:
     """The three input tables with the documented column names and types, and where they came from."""
@@ -154,8 +172,20 @@ def find_inputs(input_dir: str | Path, fmt: str = "auto") -> tuple[str, dict[str
 def _read_official(path: Path, columns: tuple[str, ...], delimiter: str, encoding: str = "utf8") -> pa.Table:
     # quote_char=False: MovieLens does not quote, and titles may hold a lone '"'.
     types = {c: pa.int64() for c in ("user_id", "movie_id", "rating", "timestamp", "age", *GENRES)}
-    types.update({c: pa.string() for c in ("gender", "occupation", "zip_code", "movie_title", "release_date",
-                                             "video_release_date", "IMDb_URL")})
+    types.update(
+        {
+            c: pa.string()
+            for c in (
+                "gender",
+                "occupation",
+                "zip_code",
+                "movie_title",
+                "release_date",
+                "video_release_date",
+                "IMDb_URL",
+            )
+        }
+    )
     try:
         return pacsv.read_csv(
             path,
@@ -215,24 +245,30 @@ def read_inputs(input_dir: str | Path, fmt: str = "auto", explicit: bool = True)
             "items": _read_parquet(paths["items"], item_columns),
         }
     p = paths
-    ratings = pa.table({
-        "user_id": _typed(raw["ratings"], "user_id", pa.int64(), p["ratings"], nulls=False),
-        "movie_id": _typed(raw["ratings"], "movie_id", pa.int64(), p["ratings"], nulls=False),
-        "rating": _typed(raw["ratings"], "rating", pa.float64(), p["ratings"], nulls=False),
-        "timestamp": _typed(raw["ratings"], "timestamp", pa.int64(), p["ratings"], nulls=False),
-    })
-    users = pa.table({
-        "user_id": _typed(raw["users"], "user_id", pa.int64(), p["users"], nulls=False),
-        "age": _typed(raw["users"], "age", pa.float64(), p["users"]),
-        **{c: _typed(raw["users"], c, pa.string(), p["users"]) for c in ("gender", "occupation", "zip_code")},
-    })
-    items = pa.table({
-        "movie_id": _typed(raw["items"], "movie_id", pa.int64(), p["items"], nulls=False),
-        "movie_title": _typed(raw["items"], "movie_title", pa.string(), p["items"]),
-        "release_date": _typed(raw["items"], "release_date", pa.string(), p["items"]),
-        # A null genre flag means "not this genre".
-        **{g: pc.fill_null(_typed(raw["items"], g, pa.int64(), p["items"]), 0) for g in GENRES},
-    })
+    ratings = pa.table(
+        {
+            "user_id": _typed(raw["ratings"], "user_id", pa.int64(), p["ratings"], nulls=False),
+            "movie_id": _typed(raw["ratings"], "movie_id", pa.int64(), p["ratings"], nulls=False),
+            "rating": _typed(raw["ratings"], "rating", pa.float64(), p["ratings"], nulls=False),
+            "timestamp": _typed(raw["ratings"], "timestamp", pa.int64(), p["ratings"], nulls=False),
+        }
+    )
+    users = pa.table(
+        {
+            "user_id": _typed(raw["users"], "user_id", pa.int64(), p["users"], nulls=False),
+            "age": _typed(raw["users"], "age", pa.float64(), p["users"]),
+            **{c: _typed(raw["users"], c, pa.string(), p["users"]) for c in ("gender", "occupation", "zip_code")},
+        }
+    )
+    items = pa.table(
+        {
+            "movie_id": _typed(raw["items"], "movie_id", pa.int64(), p["items"], nulls=False),
+            "movie_title": _typed(raw["items"], "movie_title", pa.string(), p["items"]),
+            "release_date": _typed(raw["items"], "release_date", pa.string(), p["items"]),
+            # A null genre flag means "not this genre".
+            **{g: pc.fill_null(_typed(raw["items"], g, pa.int64(), p["items"]), 0) for g in GENRES},
+        }
+    )
     _unique(users["user_id"], "user_id", p["users"])
     _unique(items["movie_id"], "movie_id", p["items"])
     for column, table, kind in (("user_id", users, "users"), ("movie_id", items, "items")):
@@ -241,7 +277,8 @@ def read_inputs(input_dir: str | Path, fmt: str = "auto", explicit: bool = True)
         if unknown:
             example = ratings[column].filter(pc.invert(known))[0].as_py()
             raise DataError(
-                f"{p['ratings']}: column '{column}' has {unknown} rows whose id is not in {p[kind].name} (e.g. {example})"
+                f"{p['ratings']}: column '{column}' has {unknown} rows whose id is not in {p[kind].name} "
+                f"(e.g. {example})"
             )
     if explicit:
         bad = pc.or_(pc.less(ratings["rating"], 1), pc.greater(ratings["rating"], 5))
@@ -257,6 +294,7 @@ def read_inputs(input_dir: str | Path, fmt: str = "auto", explicit: bool = True)
 
 
 # ---- transforms: learned from the data, saved, and applied the same way to new rows ---------------
+
 
 def _clean(values: pa.Array) -> pa.Array:
     """Trimmed strings, with empty ones as null (missing)."""
@@ -342,7 +380,10 @@ def _item_columns(items: pa.Table, t: dict) -> tuple[dict[str, pa.Array], dict[s
         "release_year": _lookup(year, t["vocab"]["release_year"]),
         "genres": pa.ListArray.from_arrays(pa.array(offsets), pa.array(genre, pa.int64())),
     }
-    dense = {"release_year_z": _floats(year), "movie_log_count_z": np.log1p(_train_count(index, t["train_counts"]["movie_id"]))}
+    dense = {
+        "release_year_z": _floats(year),
+        "movie_log_count_z": np.log1p(_train_count(index, t["train_counts"]["movie_id"])),
+    }
     return sparse, dense
 
 
@@ -394,6 +435,7 @@ def load_transforms(root: str | Path) -> dict:
 
 # ---- splits and negatives ----------------------------------------------------------------------
 
+
 def assign_splits(user: np.ndarray, how: str, seed: int) -> np.ndarray:
     """Split index (0 train, 1 valid, 2 test) of each interaction; rows sorted by (user, time, movie)."""
     n = len(user)
@@ -418,7 +460,9 @@ def _is_rated(user: np.ndarray, item: np.ndarray, rated_keys: np.ndarray, n_item
     return rated_keys[pos] == keys
 
 
-def sample_negatives(user: np.ndarray, rated_keys: np.ndarray, n_items: int, k: int, rng: np.random.Generator) -> np.ndarray:
+def sample_negatives(
+    user: np.ndarray, rated_keys: np.ndarray, n_items: int, k: int, rng: np.random.Generator
+) -> np.ndarray:
     """[len(user), k] item ids, i.i.d. uniform over the items each user never rated (rejection
     sampling; `rated_keys` = sorted unique user * n_items + item of every rating)."""
     rows = np.repeat(user, k)
@@ -432,12 +476,23 @@ def sample_negatives(user: np.ndarray, rated_keys: np.ndarray, n_items: int, k: 
 
 # ---- the whole preparation ---------------------------------------------------------------------
 
+
 def _provenance(inputs_fmt: str, paths: dict[str, Path], opts: MovieLensOptions) -> dict:
-    return {"movielens": {"format": inputs_fmt, **asdict(opts)}, "version": VERSION, "inputs": input_identity(list(paths.values()))}
+    return {
+        "movielens": {"format": inputs_fmt, **asdict(opts)},
+        "version": VERSION,
+        "inputs": input_identity(list(paths.values())),
+    }
 
 
-def prepare(input_dir: str | Path, out: str | Path, opts: MovieLensOptions = MovieLensOptions(),
-            fmt: str = "auto", overwrite: bool = False, log=print) -> DatasetSchema:
+def prepare(
+    input_dir: str | Path,
+    out: str | Path,
+    opts: MovieLensOptions = MovieLensOptions(),
+    fmt: str = "auto",
+    overwrite: bool = False,
+    log=print,
+) -> DatasetSchema:
     """Build the dataset at `out` (see the module docstring); an identical existing one is kept."""
     fmt, paths = find_inputs(input_dir, fmt)
     output = DatasetOutput(out, _provenance(fmt, paths, opts), overwrite)
@@ -469,7 +524,9 @@ def prepare(input_dir: str | Path, out: str | Path, opts: MovieLensOptions = Mov
     if opts.implicit:
         full = np.bincount(rated_keys // n_items, minlength=n_users) >= n_items
         if full[user].any():
-            raise DataError(f"user {t['vocab']['user_id'][int(np.flatnonzero(full)[0])]} rated every item: no negatives to sample")
+            raise DataError(
+                f"user {t['vocab']['user_id'][int(np.flatnonzero(full)[0])]} rated every item: no negatives to sample"
+            )
 
     rows = {}  # split -> (user ids, movie ids, labels), in writing order
     for s, name in enumerate(SPLITS):
@@ -516,17 +573,23 @@ def prepare(input_dir: str | Path, out: str | Path, opts: MovieLensOptions = Mov
     output.start()
     splits = {}
     for name, table in tables.items():
-        write_parquet(table, output.split_dir(name) / "part-00000.parquet", row_group_size(table.num_rows, opts.row_group_rows))
+        write_parquet(
+            table, output.split_dir(name) / "part-00000.parquet", row_group_size(table.num_rows, opts.row_group_rows)
+        )
         splits[name] = SplitInfo(path=name, rows=table.num_rows)
     write_json(t, output.root / TRANSFORMS_FILE)
     items_table = item_features(items_sorted, t)
-    items_table = items_table.add_column(1, "raw_movie_id", items_sorted["movie_id"]).add_column(2, "movie_title", items_sorted["movie_title"])
+    items_table = items_table.add_column(1, "raw_movie_id", items_sorted["movie_id"]).add_column(
+        2, "movie_title", items_sorted["movie_title"]
+    )
     write_parquet(items_table, output.root / "items.parquet", opts.row_group_rows)
     users_table = user_features(users_sorted, t).add_column(1, "raw_user_id", users_sorted["user_id"])
     write_parquet(users_table, output.root / "users.parquet", opts.row_group_rows)
 
     sizes = {
-        "user_id": n_users, "movie_id": n_items, "age_bucket": len(AGE_LABELS),
+        "user_id": n_users,
+        "movie_id": n_items,
+        "age_bucket": len(AGE_LABELS),
         **{f: len(t["vocab"][f]) for f in ("gender", "occupation", "zip_prefix", "release_year")},
         "genres": len(GENRES),
     }
@@ -556,16 +619,36 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         epilog="Features, splits and the negative-sampling scheme: see data_pipeline/prepare/movielens.py.",
     )
-    parser.add_argument("--input", required=True, help="directory of u.data/u.user/u.item or ratings/users/items.parquet")
+    parser.add_argument(
+        "--input", required=True, help="directory of u.data/u.user/u.item or ratings/users/items.parquet"
+    )
     parser.add_argument("--out", required=True, help="output dataset directory")
-    parser.add_argument("--format", choices=("auto", "official", "parquet"), default="auto", help="input layout (default: the one present)")
-    parser.add_argument("--split", choices=("random", "leave-last-out"), default="random",
-                        help="random: seeded 80/10/10 (default); leave-last-out: per user, last -> test, second last -> valid")
+    parser.add_argument(
+        "--format",
+        choices=("auto", "official", "parquet"),
+        default="auto",
+        help="input layout (default: the one present)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("random", "leave-last-out"),
+        default="random",
+        help="random: seeded 80/10/10 (default); leave-last-out: per user, last -> test, second last -> valid",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the random split, the negatives and the train order")
-    parser.add_argument("--implicit", action="store_true", help="binary 0/1 labels with sampled negatives instead of rating regression")
-    parser.add_argument("--min-rating", type=float, default=None, help="implicit: positives are ratings >= this (default: every rating)")
+    parser.add_argument(
+        "--implicit", action="store_true", help="binary 0/1 labels with sampled negatives instead of rating regression"
+    )
+    parser.add_argument(
+        "--min-rating", type=float, default=None, help="implicit: positives are ratings >= this (default: every rating)"
+    )
     parser.add_argument("--negatives", type=int, default=None, help="implicit: negatives per positive (default 4)")
-    parser.add_argument("--zip-prefix-chars", type=int, default=1, help="zip_prefix = the first N characters of the zip code (default 1)")
+    parser.add_argument(
+        "--zip-prefix-chars",
+        type=int,
+        default=1,
+        help="zip_prefix = the first N characters of the zip code (default 1)",
+    )
     parser.add_argument("--row-group-rows", type=int, default=16_384)
     parser.add_argument("--overwrite", action="store_true", help="replace a different dataset at --out")
     args = parser.parse_args(argv)
@@ -573,9 +656,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--min-rating and --negatives need --implicit")
     try:
         opts = MovieLensOptions(
-            split=args.split, seed=args.seed, implicit=args.implicit, min_rating=args.min_rating,
+            split=args.split,
+            seed=args.seed,
+            implicit=args.implicit,
+            min_rating=args.min_rating,
             negatives=4 if args.negatives is None else args.negatives,
-            zip_prefix_chars=args.zip_prefix_chars, row_group_rows=args.row_group_rows,
+            zip_prefix_chars=args.zip_prefix_chars,
+            row_group_rows=args.row_group_rows,
         )
     except ValueError as e:
         parser.error(str(e))
@@ -586,8 +673,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     label = f"'{schema.label}' ({schema.task}" + (f", {schema.label_range})" if schema.label_range else ")")
-    print(f"  label {label}; split {opts.split}" + (f"; {opts.negatives} negatives per positive" if opts.implicit else ""))
+    print(
+        f"  label {label}; split {opts.split}" + (f"; {opts.negatives} negatives per positive" if opts.implicit else "")
+    )
     print("  rows: " + ", ".join(f"{name} {info.rows:,}" for name, info in schema.splits.items()))
-    print("  sparse (ids): " + ", ".join(f"{f.name} {f.num_embeddings:,}" + (" multi-hot" if f.multi_hot else "") for f in schema.sparse))
+    print(
+        "  sparse (ids): "
+        + ", ".join(f"{f.name} {f.num_embeddings:,}" + (" multi-hot" if f.multi_hot else "") for f in schema.sparse)
+    )
     print("  dense: " + ", ".join(schema.dense))
     return 0

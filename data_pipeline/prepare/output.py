@@ -82,8 +82,10 @@ class DatasetOutput:
         if self.root.exists() and any(self.root.iterdir()):
             if not self.overwrite:
                 what = (
-                    "a different dataset" if (self.root / SCHEMA_FILE).exists()
-                    else "an unfinished dataset made from other inputs or options" if marker.exists()
+                    "a different dataset"
+                    if (self.root / SCHEMA_FILE).exists()
+                    else "an unfinished dataset made from other inputs or options"
+                    if marker.exists()
                     else "other files"
                 )
                 raise FileExistsError(f"{self.root} already holds {what}; pass --overwrite to replace it")

@@ -174,7 +174,9 @@ def generate(out: str | Path, spec: SyntheticSpec, overwrite: bool = False, log=
                         writer.write_table(_to_table(dense, ids, lengths, y), row_group_size=len(chunk))
                         probs.append(p)
                         labels.append(y)
-            oracle = binary_auroc(torch.from_numpy(np.concatenate(probs)), torch.from_numpy(np.concatenate(labels))).item()
+            oracle = binary_auroc(
+                torch.from_numpy(np.concatenate(probs)), torch.from_numpy(np.concatenate(labels))
+            ).item()
             splits[split] = SplitInfo(path=split, rows=split_rows, oracle_auc=round(oracle, 5))
             log(f"  {split}: {split_rows:,} rows in {n_files} files, oracle AUC {oracle:.4f}")
         schema = DatasetSchema(

@@ -94,6 +94,7 @@ class TabularOptions:
 
 # ---- reading -----------------------------------------------------------------------------------
 
+
 def read_table(path: str | Path, null_values=NULL_VALUES) -> pa.Table:
     """Read a CSV (any pyarrow.csv input, e.g. .csv, .csv.gz, .tsv) or Parquet file, with column
     names stripped. Use it for prediction-time inputs too, so they are typed as at training time."""
@@ -149,6 +150,7 @@ def _retype_strings(table: pa.Table, null_values) -> pa.Table:
 
 
 # ---- column values -----------------------------------------------------------------------------
+
 
 def _category_strings(column, null_values) -> pa.ChunkedArray:
     """A column's values as trimmed strings (ints "3", bools "true", floats "1.5"), nulls for nulls,
@@ -227,6 +229,7 @@ class _Namer:
 
 # ---- labels and splits -------------------------------------------------------------------------
 
+
 @dataclass
 class LabelSpec:
     source: str
@@ -273,6 +276,7 @@ def assign_splits(labels: np.ndarray, fractions, seed: int, task: str = "binary"
 
 
 # ---- the transforms ----------------------------------------------------------------------------
+
 
 @dataclass
 class Categorical:
@@ -334,7 +338,7 @@ class Transforms:
 
     # ---- fit -----------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, train: pa.Table, options: TabularOptions, where: str = "input") -> "Transforms":
+    def fit(cls, train: pa.Table, options: TabularOptions, where: str = "input") -> Transforms:
         """Learn everything from `train` (raw columns, as `read_table` gives them)."""
         kinds, dropped = infer_kinds(train, options)
         namer = _Namer([LABEL])
@@ -364,12 +368,16 @@ class Transforms:
             for s in sources:
                 if s not in by_source:
                     why = f"is {kinds[s]}" if s in kinds else f"was dropped ({dropped.get(s)})"
-                    raise DataError(f"{where}: --cross {','.join(sources)}: column '{s}' {why}; crosses take "
-                                    "categorical columns (name it in --categorical)")
+                    raise DataError(
+                        f"{where}: --cross {','.join(sources)}: column '{s}' {why}; crosses take "
+                        "categorical columns (name it in --categorical)"
+                    )
             parts = [by_source[s] for s in sources]
             sizes = [p.num_embeddings for p in parts]
             if np.prod(np.array(sizes, dtype=float)) >= 2.0**62:
-                raise DataError(f"--cross {','.join(sources)}: vocabularies too large to cross ({' x '.join(map(str, sizes))})")
+                raise DataError(
+                    f"--cross {','.join(sources)}: vocabularies too large to cross ({' x '.join(map(str, sizes))})"
+                )
             codes = np.ravel_multi_index([transforms._ids(train, p, where) for p in parts], sizes)
             values, counts = np.unique(codes, return_counts=True)
             keep = counts >= options.min_frequency
@@ -430,7 +438,7 @@ class Transforms:
         }
 
     @classmethod
-    def from_json(cls, raw: dict) -> "Transforms":
+    def from_json(cls, raw: dict) -> Transforms:
         if raw.get("version") != VERSION:
             raise DataError(f"transforms version {raw.get('version')} is not {VERSION}: prepare the dataset again")
         return cls(
@@ -476,6 +484,7 @@ def _values(table: pa.Table, source: str, where: str, convert):
 
 # ---- column kinds ------------------------------------------------------------------------------
 
+
 def infer_kinds(train: pa.Table, options: TabularOptions) -> tuple[dict[str, str], dict[str, str]]:
     """{column: "categorical" | "numeric"} in table order, and {dropped column: why}."""
     kinds, dropped = {}, {}
@@ -492,8 +501,14 @@ def infer_kinds(train: pa.Table, options: TabularOptions) -> tuple[dict[str, str
             kinds[name] = "numeric"
         elif column.null_count == len(column):
             dropped[name] = "all values missing"
-        elif not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_boolean(t)
-                  or pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)):
+        elif not (
+            pa.types.is_string(t)
+            or pa.types.is_large_string(t)
+            or pa.types.is_boolean(t)
+            or pa.types.is_integer(t)
+            or pa.types.is_floating(t)
+            or pa.types.is_decimal(t)
+        ):
             dropped[name] = f"type {t}: name it in --categorical or --numeric to use it"
         elif column.null_count == 0 and pc.count_distinct(column).as_py() == 1:
             dropped[name] = "constant"
@@ -512,8 +527,13 @@ def _check_options(table: pa.Table, options: TabularOptions, where: str) -> None
     columns = table.column_names
     if options.label not in columns:
         raise DataError(f"{where}: label column '{options.label}' not found (columns: {', '.join(columns)})")
-    named = [("--categorical", options.categorical), ("--numeric", options.numeric), ("--drop", options.drop),
-             ("--log", options.log), ("--cross", [c for cross in options.cross for c in cross])]
+    named = [
+        ("--categorical", options.categorical),
+        ("--numeric", options.numeric),
+        ("--drop", options.drop),
+        ("--log", options.log),
+        ("--cross", [c for cross in options.cross for c in cross]),
+    ]
     for flag, names in named:
         for name in names:
             if name not in columns:
@@ -528,11 +548,14 @@ def _check_options(table: pa.Table, options: TabularOptions, where: str) -> None
             raise DataError(f"--cross {','.join(cross)}: name two or three different columns")
         for name in cross:
             if name in options.drop or name in options.numeric or name in options.log:
-                raise DataError(f"--cross {','.join(cross)}: column '{name}' is dropped or numeric; "
-                                "crosses take categorical columns")
+                raise DataError(
+                    f"--cross {','.join(cross)}: column '{name}' is dropped or numeric; "
+                    "crosses take categorical columns"
+                )
 
 
 # ---- the preparer ------------------------------------------------------------------------------
+
 
 def _resolve_label(table: pa.Table, options: TabularOptions, where: str) -> LabelSpec:
     """The label spec, with --positive checked against the data (or defaulted for a 0/1 label)."""
@@ -552,21 +575,28 @@ def _resolve_label(table: pa.Table, options: TabularOptions, where: str) -> Labe
         elif seen <= {"true", "false"}:
             positive = ["true"]
         else:
-            raise DataError(f"{where}: label column '{options.label}' is not 0/1: pass --positive VALUE "
-                            f"(its values: {_top_values(strings)})")
+            raise DataError(
+                f"{where}: label column '{options.label}' is not 0/1: pass --positive VALUE "
+                f"(its values: {_top_values(strings)})"
+            )
     if pa.types.is_boolean(column.type):
         positive = [p.lower() for p in positive]
     if not seen & set(positive):
-        raise DataError(f"{where}: label column '{options.label}' never holds the positive value(s) "
-                        f"{', '.join(repr(p) for p in positive)} (its values: {_top_values(strings)})")
+        raise DataError(
+            f"{where}: label column '{options.label}' never holds the positive value(s) "
+            f"{', '.join(repr(p) for p in positive)} (its values: {_top_values(strings)})"
+        )
     if seen and seen <= set(positive):
-        raise DataError(f"{where}: every label in column '{options.label}' is positive ({', '.join(sorted(seen))}): "
-                        "nothing to learn")
+        raise DataError(
+            f"{where}: every label in column '{options.label}' is positive ({', '.join(sorted(seen))}): "
+            "nothing to learn"
+        )
     return LabelSpec(options.label, "binary", list(positive))
 
 
-def prepare(input_path: str | Path, out: str | Path, options: TabularOptions, overwrite: bool = False,
-            log=print) -> DatasetSchema:
+def prepare(
+    input_path: str | Path, out: str | Path, options: TabularOptions, overwrite: bool = False, log=print
+) -> DatasetSchema:
     """Read, split, fit on train, transform every split, write the dataset; see the module docstring."""
     path = Path(input_path)
     if not path.is_file():
@@ -600,14 +630,18 @@ def prepare(input_path: str | Path, out: str | Path, options: TabularOptions, ov
     raw = {name: table.filter(pa.array(split == i)) for i, name in enumerate(SPLITS)}
     for name, part in raw.items():
         if part.num_rows == 0:
-            raise DataError(f"{where}: {table.num_rows} rows with a label are too few for a non-empty "
-                            f"{name} split (--split {','.join(map(str, options.split))})")
+            raise DataError(
+                f"{where}: {table.num_rows} rows with a label are too few for a non-empty "
+                f"{name} split (--split {','.join(map(str, options.split))})"
+            )
     raw["train"] = raw["train"].take(np.random.default_rng([options.seed, 1]).permutation(raw["train"].num_rows))
 
     transforms = Transforms.fit(raw["train"], options, where)
     if not transforms.sparse_features:
-        raise DataError(f"{where}: no categorical column left: the models need at least one sparse feature "
-                        "(name one in --categorical)")
+        raise DataError(
+            f"{where}: no categorical column left: the models need at least one sparse feature "
+            "(name one in --categorical)"
+        )
     parts = {name: transforms.transform(part, where) for name, part in raw.items()}
 
     resuming = output.start()
@@ -626,8 +660,13 @@ def prepare(input_path: str | Path, out: str | Path, options: TabularOptions, ov
         splits={name: SplitInfo(path=name, rows=part.num_rows) for name, part in parts.items()},
         task=options.task,
         label_range=[float(train_y.min()), float(train_y.max())] if options.task == "regression" else None,
-        extra={"transforms": TRANSFORMS_FILE, "source": str(path.resolve()), "label_source": options.label,
-               "rows_read": read_rows, "rows_dropped_null_label": read_rows - table.num_rows},
+        extra={
+            "transforms": TRANSFORMS_FILE,
+            "source": str(path.resolve()),
+            "label_source": options.label,
+            "rows_read": read_rows,
+            "rows_dropped_null_label": read_rows - table.num_rows,
+        },
     )
     schema = output.finish(schema)
     for line in summary(transforms, parts, read_rows, options):
@@ -639,8 +678,10 @@ def summary(transforms: Transforms, parts: dict[str, pa.Table], read_rows: int, 
     """Rows per split, label balance, and each feature's kind, ids, nulls and OOV rate."""
     rows = {name: part.num_rows for name, part in parts.items()}
     kept = sum(rows.values())
-    lines = [f"  rows: {read_rows:,} read, {read_rows - kept:,} dropped (null label); "
-             + " | ".join(f"{k} {v:,}" for k, v in rows.items())]
+    lines = [
+        f"  rows: {read_rows:,} read, {read_rows - kept:,} dropped (null label); "
+        + " | ".join(f"{k} {v:,}" for k, v in rows.items())
+    ]
     means = " | ".join(f"{k} {pc.mean(p.column(LABEL)).as_py():.4f}" for k, p in parts.items())
     if options.task == "binary":
         lines.append(f"  positive rate (label '{options.label}' in {options.positive}): {means}")
@@ -657,11 +698,16 @@ def summary(transforms: Transforms, parts: dict[str, pa.Table], read_rows: int, 
         renamed = f" (column '{f.source}')" if f.name != f.source else ""
         oov = share(test, f.name, OOV_ID)
         warn = "  <- mostly unseen values: an id column? (--drop it)" if oov > 0.5 else ""
-        lines.append(f"    {f.name:<{width}}  categorical  {len(f.vocabulary):,} values + OOV + null = {f.num_embeddings:,} ids; "
-                     f"train null {share(train, f.name, NULL_ID):.1%}, test OOV {oov:.1%}{renamed}{warn}")
+        lines.append(
+            f"    {f.name:<{width}}  categorical  {len(f.vocabulary):,} values + OOV + null = "
+            f"{f.num_embeddings:,} ids; "
+            f"train null {share(train, f.name, NULL_ID):.1%}, test OOV {oov:.1%}{renamed}{warn}"
+        )
     for f in transforms.crosses:
-        lines.append(f"    {f.name:<{width}}  cross        {len(f.vocabulary):,} combinations + OOV = {f.num_embeddings:,} ids; "
-                     f"test OOV {share(test, f.name, OOV_ID):.1%}")
+        lines.append(
+            f"    {f.name:<{width}}  cross        {len(f.vocabulary):,} combinations + OOV = {f.num_embeddings:,} ids; "
+            f"test OOV {share(test, f.name, OOV_ID):.1%}"
+        )
     for f in transforms.numeric:
         how = ("log1p (--log), " if f.source in options.log else f"log1p (auto: skew {f.skew:.1f}), ") if f.log else ""
         extra = f", missing indicator '{f.missing}'" if f.missing else ""
@@ -669,12 +715,15 @@ def summary(transforms: Transforms, parts: dict[str, pa.Table], read_rows: int, 
         lines.append(f"    {f.name:<{width}}  numeric      {how}mean {f.mean:.4g} std {f.std:.4g}{extra}{renamed}")
     for name, why in transforms.dropped.items():
         lines.append(f"    {name:<{width}}  dropped      {why}")
-    lines.append(f"  {len(transforms.dense_names)} dense columns, {len(transforms.sparse_features)} sparse features; "
-                 f"fitted transforms in {TRANSFORMS_FILE} (apply_transforms for new rows)")
+    lines.append(
+        f"  {len(transforms.dense_names)} dense columns, {len(transforms.sparse_features)} sparse features; "
+        f"fitted transforms in {TRANSFORMS_FILE} (apply_transforms for new rows)"
+    )
     return lines
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
+
 
 def _names(values: list[str] | None) -> list[str]:
     """Flatten repeated / comma-separated column lists."""
@@ -685,34 +734,55 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="recsys prepare tabular",
         description=__doc__.split("\n\n")[0],
-        epilog="Ids: 0 = missing, 1 = out of vocabulary, 2.. = values by train frequency. See data_pipeline/prepare/tabular.py.",
+        epilog="Ids: 0 = missing, 1 = out of vocabulary, 2.. = values by train frequency. "
+        "See data_pipeline/prepare/tabular.py.",
     )
     parser.add_argument("--input", required=True, help="CSV (.csv, .csv.gz, .tsv) or Parquet (.parquet) file")
     parser.add_argument("--label", required=True, help="label column")
-    parser.add_argument("--positive", action="append", metavar="VALUE[,VALUE]",
-                        help="label value(s) meaning 1 (binary); repeatable; default: a 0/1 or true/false label as is")
+    parser.add_argument(
+        "--positive",
+        action="append",
+        metavar="VALUE[,VALUE]",
+        help="label value(s) meaning 1 (binary); repeatable; default: a 0/1 or true/false label as is",
+    )
     parser.add_argument("--task", choices=("binary", "regression"), default="binary")
     parser.add_argument("--out", required=True, help="output dataset directory")
     parser.add_argument("--categorical", action="append", metavar="COL[,COL]", help="force columns categorical")
     parser.add_argument("--numeric", action="append", metavar="COL[,COL]", help="force columns numeric")
     parser.add_argument("--drop", action="append", metavar="COL[,COL]", help="leave columns out")
-    parser.add_argument("--log", action="append", metavar="COL[,COL]",
-                        help="log1p(max(x, 0)) before standardising (implies --numeric)")
-    parser.add_argument("--cross", action="append", metavar="A,B[,C]", help="crossed categorical feature A_x_B; repeatable")
-    parser.add_argument("--min-frequency", type=int, default=TabularOptions.min_frequency,
-                        help="train count a value needs for its own id (default %(default)s); rarer values share the OOV id")
-    parser.add_argument("--max-int-levels", type=int, default=TabularOptions.max_int_levels,
-                        help="an integer column with at most this many distinct values is categorical (default %(default)s)")
-    parser.add_argument("--auto-log-skew", type=float, default=TabularOptions.auto_log_skew,
-                        help="log-transform non-negative numeric columns with train skewness above this "
-                             "(default %(default)s; 0: off)")
+    parser.add_argument(
+        "--log", action="append", metavar="COL[,COL]", help="log1p(max(x, 0)) before standardising (implies --numeric)"
+    )
+    parser.add_argument(
+        "--cross", action="append", metavar="A,B[,C]", help="crossed categorical feature A_x_B; repeatable"
+    )
+    parser.add_argument(
+        "--min-frequency",
+        type=int,
+        default=TabularOptions.min_frequency,
+        help="train count a value needs for its own id (default %(default)s); rarer values share the OOV id",
+    )
+    parser.add_argument(
+        "--max-int-levels",
+        type=int,
+        default=TabularOptions.max_int_levels,
+        help="an integer column with at most this many distinct values is categorical (default %(default)s)",
+    )
+    parser.add_argument(
+        "--auto-log-skew",
+        type=float,
+        default=TabularOptions.auto_log_skew,
+        help="log-transform non-negative numeric columns with train skewness above this (default %(default)s; 0: off)",
+    )
     parser.add_argument("--max-vocab", type=int, default=0, help="cap on each vocabulary (default 0: none)")
     parser.add_argument("--split", default="80,10,10", help="train,valid,test shares (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the split and the train row order")
     parser.add_argument("--row-group-rows", type=int, default=TabularOptions.row_group_rows)
-    parser.add_argument("--null-values", default=None,
-                        help=f"comma-separated strings read as missing after strip "
-                             f"(default: {','.join(NULL_VALUES)}; blank always is)")
+    parser.add_argument(
+        "--null-values",
+        default=None,
+        help=f"comma-separated strings read as missing after strip (default: {','.join(NULL_VALUES)}; blank always is)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a different dataset at --out")
     args = parser.parse_args(argv)
 

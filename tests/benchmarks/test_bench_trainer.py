@@ -14,9 +14,29 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_bench_trainer_compares_the_same_training(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_trainer.py"), "--rows", "30000", "--global-batch", "256",
-           "--warmup", "20", "--steps", "20", "--worlds", "1", "2", "--loader-batches", "5", "--big-table-rows", "0",
-           "--data-dir", str(tmp_path / "data"), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_trainer.py"),
+        "--rows",
+        "30000",
+        "--global-batch",
+        "256",
+        "--warmup",
+        "20",
+        "--steps",
+        "20",
+        "--worlds",
+        "1",
+        "2",
+        "--loader-batches",
+        "5",
+        "--big-table-rows",
+        "0",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())["worlds"]

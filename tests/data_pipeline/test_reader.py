@@ -7,7 +7,6 @@ import pyarrow as pa
 import pytest
 import torch
 
-from data_pipeline import reader
 from data_pipeline.batch import BatchLayout, RowStore, table_to_batch
 from data_pipeline.reader import ParquetBatches, RankLoader
 from data_pipeline.schema import SparseFeature
@@ -41,18 +40,22 @@ def test_slices_across_row_groups_keep_offsets(tmp_path, tiny_table):
 
 def _rows_table(start: int, n: int) -> pa.Table:
     ids = np.arange(start, start + n)
-    return pa.table({
-        "label": pa.array(ids % 2, pa.int8()),
-        "row": pa.array(ids.astype(np.float32)),
-        "a": pa.array(ids % 50, pa.int64()),
-        "m": pa.array([[int(i % 50)] * int(i % 3) for i in ids], pa.list_(pa.int64())),
-    })
+    return pa.table(
+        {
+            "label": pa.array(ids % 2, pa.int8()),
+            "row": pa.array(ids.astype(np.float32)),
+            "a": pa.array(ids % 50, pa.int64()),
+            "m": pa.array([[int(i % 50)] * int(i % 3) for i in ids], pa.list_(pa.int64())),
+        }
+    )
 
 
 def test_two_ranks_split_row_groups_without_loss_or_duplication(tmp_path):
     # 3 files of uneven size, row groups of 100: 23 row groups over 2 ranks
     tables = [_rows_table(0, 1000), _rows_table(1000, 750), _rows_table(1750, 550)]
-    schema = write_dataset(tmp_path, {"valid": tables}, [SparseFeature("a", 50), SparseFeature("m", 50, True)], ["row"], row_group_rows=100)
+    schema = write_dataset(
+        tmp_path, {"valid": tables}, [SparseFeature("a", 50), SparseFeature("m", 50, True)], ["row"], row_group_rows=100
+    )
     seen, counts = [], []
     for rank in range(2):
         loader = RankLoader(ParquetBatches(schema, "valid", batch_size=128, rank=rank, world_size=2, drop_last=False))
@@ -71,10 +74,14 @@ def test_two_ranks_split_row_groups_without_loss_or_duplication(tmp_path):
 
 def test_training_batches_equal_across_ranks_and_workers(tmp_path):
     tables = [_rows_table(0, 1000), _rows_table(1000, 750), _rows_table(1750, 550)]
-    schema = write_dataset(tmp_path, {"train": tables}, [SparseFeature("a", 50), SparseFeature("m", 50, True)], ["row"], row_group_rows=100)
+    schema = write_dataset(
+        tmp_path, {"train": tables}, [SparseFeature("a", 50), SparseFeature("m", 50, True)], ["row"], row_group_rows=100
+    )
     seen = []
     for rank in range(2):
-        dataset = ParquetBatches(schema, "train", batch_size=64, rank=rank, world_size=2, num_workers=2, shuffle=True, seed=3)
+        dataset = ParquetBatches(
+            schema, "train", batch_size=64, rank=rank, world_size=2, num_workers=2, shuffle=True, seed=3
+        )
         loader = RankLoader(dataset)
         batches = list(loader)
         assert len(batches) == len(loader) == min(dataset.batches_of(r) for r in range(2))
@@ -85,16 +92,19 @@ def test_training_batches_equal_across_ranks_and_workers(tmp_path):
 
 # ---- exactness through the worker transport ----------------------------------------------------
 
+
 def _nulls_table(start: int, n: int) -> pa.Table:
     """Rows numbered by `row`, with null and empty lists, null ids and null dense values."""
     ids = np.arange(start, start + n)
-    return pa.table({
-        "label": pa.array(ids % 2, pa.int8()),
-        "row": pa.array(ids.astype(np.float32)),
-        "d": pa.array([None if i % 7 == 0 else float(i % 5) for i in ids], pa.float32()),
-        "a": pa.array([None if i % 4 == 0 else int(i % 50) for i in ids], pa.int64()),
-        "m": pa.array([None if i % 5 == 0 else [int(i % 50)] * int(i % 3) for i in ids], pa.list_(pa.int64())),
-    })
+    return pa.table(
+        {
+            "label": pa.array(ids % 2, pa.int8()),
+            "row": pa.array(ids.astype(np.float32)),
+            "d": pa.array([None if i % 7 == 0 else float(i % 5) for i in ids], pa.float32()),
+            "a": pa.array([None if i % 4 == 0 else int(i % 50) for i in ids], pa.int64()),
+            "m": pa.array([None if i % 5 == 0 else [int(i % 50)] * int(i % 3) for i in ids], pa.list_(pa.int64())),
+        }
+    )
 
 
 NULLS_SPARSE = [SparseFeature("a", 50), SparseFeature("m", 50, True)]
@@ -105,7 +115,9 @@ def _rows(batches) -> dict[int, tuple]:
     out = {}
     for b in batches:
         features = b.sparse.to_dict()
-        offsets = {k: torch.cat([torch.zeros(1, dtype=torch.long), jt.lengths().cumsum(0)]) for k, jt in features.items()}
+        offsets = {
+            k: torch.cat([torch.zeros(1, dtype=torch.long), jt.lengths().cumsum(0)]) for k, jt in features.items()
+        }
         # the KJT carries its per-key counts (so a device needs no sync); they must match the lengths
         assert b.sparse.length_per_key() == [int(jt.lengths().sum()) for jt in features.values()]
         for i in torch.nonzero(b.weights > 0).flatten().tolist():
@@ -133,13 +145,23 @@ def test_every_row_exact_through_worker_rings(tmp_path, monkeypatch, shuffle):
     received = []  # ring batches are turned into Batches here, in this process
     original = BatchLayout.batch
     monkeypatch.setattr(BatchLayout, "batch", lambda self, *a: received.append(1) or original(self, *a))
-    dataset = ParquetBatches(schema, "valid", batch_size=96, num_workers=2, shuffle=shuffle, drop_last=False, shuffle_buffer_rows=300)
+    dataset = ParquetBatches(
+        schema, "valid", batch_size=96, num_workers=2, shuffle=shuffle, drop_last=False, shuffle_buffer_rows=300
+    )
     rows = _rows(RankLoader(dataset))
     assert rows == {i: _expected_row(i) for i in range(2300)}
     assert len(received) >= len(dataset) - 2  # all but each worker's padded last batch came by ring
 
 
-MIXED_KEYS = ["s0", "s1", "m", "s2", "n3", "s4", "s5"]  # runs of complete scalar ids, split by a list and a null-able id
+MIXED_KEYS = [
+    "s0",
+    "s1",
+    "m",
+    "s2",
+    "n3",
+    "s4",
+    "s5",
+]  # runs of complete scalar ids, split by a list and a null-able id
 
 
 def _mixed_table(start: int, n: int) -> pa.Table:
@@ -173,9 +195,12 @@ def test_runs_of_scalar_features_are_copied_exactly(tmp_path, shuffle, workers):
     """Consecutive scalar features without missing ids are copied together (one strided copy per
     run of rows); each must still land in its own place, around list and null-able features."""
     sparse = [SparseFeature(key, 40, key == "m") for key in MIXED_KEYS]
-    schema = write_dataset(tmp_path, {"train": [_mixed_table(0, 900), _mixed_table(900, 700)]}, sparse, ["row"], row_group_rows=100)
-    dataset = ParquetBatches(schema, "train", batch_size=64, num_workers=workers, shuffle=shuffle, drop_last=False,
-                             shuffle_buffer_rows=250)
+    schema = write_dataset(
+        tmp_path, {"train": [_mixed_table(0, 900), _mixed_table(900, 700)]}, sparse, ["row"], row_group_rows=100
+    )
+    dataset = ParquetBatches(
+        schema, "train", batch_size=64, num_workers=workers, shuffle=shuffle, drop_last=False, shuffle_buffer_rows=250
+    )
     assert _rows(RankLoader(dataset)) == {i: _mixed_row(i) for i in range(1600)}
 
 
@@ -211,8 +236,14 @@ def test_workers_end_with_a_killed_rank(tmp_path):
     schema = _nulls_dataset(tmp_path)
     script = tmp_path / "owner.py"
     script.write_text(KILLED_OWNER)
-    owner = subprocess.Popen([sys.executable, str(script), str(schema.root)], cwd=ROOT, stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    owner = subprocess.Popen(
+        [sys.executable, str(script), str(schema.root)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert owner.stdout.readline() == "reading\n"
     owner.kill()
     # EOF on the pipe: every process that inherited it (workers, fork server) has exited
@@ -233,6 +264,7 @@ def test_table_to_batch_matches_the_reader(tmp_path, tiny_table):
 
 # ---- the shuffle buffer --------------------------------------------------------------------------
 
+
 def _row_order(schema, split="train", **kwargs) -> list[list[int]]:
     dataset = ParquetBatches(schema, split, batch_size=64, shuffle=True, **kwargs)
     return [[int(x) for x in b.dense[b.weights > 0, 0]] for b in dataset]
@@ -240,7 +272,9 @@ def _row_order(schema, split="train", **kwargs) -> list[list[int]]:
 
 def _rows_dataset(tmp_path):
     tables = [_rows_table(0, 1000), _rows_table(1000, 750), _rows_table(1750, 550)]
-    return write_dataset(tmp_path, {"train": tables}, [SparseFeature("a", 50), SparseFeature("m", 50, True)], ["row"], row_group_rows=100)
+    return write_dataset(
+        tmp_path, {"train": tables}, [SparseFeature("a", 50), SparseFeature("m", 50, True)], ["row"], row_group_rows=100
+    )
 
 
 def test_shuffle_buffer_mixes_rows_of_several_row_groups(tmp_path):
@@ -277,8 +311,18 @@ def test_shuffle_keeps_every_row_exactly_once(tmp_path, buffer_rows):
     schema = _rows_dataset(tmp_path)
     seen, counts = [], []
     for rank in range(2):
-        dataset = ParquetBatches(schema, "train", batch_size=64, rank=rank, world_size=2, num_workers=2, shuffle=True,
-                                 drop_last=False, shuffle_buffer_rows=buffer_rows, seed=5)
+        dataset = ParquetBatches(
+            schema,
+            "train",
+            batch_size=64,
+            rank=rank,
+            world_size=2,
+            num_workers=2,
+            shuffle=True,
+            drop_last=False,
+            shuffle_buffer_rows=buffer_rows,
+            seed=5,
+        )
         batches = list(RankLoader(dataset))
         counts.append(len(batches))
         seen += [int(x) for b in batches for x in b.dense[b.weights > 0, 0]]
@@ -290,7 +334,9 @@ def test_shuffle_buffer_holds_at_most_its_size_plus_one_row_group(tmp_path, monk
     schema = _rows_dataset(tmp_path)  # row groups of at most 100 rows
     held = []
     original = RowStore.append
-    monkeypatch.setattr(RowStore, "append", lambda self, *a: (original(self, *a), held.append((self.rows, self.capacity))))
+    monkeypatch.setattr(
+        RowStore, "append", lambda self, *a: (original(self, *a), held.append((self.rows, self.capacity)))
+    )
     rows = sum(len(batch) for batch in _row_order(schema, shuffle_buffer_rows=250))
     assert rows == 2300 // 64 * 64
     assert max(r for r, _ in held) > 250  # it did fill up...
@@ -308,7 +354,9 @@ def test_row_store_refuses_rows_beyond_its_capacity(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
 def test_pinned_batches_from_workers(tmp_path):
     schema = _nulls_dataset(tmp_path)
-    batches = list(RankLoader(ParquetBatches(schema, "valid", batch_size=96, num_workers=2, drop_last=False), pin_memory=True))
+    batches = list(
+        RankLoader(ParquetBatches(schema, "valid", batch_size=96, num_workers=2, drop_last=False), pin_memory=True)
+    )
     for b in batches:
         assert b.dense.is_pinned() and b.labels.is_pinned() and b.weights.is_pinned()
         assert b.sparse.values().is_pinned() and b.sparse.lengths().is_pinned()

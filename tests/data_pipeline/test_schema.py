@@ -20,7 +20,13 @@ from tests.conftest import TINY_SPARSE, write_dataset
 
 
 def _dataset(tmp_path, table, files=1):
-    return write_dataset(tmp_path / "d", {s: [table] * files for s in ("train", "valid", "test")}, TINY_SPARSE, ["d0", "d1"], row_group_rows=2)
+    return write_dataset(
+        tmp_path / "d",
+        {s: [table] * files for s in ("train", "valid", "test")},
+        TINY_SPARSE,
+        ["d0", "d1"],
+        row_group_rows=2,
+    )
 
 
 def _read_all(schema, split="train"):
@@ -29,6 +35,7 @@ def _read_all(schema, split="train"):
 
 
 # ---- footer level --------------------------------------------------------------------------------
+
 
 def test_dataset_json_missing_or_malformed(tmp_path, tiny_table):
     schema = _dataset(tmp_path, tiny_table)
@@ -79,7 +86,9 @@ def test_file_with_a_different_schema(tmp_path, tiny_table):
     schema = _dataset(tmp_path, tiny_table, files=2)
     other = tiny_table.set_column(1, "d0", tiny_table.column("d0").cast(pa.float64()))
     pq.write_table(other, schema.root / "valid" / "part-00001.parquet")
-    with pytest.raises(DataError, match=r"part-00001.parquet: column 'd0' has type double, but part-00000.parquet has float"):
+    with pytest.raises(
+        DataError, match=r"part-00001.parquet: column 'd0' has type double, but part-00000.parquet has float"
+    ):
         check_files(schema, "valid")
 
 
@@ -102,16 +111,45 @@ def test_missing_column_and_wrong_type(tmp_path, tiny_table):
 
 # ---- value level (streamed) ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "column, values, message",
     [
-        ("a", pa.array([3, None, -1, 9, 1], pa.int64()), r"row group 1: column 'a' has ids outside \[0, 10\): min -1, max 9, first at row 0"),
-        ("a", pa.array([3, None, 0, 10, 1], pa.int64()), r"row group 1: column 'a' has ids outside \[0, 10\): min 0, max 10, first at row 1"),
-        ("m", pa.array([[1], [], None, [4, 8], [5]], pa.list_(pa.int64())), r"row group 1: column 'm' has ids outside \[0, 8\)"),
-        ("d0", pa.array([0.5, 1.0, 2.0, math.nan, 4.0], pa.float32()), r"row group 1: column 'd0' has a non-finite value \(nan\) at row 1"),
-        ("d1", pa.array([0.5, 1.0, 2.0, 3.0, math.inf]), r"row group 2: column 'd1' has a non-finite value \(inf\) at row 0"),
-        ("label", pa.array([1, 0, None, 0, 1], pa.int8()), r"row group 1: column 'label' \(label\) has 1 nulls \(first at row 0\)"),
-        ("label", pa.array([1, 0, 1, 2, 1], pa.int8()), r"row group 1: column 'label' \(label\) must be 0 or 1 for a binary task, row 1 holds 2"),
+        (
+            "a",
+            pa.array([3, None, -1, 9, 1], pa.int64()),
+            r"row group 1: column 'a' has ids outside \[0, 10\): min -1, max 9, first at row 0",
+        ),
+        (
+            "a",
+            pa.array([3, None, 0, 10, 1], pa.int64()),
+            r"row group 1: column 'a' has ids outside \[0, 10\): min 0, max 10, first at row 1",
+        ),
+        (
+            "m",
+            pa.array([[1], [], None, [4, 8], [5]], pa.list_(pa.int64())),
+            r"row group 1: column 'm' has ids outside \[0, 8\)",
+        ),
+        (
+            "d0",
+            pa.array([0.5, 1.0, 2.0, math.nan, 4.0], pa.float32()),
+            r"row group 1: column 'd0' has a non-finite value \(nan\) at row 1",
+        ),
+        (
+            "d1",
+            pa.array([0.5, 1.0, 2.0, 3.0, math.inf]),
+            r"row group 2: column 'd1' has a non-finite value \(inf\) at row 0",
+        ),
+        (
+            "label",
+            pa.array([1, 0, None, 0, 1], pa.int8()),
+            r"row group 1: column 'label' \(label\) has 1 nulls \(first at row 0\)",
+        ),
+        (
+            "label",
+            pa.array([1, 0, 1, 2, 1], pa.int8()),
+            r"row group 1: column 'label' \(label\) must be 0 or 1 for a binary task, row 1 holds 2",
+        ),
     ],
 )
 def test_bad_values_name_file_column_and_row(tmp_path, tiny_table, column, values, message):
@@ -139,6 +177,7 @@ def test_regression_labels_may_be_any_finite_number(tmp_path, tiny_table):
 
 
 # ---- output directories ------------------------------------------------------------------------------
+
 
 def test_output_directory_with_another_dataset_is_refused(tmp_path, tiny_table):
     schema = _dataset(tmp_path, tiny_table)

@@ -10,17 +10,17 @@ import shlex
 import socket
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from torchx.runner import get_runner
 from torchx.specs import BindMount, VolumeMount
 from torchx.specs.builders import materialize_appdef
 from torchx.specs.finder import get_component
 
-from data_pipeline.schema import DatasetSchema
 from data_pipeline.prepare.synthetic import SyntheticSpec, generate
+from data_pipeline.schema import DatasetSchema
 from launch.components import prepare, train
 from tests.conftest import ROOT
 from trainer.config import load_config
@@ -31,9 +31,15 @@ COMPONENT = "launch/components.py:train"
 
 def torchx(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`torchx ARGS` from the repository root, reading only the repository's .torchxconfig."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHXCONFIG": str(ROOT / ".torchxconfig"),
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([str(BIN / "torchx"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TORCHXCONFIG": str(ROOT / ".torchxconfig"),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    return subprocess.run(
+        [str(BIN / "torchx"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def free_port() -> int:
@@ -52,7 +58,7 @@ def module_args(role) -> tuple[str, list[str]]:
     """The module torchrun starts (`-m MODULE`) and the arguments it gets."""
     words = torchrun_command(role)
     i = words.index("-m")
-    return words[i + 1], words[i + 2:]
+    return words[i + 1], words[i + 2 :]
 
 
 def flag(words: list[str], name: str) -> str:
@@ -61,14 +67,35 @@ def flag(words: list[str], name: str) -> str:
 
 # ---- real runs on this machine (local_cwd) ------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("data") / "synthetic", SyntheticSpec(rows=30_000, row_group_rows=2048), log=lambda *_: None)
+    return generate(
+        tmp_path_factory.mktemp("data") / "synthetic",
+        SyntheticSpec(rows=30_000, row_group_rows=2048),
+        log=lambda *_: None,
+    )
 
 
 def run_train(dataset, run_dir: Path, j: str, *component_args: str) -> subprocess.CompletedProcess:
-    return torchx("run", "-s", "local_cwd", COMPONENT, "-j", j, "--config", "configs/demo.toml", *component_args,
-                  "--", "--data.path", str(dataset.root), "--run-dir", str(run_dir), "--training.progress_bar", "false")
+    return torchx(
+        "run",
+        "-s",
+        "local_cwd",
+        COMPONENT,
+        "-j",
+        j,
+        "--config",
+        "configs/demo.toml",
+        *component_args,
+        "--",
+        "--data.path",
+        str(dataset.root),
+        "--run-dir",
+        str(run_dir),
+        "--training.progress_bar",
+        "false",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +147,34 @@ def test_prepare_component_on_two_replicas_matches_one_process(tmp_path):
     from tests.data_pipeline.prepare.test_criteo import criteo_lines, read_split, write_tsv
 
     src = write_tsv(tmp_path / "day_0", criteo_lines(3000))
-    args = ["--input", src, "--num-embeddings", "1000", "--row-group-rows", "2048", "--chunk-mb", "0.05",
-            "--min-count", "2", "--workers", "1"]
-    result = torchx("run", "-s", "local_cwd", "launch/components.py:prepare", "-j", "2x1", "--rdzv_port", str(free_port()),
-                    "--", *args, "--out", str(tmp_path / "replicas"))
+    args = [
+        "--input",
+        src,
+        "--num-embeddings",
+        "1000",
+        "--row-group-rows",
+        "2048",
+        "--chunk-mb",
+        "0.05",
+        "--min-count",
+        "2",
+        "--workers",
+        "1",
+    ]
+    result = torchx(
+        "run",
+        "-s",
+        "local_cwd",
+        "launch/components.py:prepare",
+        "-j",
+        "2x1",
+        "--rdzv_port",
+        str(free_port()),
+        "--",
+        *args,
+        "--out",
+        str(tmp_path / "replicas"),
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "prepare/0 [0]:" in result.stdout + result.stderr
     assert recsys(["prepare", "criteo", *args, "--out", str(tmp_path / "single")]) == 0  # one process
@@ -135,8 +186,16 @@ def test_prepare_component_on_two_replicas_matches_one_process(tmp_path):
 
 # ---- the AppDef and the cluster schedulers' requests (dry runs) ---------------------------------
 
-CLUSTER_ARGS = dict(j="2x8", gpu=8, cpu=64, memMB=480_000, image="ghcr.io/acme/recsys-trainer:gpu", max_retries=3,
-                    mounts=["type=volume", "src=shared-pvc", "dst=/mnt/shared"], config="configs/demo.toml")
+CLUSTER_ARGS = dict(
+    j="2x8",
+    gpu=8,
+    cpu=64,
+    memMB=480_000,
+    image="ghcr.io/acme/recsys-trainer:gpu",
+    max_retries=3,
+    mounts=["type=volume", "src=shared-pvc", "dst=/mnt/shared"],
+    config="configs/demo.toml",
+)
 OVERRIDES = ("--data.path", "/mnt/shared/data/criteo", "--run-dir", "/mnt/shared/runs/exp1", "--model", "dlrm_dcn")
 
 
@@ -155,7 +214,11 @@ def test_train_appdef_for_a_cluster():
     module, args = module_args(role)
     assert module == "trainer" and args == ["--config", "configs/demo.toml", *OVERRIDES]
     cfg = load_config(args)  # what every rank will parse
-    assert (cfg.data.path, cfg.run_dir, cfg.model.name) == ("/mnt/shared/data/criteo", "/mnt/shared/runs/exp1", "dlrm_dcn")
+    assert (cfg.data.path, cfg.run_dir, cfg.model.name) == (
+        "/mnt/shared/data/criteo",
+        "/mnt/shared/runs/exp1",
+        "dlrm_dcn",
+    )
 
 
 def test_elastic_range_and_named_resource():
@@ -182,7 +245,10 @@ def test_more_ranks_than_gpus_is_refused():
 def test_prepare_appdef():
     (role,) = prepare("--input", "/mnt/criteo/day_*.gz", "--out", "/mnt/data/criteo-tb", j="4x1", image="img").roles
     assert role.name == "prepare" and role.num_replicas == 4 and role.resource.gpu == 0
-    assert module_args(role) == ("launch.cli", ["prepare", "criteo", "--input", "/mnt/criteo/day_*.gz", "--out", "/mnt/data/criteo-tb"])
+    assert module_args(role) == (
+        "launch.cli",
+        ["prepare", "criteo", "--input", "/mnt/criteo/day_*.gz", "--out", "/mnt/data/criteo-tb"],
+    )
 
 
 def test_component_cli_parsing():
@@ -191,8 +257,24 @@ def test_component_cli_parsing():
     for name in (COMPONENT, "launch/components.py:prepare"):
         assert get_component(name).validation_errors == [], name
     fn = get_component(COMPONENT).fn
-    app = materialize_appdef(fn, ["-j", "2x1", "--gpu", "1", "--env", "A=1,B=2", "--config", "c.toml",
-                                  "--", "--data.path", "/d", "--training.epochs", "2"])
+    app = materialize_appdef(
+        fn,
+        [
+            "-j",
+            "2x1",
+            "--gpu",
+            "1",
+            "--env",
+            "A=1,B=2",
+            "--config",
+            "c.toml",
+            "--",
+            "--data.path",
+            "/d",
+            "--training.epochs",
+            "2",
+        ],
+    )
     (role,) = app.roles
     assert role.num_replicas == 2 and role.resource.gpu == 1
     assert role.env["A"] == "1" and role.env["B"] == "2"
@@ -210,22 +292,55 @@ def test_slurm_dryrun():
         assert replica.sbatch_opts["partition"] == "gpu" and replica.sbatch_opts["time"] == "2:00:00"
         words = shlex.split(replica.args[1])
         assert flag(words, "--rdzv_endpoint") == "${SLURM_JOB_NODELIST_HET_GROUP_0:=localhost}:29500"
-        assert words[words.index("-m") + 1:] == ["trainer", "--config", "configs/demo.toml", *OVERRIDES]
+        assert words[words.index("-m") + 1 :] == ["trainer", "--config", "configs/demo.toml", *OVERRIDES]
     script = request.materialize()
     assert script.count("#SBATCH --job-name=trainer-") == 2 and "#SBATCH hetjob" in script
 
 
 def test_slurm_and_kubernetes_dryrun_from_the_command_line():
-    result = torchx("run", "--dryrun", "-s", "slurm", "-cfg", "partition=gpu,time=2:00:00", COMPONENT,
-                    "-j", "2x8", "--gpu", "8", "--", *OVERRIDES, timeout=60)
+    result = torchx(
+        "run",
+        "--dryrun",
+        "-s",
+        "slurm",
+        "-cfg",
+        "partition=gpu,time=2:00:00",
+        COMPONENT,
+        "-j",
+        "2x8",
+        "--gpu",
+        "8",
+        "--",
+        *OVERRIDES,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     script = result.stdout.split("=== SCHEDULER REQUEST ===")[1]
-    assert len(re.findall(r"#SBATCH --job-name=trainer-\d .*--partition=gpu --time=2:00:00 .*--gpus-per-task=8", script)) == 2
-    assert script.count("-m trainer --config configs/demo.toml --data.path /mnt/shared/data/criteo") == 2  # config from .torchxconfig
+    assert (
+        len(re.findall(r"#SBATCH --job-name=trainer-\d .*--partition=gpu --time=2:00:00 .*--gpus-per-task=8", script))
+        == 2
+    )
+    assert (
+        script.count("-m trainer --config configs/demo.toml --data.path /mnt/shared/data/criteo") == 2
+    )  # config from .torchxconfig
     # kubernetes: the request is a Volcano job built with the `kubernetes` package (not a dependency
     # here); without it the dry run fails in torchx's pod builder, after our component ran
-    result = torchx("run", "--dryrun", "-s", "kubernetes", COMPONENT, "-j", "2x8", "--gpu", "8", "--image", "img:1",
-                    "--", *OVERRIDES, timeout=60)
+    result = torchx(
+        "run",
+        "--dryrun",
+        "-s",
+        "kubernetes",
+        COMPONENT,
+        "-j",
+        "2x8",
+        "--gpu",
+        "8",
+        "--image",
+        "img:1",
+        "--",
+        *OVERRIDES,
+        timeout=60,
+    )
     try:
         import kubernetes  # noqa: F401
     except ImportError:
@@ -236,7 +351,9 @@ def test_slurm_and_kubernetes_dryrun_from_the_command_line():
 
 
 def test_kubernetes_dryrun():
-    pytest.importorskip("kubernetes", reason="the kubernetes package builds torchx's Volcano job; not a test dependency")
+    pytest.importorskip(
+        "kubernetes", reason="the kubernetes package builds torchx's Volcano job; not a test dependency"
+    )
     app = train(*OVERRIDES, **CLUSTER_ARGS)
     scheduler = get_runner()._scheduler("kubernetes")
     job = scheduler.submit_dryrun(app, {"queue": "default", "namespace": "ml"}).request.resource
@@ -249,11 +366,12 @@ def test_kubernetes_dryrun():
         assert container.image == "ghcr.io/acme/recsys-trainer:gpu"
         assert container.resources.limits["nvidia.com/gpu"] == "8"
         words = shlex.split(container.command[2])
-        assert words[words.index("-m") + 1:] == ["trainer", "--config", "configs/demo.toml", *OVERRIDES]
+        assert words[words.index("-m") + 1 :] == ["trainer", "--config", "configs/demo.toml", *OVERRIDES]
         assert "/mnt/shared" in [m.mount_path for m in container.volume_mounts]
 
 
 # ---- .torchxconfig ---------------------------------------------------------------------------------
+
 
 def test_torchxconfig_names_real_options():
     """Every key in .torchxconfig, and every commented-out `# key = value` example under a scheduler,

@@ -8,7 +8,6 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.losses import InBatchSoftmaxLoss, entity_ids
@@ -96,8 +95,13 @@ def _rank(rank: int, port: int, out: str) -> None:
     loss_fn = InBatchSoftmaxLoss(NUM_ITEMS, "item", logq_correction=True, device=torch.device("cpu"))
     loss = loss_fn(user, item, bias, _kjt(ITEMS[rows]), torch.tensor(LABELS[rows]), torch.tensor(WEIGHTS[rows]))
     loss.backward()
-    result = {"loss": loss.item(), "counts": loss_fn.candidate_counts.tolist(),
-              "user_grad": user.grad.tolist(), "item_grad": item.grad.tolist(), "bias_grad": bias.grad.tolist()}
+    result = {
+        "loss": loss.item(),
+        "counts": loss_fn.candidate_counts.tolist(),
+        "user_grad": user.grad.tolist(),
+        "item_grad": item.grad.tolist(),
+        "bias_grad": bias.grad.tolist(),
+    }
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
@@ -115,7 +119,7 @@ def test_two_ranks_see_each_others_items_and_send_gradients_back(tmp_path):
     assert ranks[0]["counts"] == ranks[1]["counts"] == counts  # updated from the gathered ids
     total = 0
     for r in range(2):
-        mine = [l if r * 4 <= q < r * 4 + 4 else 0.0 for q, l in enumerate(LABELS)]
+        mine = [label if r * 4 <= q < r * 4 + 4 else 0.0 for q, label in enumerate(LABELS)]
         expected = _reference(user, item, bias, ITEMS, mine, WEIGHTS, counts)
         assert abs(ranks[r]["loss"] - expected.item()) < 1e-5
         total = total + expected

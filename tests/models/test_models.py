@@ -10,8 +10,15 @@ from tests.conftest import TINY_SPARSE, write_dataset
 def test_forward_backward_shapes(tmp_path, tiny_table, name):
     schema = write_dataset(tmp_path, {"train": [tiny_table]}, TINY_SPARSE, ["d0", "d1"])
     (batch,) = list(ParquetBatches(schema, "train", batch_size=5))
-    cfg = ModelConfig(name=name, embedding_dim=4, dense_arch_layer_sizes=[8, 4], over_arch_layer_sizes=[8, 1], dcn_low_rank_dim=2,
-                      user_features=["a", "d0"], item_features=["m", "d1"])
+    cfg = ModelConfig(
+        name=name,
+        embedding_dim=4,
+        dense_arch_layer_sizes=[8, 4],
+        over_arch_layer_sizes=[8, 1],
+        dcn_low_rank_dim=2,
+        user_features=["a", "d0"],
+        item_features=["m", "d1"],
+    )
     model = build_model(cfg, schema, torch.device("cpu"), torch.device("cpu"))
     loss, (detached, logits, labels, weights) = model(batch)
     assert logits.shape == (5,) and loss.ndim == 0
@@ -23,7 +30,9 @@ def test_forward_backward_shapes(tmp_path, tiny_table, name):
 def test_padding_rows_do_not_count(tmp_path, tiny_table):
     schema = write_dataset(tmp_path, {"train": [tiny_table]}, TINY_SPARSE, ["d0", "d1"])
     (batch,) = list(ParquetBatches(schema, "train", batch_size=5))
-    model = build_model(ModelConfig(embedding_dim=4, dense_arch_layer_sizes=[4]), schema, torch.device("cpu"), torch.device("cpu"))
+    model = build_model(
+        ModelConfig(embedding_dim=4, dense_arch_layer_sizes=[4]), schema, torch.device("cpu"), torch.device("cpu")
+    )
     full, _ = model(batch)
     batch.weights[3:] = 0
     batch.labels[3:] = 1 - batch.labels[3:]  # flipping labels of weight-0 rows changes nothing
@@ -46,7 +55,9 @@ def test_regression_task_uses_weighted_squared_error(tmp_path, tiny_table):
     (batch,) = list(ParquetBatches(schema, "train", batch_size=5))
     batch.labels = torch.tensor([1.0, 5.0, 3.5, 2.0, 4.0])
     batch.weights[4] = 0
-    model = build_model(ModelConfig(embedding_dim=4, dense_arch_layer_sizes=[4]), schema, torch.device("cpu"), torch.device("cpu"))
+    model = build_model(
+        ModelConfig(embedding_dim=4, dense_arch_layer_sizes=[4]), schema, torch.device("cpu"), torch.device("cpu")
+    )
     loss, (_, predictions, _, _) = model(batch)
     torch.testing.assert_close(loss, ((predictions[:4] - batch.labels[:4]) ** 2).mean())
 
@@ -57,13 +68,22 @@ def test_two_tower_scores_are_tower_dot_products_plus_biases(tmp_path, tiny_tabl
     schema = write_dataset(tmp_path, {"train": [tiny_table]}, TINY_SPARSE, ["d0", "d1"])
     schema.task, schema.label_range = "regression", [1.0, 5.0]
     (batch,) = list(ParquetBatches(schema, "train", batch_size=5))
-    cfg = ModelConfig(name="two_tower", embedding_dim=4, tower_layer_sizes=[8], user_features=["a", "d0"], item_features=["m", "d1"])
+    cfg = ModelConfig(
+        name="two_tower", embedding_dim=4, tower_layer_sizes=[8], user_features=["a", "d0"], item_features=["m", "d1"]
+    )
     model = TwoTower(cfg, schema, torch.device("cpu"), torch.device("cpu"))
-    assert build_model(cfg, schema, torch.device("cpu"), torch.device("cpu")).offset == 3.0  # predictions start mid-range
+    assert (
+        build_model(cfg, schema, torch.device("cpu"), torch.device("cpu")).offset == 3.0
+    )  # predictions start mid-range
     embedded = model.sparse_arch(batch.sparse).to_dict()
     u = model.user.mlp(torch.cat([embedded["a"], batch.dense[:, :1]], dim=1))  # the user tower sees only its columns
     v = model.item.mlp(torch.cat([embedded["m"], batch.dense[:, 1:]], dim=1))
     expected = (u * v).sum(1, keepdim=True) + model.bias(batch.dense, batch.sparse) + model.global_bias
     torch.testing.assert_close(model(batch.dense, batch.sparse), expected)
     with pytest.raises(ValueError, match="names columns the dataset lacks: zz"):
-        TwoTower(ModelConfig(name="two_tower", user_features=["zz"], item_features=["m"]), schema, torch.device("cpu"), torch.device("cpu"))
+        TwoTower(
+            ModelConfig(name="two_tower", user_features=["zz"], item_features=["m"]),
+            schema,
+            torch.device("cpu"),
+            torch.device("cpu"),
+        )

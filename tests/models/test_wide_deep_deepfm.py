@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DatasetSchema, SparseFeature
-from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from models import ModelConfig, build_model
 from models.deepfm import second_order
 from models.embeddings import LINEAR_WIDTH
@@ -33,12 +33,15 @@ def _wide_weights(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if ".wide." in name}
 
 
-@pytest.mark.parametrize("name,task,dense,batch_norm", [
-    ("wide_deep", "binary", ("d0", "d1"), False),
-    ("wide_deep", "regression", (), True),
-    ("deepfm", "binary", (), False),
-    ("deepfm", "regression", ("d0", "d1"), True),
-])
+@pytest.mark.parametrize(
+    "name,task,dense,batch_norm",
+    [
+        ("wide_deep", "binary", ("d0", "d1"), False),
+        ("wide_deep", "regression", (), True),
+        ("deepfm", "binary", (), False),
+        ("deepfm", "regression", ("d0", "d1"), True),
+    ],
+)
 def test_forward_backward(tmp_path, tiny_table, name, task, dense, batch_norm):
     schema, batch = _tiny(tmp_path, tiny_table, dense, task=task)
     assert batch.dense.shape == (5, len(dense))
@@ -59,7 +62,10 @@ def test_wide_tables_are_linear_and_hold_the_crosses(tmp_path, tiny_table):
     model = build_model(ModelConfig(name="wide_deep", **SMALL), schema, torch.device("cpu"), torch.device("cpu")).model
     wide = model.wide.embedding_bag_collection.embedding_bag_configs()
     assert [(t.name, t.embedding_dim, t.pooling.name) for t in wide] == [
-        ("wide_a", LINEAR_WIDTH, "SUM"), ("wide_m", LINEAR_WIDTH, "SUM"), ("wide_a_x_m", LINEAR_WIDTH, "SUM")]
+        ("wide_a", LINEAR_WIDTH, "SUM"),
+        ("wide_m", LINEAR_WIDTH, "SUM"),
+        ("wide_a_x_m", LINEAR_WIDTH, "SUM"),
+    ]
     assert all((p == 0).all() for p in model.wide.embedding_bag_collection.parameters())
     deep = model.sparse_arch.embedding_bag_collection.embedding_bag_configs()
     assert [(t.name, t.embedding_dim, t.pooling.name) for t in deep] == [("t_a", 4, "SUM"), ("t_m", 4, "MEAN")]
@@ -69,7 +75,9 @@ def test_wide_part_gets_its_own_adagrad(tmp_path, tiny_table):
     """One backward with the in-backward hooks: the deep tables get the configured optimizer, the
     wide weights Adagrad at wide_lr, whose first step moves every weight with a gradient by lr."""
     schema, batch = _tiny(tmp_path, tiny_table)
-    model = build_model(ModelConfig(name="wide_deep", wide_lr=0.3, **SMALL), schema, torch.device("cpu"), torch.device("cpu"))
+    model = build_model(
+        ModelConfig(name="wide_deep", wide_lr=0.3, **SMALL), schema, torch.device("cpu"), torch.device("cpu")
+    )
     apply_sparse_optimizer(model, "rowwise_adagrad", 0.01, 1e-8)
     for p in model.model.sparse_arch.parameters():
         assert p._optimizer_classes[0].__name__ == "RowWiseAdagrad" and p._optimizer_kwargs[0]["lr"] == 0.01
@@ -118,12 +126,18 @@ def test_config_checks_apply_to_their_model_only():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("syn") / "d", SyntheticSpec(rows=20000, files=2, row_group_rows=2048), log=lambda *_: None)
+    return generate(
+        tmp_path_factory.mktemp("syn") / "d",
+        SyntheticSpec(rows=20000, files=2, row_group_rows=2048),
+        log=lambda *_: None,
+    )
 
 
 def _sharded_step(rank, port, data, out_path):
     """One rank under DMP: the fused (fbgemm) update of the sharded wide tables is Adagrad at wide_lr."""
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     from trainer.config import ShardingConfig
     from trainer.distributed import destroy_distributed, init_distributed, plan_sharding, shard_model
 
@@ -153,16 +167,35 @@ def test_sharded_wide_tables_step_with_wide_lr(tmp_path, dataset):
     assert max(moves) == 0.3
 
 
-TOWERS = ["--model.user_features", *[f"cat_{i}" for i in range(13)], *[f"int_{i}" for i in range(7)],
-          "--model.item_features", *[f"cat_{i}" for i in range(13, 26)], *[f"int_{i}" for i in range(7, 13)]]
+TOWERS = [
+    "--model.user_features",
+    *[f"cat_{i}" for i in range(13)],
+    *[f"int_{i}" for i in range(7)],
+    "--model.item_features",
+    *[f"cat_{i}" for i in range(13, 26)],
+    *[f"int_{i}" for i in range(7, 13)],
+]
 
 
-@pytest.mark.parametrize("name,table_prefix,extra", [("wide_deep", "wide_", []), ("deepfm", "linear_", []), ("two_tower", "bias_", TOWERS)])
+@pytest.mark.parametrize(
+    "name,table_prefix,extra", [("wide_deep", "wide_", []), ("deepfm", "linear_", []), ("two_tower", "bias_", TOWERS)]
+)
 def test_two_sharded_ranks_train(tmp_path, dataset, name, table_prefix, extra):
     run_dir = tmp_path / "run"
     result = run_trainer(
-        ["--data.path", str(dataset.root), "--model", name, "--run-dir", str(run_dir),
-         "--data.batch_size", "256", "--training.progress_bar", "false", *extra],
+        [
+            "--data.path",
+            str(dataset.root),
+            "--model",
+            name,
+            "--run-dir",
+            str(run_dir),
+            "--data.batch_size",
+            "256",
+            "--training.progress_bar",
+            "false",
+            *extra,
+        ],
         nproc=2,
     )
     assert result.returncode == 0, result.stderr[-4000:]

@@ -30,7 +30,9 @@ def test_missing_column(tmp_path, tiny_table):
 def test_wrong_column_type(tmp_path, tiny_table):
     table = tiny_table.set_column(3, "a", pa.array(["x", None, "y", "z", "w"]))
     schema = _dataset(tmp_path, table)
-    _assert_clear_error(run_trainer(["--data", str(schema.root)]), "part-00000.parquet", "'a'", "string", "expected integer")
+    _assert_clear_error(
+        run_trainer(["--data", str(schema.root)]), "part-00000.parquet", "'a'", "string", "expected integer"
+    )
 
 
 def test_id_out_of_range_names_row_group(tmp_path, tiny_table):

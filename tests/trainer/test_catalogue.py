@@ -19,9 +19,9 @@ from data_pipeline.prepare.movielens import GENRES, MovieLensOptions, prepare
 from data_pipeline.schema import DatasetSchema
 from models.losses import entity_ids
 from tests.conftest import run_trainer
+from trainer.catalogue import CatalogueRetrieval
 from trainer.distributed import _free_port
 from trainer.metrics import top_k_metrics
-from trainer.catalogue import CatalogueRetrieval
 
 KS = [1, 3, 10]
 
@@ -51,8 +51,21 @@ def test_top_k_metrics_match_a_direct_computation():
     hidden = (torch.rand(40, 30, generator=g) < 0.3) & ~relevant
     scores = scores.masked_fill(hidden, -math.inf)
     metrics = top_k_metrics(scores, relevant, KS)
-    assert list(metrics) == ["recall@1", "ndcg@1", "recall@3", "ndcg@3", "recall@10", "ndcg@10", "precision@1", "hit_rate@1",
-                             "precision@3", "hit_rate@3", "precision@10", "hit_rate@10", "mrr"]
+    assert list(metrics) == [
+        "recall@1",
+        "ndcg@1",
+        "recall@3",
+        "ndcg@3",
+        "recall@10",
+        "ndcg@10",
+        "precision@1",
+        "hit_rate@1",
+        "precision@3",
+        "hit_rate@3",
+        "precision@10",
+        "hit_rate@10",
+        "mrr",
+    ]
     for u in range(40):
         rel = set(torch.nonzero(relevant[u]).squeeze(1).tolist())
         for k in KS:
@@ -66,6 +79,7 @@ def test_top_k_metrics_match_a_direct_computation():
 
 
 # ---- a small implicit MovieLens with structure: users and items in clusters ----------------------
+
 
 def write_clustered_movielens(root, users=240, items=160, clusters=4, per_user=30, seed=0):
     """MovieLens-format Parquet input where each user mostly rates items of their own cluster."""
@@ -84,17 +98,34 @@ def write_clustered_movielens(root, users=240, items=160, clusters=4, per_user=3
     root.mkdir(parents=True, exist_ok=True)
     ratings = pa.table({k: [r[i] for r in rows] for i, k in enumerate(("user_id", "movie_id", "rating", "timestamp"))})
     pq.write_table(ratings, root / "ratings.parquet")
-    pq.write_table(pa.table({
-        "user_id": np.arange(1, users + 1), "age": rng.integers(18, 60, users), "gender": rng.choice(["F", "M"], users),
-        "occupation": ["other"] * users, "zip_code": ["12345"] * users,
-    }), root / "users.parquet")
-    pq.write_table(pa.table({
-        "movie_id": np.arange(1, items + 1), "movie_title": [f"m{m}" for m in range(items)],
-        "release_date": ["01-Jan-1995"] * items,
-        # one genre per movie, a second for every third one (diversity@K sees bags of several sizes)
-        **{g: ((m % len(GENRES) == j) | ((m % 3 == 0) & (m // 3 % len(GENRES) == j))).astype(np.int64)
-           for m in [np.arange(items)] for j, g in enumerate(GENRES)},
-    }), root / "items.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": np.arange(1, users + 1),
+                "age": rng.integers(18, 60, users),
+                "gender": rng.choice(["F", "M"], users),
+                "occupation": ["other"] * users,
+                "zip_code": ["12345"] * users,
+            }
+        ),
+        root / "users.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "movie_id": np.arange(1, items + 1),
+                "movie_title": [f"m{m}" for m in range(items)],
+                "release_date": ["01-Jan-1995"] * items,
+                # one genre per movie, a second for every third one (diversity@K sees bags of several sizes)
+                **{
+                    g: ((m % len(GENRES) == j) | ((m % 3 == 0) & (m // 3 % len(GENRES) == j))).astype(np.int64)
+                    for m in [np.arange(items)]
+                    for j, g in enumerate(GENRES)
+                },
+            }
+        ),
+        root / "items.parquet",
+    )
     return root
 
 
@@ -102,7 +133,9 @@ def write_clustered_movielens(root, users=240, items=160, clusters=4, per_user=3
 def clustered(tmp_path_factory):
     root = tmp_path_factory.mktemp("clustered")
     source = write_clustered_movielens(root / "input")
-    return prepare(source, root / "data", MovieLensOptions(implicit=True, split="leave-last-out", negatives=4), log=lambda *_: None)
+    return prepare(
+        source, root / "data", MovieLensOptions(implicit=True, split="leave-last-out", negatives=4), log=lambda *_: None
+    )
 
 
 def fake_encode(batch: Batch) -> tuple[torch.Tensor, ...]:
@@ -118,7 +151,11 @@ def fake_encode(batch: Batch) -> tuple[torch.Tensor, ...]:
 def _brute_force(schema: DatasetSchema, split: str) -> dict[str, float]:
     def positives(name):
         t = pq.read_table(schema.split_files(name)[0])
-        return [(u, m) for u, m, y in zip(t["user_id"].to_pylist(), t["movie_id"].to_pylist(), t["label"].to_pylist()) if y == 1]
+        return [
+            (u, m)
+            for u, m, y in zip(t["user_id"].to_pylist(), t["movie_id"].to_pylist(), t["label"].to_pylist())
+            if y == 1
+        ]
 
     before = {s: positives(s) for s in ("train", "valid", "test")[: ("train", "valid", "test").index(split)]}
     seen = {(u, m) for pairs in before.values() for u, m in pairs}
@@ -127,7 +164,7 @@ def _brute_force(schema: DatasetSchema, split: str) -> dict[str, float]:
         relevant.setdefault(u, set()).add(m)
     n_items = next(f.num_embeddings for f in schema.sparse if f.name == "movie_id")
     catalogue = set(pq.read_table(schema.root / schema.extra["items"])["movie_id"].to_pylist())
-    train_counts = {m: 0 for m in range(n_items)}
+    train_counts = dict.fromkeys(range(n_items), 0)
     for _, m in positives("train"):
         train_counts[m] += 1
     mean_popularity = sum(train_counts[m] for m in catalogue) / len(catalogue)
@@ -139,12 +176,15 @@ def _brute_force(schema: DatasetSchema, split: str) -> dict[str, float]:
     def similarity(a: int, b: int) -> float:  # cosine of two bags of genres
         shared = len(genres.get(a, set()) & genres.get(b, set()))
         return shared / math.sqrt(len(genres[a]) * len(genres[b])) if shared else 0.0
+
     sums["mrr"] = 0.0
     shown = {k: set() for k in KS}
     for u, rel in relevant.items():
         uv = (math.sin(u), math.cos(u * 0.3))
-        scores = [uv[0] * math.cos(m * 0.7) + uv[1] * math.sin(m) + 0.01 * math.sin(m * 3) if m in catalogue else -math.inf
-                  for m in range(n_items)]
+        scores = [
+            uv[0] * math.cos(m * 0.7) + uv[1] * math.sin(m) + 0.01 * math.sin(m * 3) if m in catalogue else -math.inf
+            for m in range(n_items)
+        ]
         scores = [-math.inf if (u, m) in seen and m not in rel else s for m, s in enumerate(scores)]
         ranked = sorted(range(n_items), key=lambda m: -scores[m])
         for k in KS:
@@ -157,7 +197,7 @@ def _brute_force(schema: DatasetSchema, split: str) -> dict[str, float]:
             sums[f"popularity_lift@{k}"] += sum(train_counts[m] for m in ranked[:k]) / k / mean_popularity
             shown[k] |= set(ranked[:k])
             if k >= 2:
-                pairs = [(a, b) for i, a in enumerate(ranked[:k]) for b in ranked[i + 1:k]]
+                pairs = [(a, b) for i, a in enumerate(ranked[:k]) for b in ranked[i + 1 : k]]
                 sums[f"diversity@{k}"] += 1 - sum(similarity(a, b) for a, b in pairs) / len(pairs)
         sums["mrr"] += reciprocal_rank
     out = {name: total / len(relevant) for name, total in sums.items()}
@@ -167,7 +207,9 @@ def _brute_force(schema: DatasetSchema, split: str) -> dict[str, float]:
 def _evaluate_on_rank(rank: int, port: int, root: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    retrieval = CatalogueRetrieval(DatasetSchema.load(root), "user_id", "movie_id", KS, rank, 2, torch.device("cpu"), batch_size=64)
+    retrieval = CatalogueRetrieval(
+        DatasetSchema.load(root), "user_id", "movie_id", KS, rank, 2, torch.device("cpu"), batch_size=64
+    )
     with open(f"{out}.{rank}", "w") as f:
         json.dump({split: retrieval.evaluate(split, fake_encode) for split in ("valid", "test")}, f)
     dist.destroy_process_group()
@@ -192,9 +234,26 @@ def test_catalogue_metrics_match_brute_force_on_one_and_two_ranks(clustered, tmp
 def test_two_tower_in_batch_softmax_beats_most_popular(clustered, tmp_path):
     run_dir = tmp_path / "run"
     result = run_trainer(
-        ["--data", str(clustered.root), "--model", "two_tower", "--run-dir", str(run_dir),
-         "--model.loss", "in_batch_softmax", "--model.embedding_dim", "16", "--data.batch_size", "128",
-         "--optimizer.dense_lr", "0.003", "--training.epochs", "4", "--training.progress_bar", "false"],
+        [
+            "--data",
+            str(clustered.root),
+            "--model",
+            "two_tower",
+            "--run-dir",
+            str(run_dir),
+            "--model.loss",
+            "in_batch_softmax",
+            "--model.embedding_dim",
+            "16",
+            "--data.batch_size",
+            "128",
+            "--optimizer.dense_lr",
+            "0.003",
+            "--training.epochs",
+            "4",
+            "--training.progress_bar",
+            "false",
+        ],
         nproc=2,
     )
     assert result.returncode == 0, result.stderr[-4000:]

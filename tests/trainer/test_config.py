@@ -11,6 +11,7 @@ def test_toml_then_overrides_then_round_trip(tmp_path):
     assert cfg.data.shuffle is False and cfg.training.epochs == 3
     assert cfg.run_dir == "runs/exp"
     import tomllib
+
     assert from_dict(Config, tomllib.loads(cfg.to_toml()), "resolved") == cfg
 
 

@@ -1,6 +1,7 @@
 """The real `train()` on 2 gloo ranks (torchrun) on synthetic data with a known answer."""
 
 import json
+
 import tomllib
 
 from data_pipeline.prepare.synthetic import SyntheticSpec, generate
@@ -11,8 +12,19 @@ def test_two_ranks_reach_the_oracle_auc(tmp_path):
     data = generate(tmp_path / "data", SyntheticSpec(rows=500_000), log=lambda *_: None)
     run_dir = tmp_path / "run"
     result = run_trainer(
-        ["--config", "configs/demo.toml", "--data", str(data.root), "--run-dir", str(run_dir),
-         "--training.progress_bar", "false", "--training.profile_steps", "50", "52"],
+        [
+            "--config",
+            "configs/demo.toml",
+            "--data",
+            str(data.root),
+            "--run-dir",
+            str(run_dir),
+            "--training.progress_bar",
+            "false",
+            "--training.profile_steps",
+            "50",
+            "52",
+        ],
         nproc=2,
     )
     assert result.returncode == 0, result.stderr[-4000:]

@@ -6,8 +6,8 @@ last) validation metrics exactly."""
 
 import json
 
-from data_pipeline.schema import DatasetSchema
 from data_pipeline.prepare.synthetic import SyntheticSpec, generate
+from data_pipeline.schema import DatasetSchema
 from tests.conftest import run_trainer
 
 
@@ -18,9 +18,29 @@ def test_test_split_is_scored_with_the_best_weights(tmp_path):
     (schema.root / "dataset.json").write_text(json.dumps(raw))
     DatasetSchema.load(schema.root)
     run_dir = tmp_path / "run"
-    result = run_trainer(["--data", str(schema.root), "--run-dir", str(run_dir), "--data.batch_size", "128",
-                          "--training.epochs", "3", "--training.eval_every", "20", "--training.keep_best", "true",
-                          "--optimizer.dense_lr", "0.05", "--optimizer.sparse_lr", "0.3", "--training.progress_bar", "false"], nproc=2)
+    result = run_trainer(
+        [
+            "--data",
+            str(schema.root),
+            "--run-dir",
+            str(run_dir),
+            "--data.batch_size",
+            "128",
+            "--training.epochs",
+            "3",
+            "--training.eval_every",
+            "20",
+            "--training.keep_best",
+            "true",
+            "--optimizer.dense_lr",
+            "0.05",
+            "--optimizer.sparse_lr",
+            "0.3",
+            "--training.progress_bar",
+            "false",
+        ],
+        nproc=2,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best_valid_step"] < summary["steps"], summary  # the last weights are not the best ones

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import torch
 
-from data_pipeline.reader import ParquetBatches
 from data_pipeline.prepare.synthetic import SyntheticSpec, generate
+from data_pipeline.reader import ParquetBatches
 from models import ModelConfig, build_model
 from tests.conftest import TINY_SPARSE, run_trainer, write_dataset
 from trainer.train import Trainer
@@ -16,7 +16,9 @@ from trainer.train import Trainer
 def test_bf16_forward_runs_the_mlps_in_bfloat16_and_returns_fp32(tmp_path, tiny_table):
     schema = write_dataset(tmp_path, {"train": [tiny_table]}, TINY_SPARSE, ["d0", "d1"])
     (batch,) = list(ParquetBatches(schema, "train", batch_size=5))
-    model = build_model(ModelConfig(embedding_dim=4, dense_arch_layer_sizes=[8, 4]), schema, torch.device("cpu"), torch.device("cpu"))
+    model = build_model(
+        ModelConfig(embedding_dim=4, dense_arch_layer_sizes=[8, 4]), schema, torch.device("cpu"), torch.device("cpu")
+    )
     seen = []
     for layer in model.modules():
         if isinstance(layer, torch.nn.Linear):
@@ -31,8 +33,21 @@ def test_bf16_forward_runs_the_mlps_in_bfloat16_and_returns_fp32(tmp_path, tiny_
 
 def test_bf16_training_on_two_ranks_learns(tmp_path):
     data = generate(tmp_path / "data", SyntheticSpec(rows=60_000), log=lambda *_: None)
-    result = run_trainer(["--config", "configs/demo.toml", "--data", str(data.root), "--run-dir", str(tmp_path / "run"),
-                          "--training.mixed_precision", "bf16", "--training.progress_bar", "false"], nproc=2)
+    result = run_trainer(
+        [
+            "--config",
+            "configs/demo.toml",
+            "--data",
+            str(data.root),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--training.mixed_precision",
+            "bf16",
+            "--training.progress_bar",
+            "false",
+        ],
+        nproc=2,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["test"]["auc"] > summary["oracle_auc"] - 0.1, summary

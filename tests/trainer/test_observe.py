@@ -34,8 +34,9 @@ def _batches(rank: int, count: int = 6, size: int = 8) -> list[tuple[list[int], 
 def _to_batch(a: list[int], m: list[list[int]], huge: list[int], size: int = 8) -> Batch:
     lengths = [1] * len(a) + [0] * (size - len(a)) + [len(x) for x in m] + [1] * size
     values = a + [x for row in m for x in row] + huge
-    sparse = KeyedJaggedTensor.from_lengths_sync(["a", "m", "huge"], torch.tensor(values, dtype=torch.long),
-                                                 torch.tensor(lengths, dtype=torch.int32))
+    sparse = KeyedJaggedTensor.from_lengths_sync(
+        ["a", "m", "huge"], torch.tensor(values, dtype=torch.long), torch.tensor(lengths, dtype=torch.int32)
+    )
     return Batch(torch.zeros(size, 1), sparse, torch.zeros(size), torch.ones(size))
 
 

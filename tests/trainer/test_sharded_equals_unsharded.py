@@ -13,9 +13,9 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data_pipeline.batch import Batch
+from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DatasetSchema
-from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from models import ModelConfig, build_model
 from trainer.config import ShardingConfig
 from trainer.distributed import destroy_distributed, init_distributed, plan_sharding, shard_model
@@ -57,8 +57,14 @@ def _concat(a: Batch, b: Batch) -> Batch:
 
 
 def _rank(rank, world_size, port, data, init_path, out_path, sharding_type):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     env = init_distributed()
     schema = DatasetSchema.load(data)
     model = build_model(MODEL, schema, env.device, torch.device("meta"))
@@ -85,17 +91,24 @@ def _rank(rank, world_size, port, data, init_path, out_path, sharding_type):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("syn") / "d", SyntheticSpec(rows=8000, files=2, row_group_rows=500, max_vocab=2000), log=lambda *_: None)
+    return generate(
+        tmp_path_factory.mktemp("syn") / "d",
+        SyntheticSpec(rows=8000, files=2, row_group_rows=500, max_vocab=2000),
+        log=lambda *_: None,
+    )
 
 
-@pytest.mark.parametrize("sharding_type", [
-    "table_wise",
-    "table_column_wise",  # what the planner picks for the demo on CPU
-    # Known gap, kept visible: data-parallel tables with the fused optimizer drift from the
-    # reference from step 2 on. The trainer leaves data_parallel out of the default
-    # sharding.sharding_types until this is understood; strict, so a fix makes it fail loudly.
-    pytest.param("data_parallel", marks=pytest.mark.xfail(strict=True, reason="data_parallel tables drift")),
-])
+@pytest.mark.parametrize(
+    "sharding_type",
+    [
+        "table_wise",
+        "table_column_wise",  # what the planner picks for the demo on CPU
+        # Known gap, kept visible: data-parallel tables with the fused optimizer drift from the
+        # reference from step 2 on. The trainer leaves data_parallel out of the default
+        # sharding.sharding_types until this is understood; strict, so a fix makes it fail loudly.
+        pytest.param("data_parallel", marks=pytest.mark.xfail(strict=True, reason="data_parallel tables drift")),
+    ],
+)
 def test_two_sharded_ranks_match_one_unsharded_process(tmp_path, dataset, sharding_type):
     torch.manual_seed(0)
     reference = build_model(MODEL, dataset, torch.device("cpu"), torch.device("cpu"))
@@ -111,7 +124,12 @@ def test_two_sharded_ranks_match_one_unsharded_process(tmp_path, dataset, shardi
         expected.append(loss.item())
 
     from trainer.distributed import _free_port
-    mp.spawn(_rank, args=(2, _free_port(), str(dataset.root), str(tmp_path / "init.pt"), str(tmp_path / "out.json"), sharding_type), nprocs=2)
+
+    mp.spawn(
+        _rank,
+        args=(2, _free_port(), str(dataset.root), str(tmp_path / "init.pt"), str(tmp_path / "out.json"), sharding_type),
+        nprocs=2,
+    )
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["types"] == [sharding_type]
     assert len(result["losses"]) == STEPS

@@ -21,12 +21,22 @@ def big_table_data(tmp_path_factory):
     rng = np.random.default_rng(0)
 
     def rows(n):
-        return pa.table({"label": pa.array(rng.integers(0, 2, n), pa.int8()), "d0": rng.random(n).astype(np.float32),
-                         "big": rng.integers(0, BIG, n), "small": rng.integers(0, 50, n)})
+        return pa.table(
+            {
+                "label": pa.array(rng.integers(0, 2, n), pa.int8()),
+                "d0": rng.random(n).astype(np.float32),
+                "big": rng.integers(0, BIG, n),
+                "small": rng.integers(0, 50, n),
+            }
+        )
 
     root = tmp_path_factory.mktemp("big_table")
-    return write_dataset(root, {"train": [rows(4000)], "valid": [rows(1000)], "test": [rows(1000)]},
-                         [SparseFeature("big", BIG), SparseFeature("small", 50)], ["d0"])
+    return write_dataset(
+        root,
+        {"train": [rows(4000)], "valid": [rows(1000)], "test": [rows(1000)]},
+        [SparseFeature("big", BIG), SparseFeature("small", 50)],
+        ["d0"],
+    )
 
 
 def test_topology_takes_the_configured_memory_and_bandwidths():
@@ -44,11 +54,18 @@ def test_topology_takes_the_configured_memory_and_bandwidths():
 
 def test_table_constraints_apply_per_table_entries_over_the_global_lists(big_table_data):
     model = build_model(ModelConfig(), big_table_data, torch.device("cpu"), torch.device("meta"))
-    sharding = ShardingConfig(sharding_types=["table_wise", "column_wise"], compute_kernels=["fused"], min_partition=8,
-                              table_sharding_types=["t_big=column_wise"], table_compute_kernels=["t_small=dense"])
+    sharding = ShardingConfig(
+        sharding_types=["table_wise", "column_wise"],
+        compute_kernels=["fused"],
+        min_partition=8,
+        table_sharding_types=["t_big=column_wise"],
+        table_compute_kernels=["t_small=dense"],
+    )
     constraints = table_constraints(model, sharding, "cpu")
     assert constraints["t_big"].sharding_types == ["column_wise"] and constraints["t_big"].compute_kernels == ["fused"]
-    assert constraints["t_small"].sharding_types == ["table_wise", "column_wise"] and constraints["t_small"].compute_kernels == ["dense"]
+    assert constraints["t_small"].sharding_types == ["table_wise", "column_wise"] and constraints[
+        "t_small"
+    ].compute_kernels == ["dense"]
     assert constraints["t_big"].min_partition == 8
     with pytest.raises(ValueError, match="no table named t_nope; the model's tables: t_big, t_small"):
         table_constraints(model, ShardingConfig(table_sharding_types=["t_nope=table_wise"]), "cpu")
@@ -61,8 +78,24 @@ def test_table_constraints_apply_per_table_entries_over_the_global_lists(big_tab
 
 
 def _train(data, run_dir, *flags):
-    return run_trainer(["--data", str(data.root), "--model", "dlrm", "--run-dir", str(run_dir), "--data.batch_size", "128",
-                        "--training.progress_bar", "false", "--sharding.ddr_cap_gb", str(24 / 1024), *flags], nproc=2)
+    return run_trainer(
+        [
+            "--data",
+            str(data.root),
+            "--model",
+            "dlrm",
+            "--run-dir",
+            str(run_dir),
+            "--data.batch_size",
+            "128",
+            "--training.progress_bar",
+            "false",
+            "--sharding.ddr_cap_gb",
+            str(24 / 1024),
+            *flags,
+        ],
+        nproc=2,
+    )
 
 
 @pytest.mark.slow

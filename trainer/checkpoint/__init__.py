@@ -1,8 +1,8 @@
 """Sharded checkpoints (torch.distributed.checkpoint): save, commit, find, resume, fine-tune."""
 
 from trainer.checkpoint.checkpointer import (
-    CheckpointError,
     Checkpointer,
+    CheckpointError,
     IncompatibleCheckpoint,
     Resume,
     check_compatible,
@@ -23,7 +23,23 @@ from trainer.checkpoint.checkpointer import (
 )
 
 __all__ = [
-    "CheckpointError", "Checkpointer", "IncompatibleCheckpoint", "Resume", "check_compatible", "committed",
-    "config_differences", "fault", "find_init", "find_resume", "locate", "lr_state", "read_meta",
-    "schema_differences", "set_lr_state", "set_rng_state", "step_dir_name", "truncate_records", "verify_files",
+    "CheckpointError",
+    "Checkpointer",
+    "IncompatibleCheckpoint",
+    "Resume",
+    "check_compatible",
+    "committed",
+    "config_differences",
+    "fault",
+    "find_init",
+    "find_resume",
+    "locate",
+    "lr_state",
+    "read_meta",
+    "schema_differences",
+    "set_lr_state",
+    "set_rng_state",
+    "step_dir_name",
+    "truncate_records",
+    "verify_files",
 ]

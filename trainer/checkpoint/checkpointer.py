@@ -43,7 +43,6 @@ import re
 import shutil
 import signal
 import time
-import tomllib
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -114,7 +114,10 @@ def locate(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if STEP_DIR.match(path.name) or path.name.startswith(".tmp-"):
         raise CheckpointError(f"{path} is not a committed checkpoint (no {META}): a save that did not finish")
-    raise CheckpointError(f"{path} holds no checkpoint: no {META} in it, and no committed step-* directory in it or in {path / 'checkpoints'}")
+    raise CheckpointError(
+        f"{path} holds no checkpoint: no {META} in it, and no committed step-* directory in it "
+        f"or in {path / 'checkpoints'}"
+    )
 
 
 def read_meta(path: Path) -> dict:
@@ -129,7 +132,9 @@ def read_meta(path: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a recsys-trainer checkpoint record")
     if meta.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {meta.get('version')}, this trainer reads version {VERSION}")
+        raise CheckpointError(
+            f"{path}: checkpoint format version {meta.get('version')}, this trainer reads version {VERSION}"
+        )
     return meta
 
 
@@ -163,8 +168,17 @@ def verify_files(path: Path, meta: dict, rank: int = 0, world_size: int = 1, has
 
 # Keys that may change between a checkpoint and its resumption without a word: where things go,
 # how they are shown, and how tables are placed (DCP reshards on load).
-_FREE = ("config", "run_dir", "data.path", "data.eval_batch_size", "training.progress_bar", "training.stop_at_step",
-         "training.log_every", "checkpoint.", "sharding.")
+_FREE = (
+    "config",
+    "run_dir",
+    "data.path",
+    "data.eval_batch_size",
+    "training.progress_bar",
+    "training.stop_at_step",
+    "training.log_every",
+    "checkpoint.",
+    "sharding.",
+)
 # Keys that change what the saved state means: the model and its optimizers' kinds.
 _FATAL = ("model.", "optimizer.dense", "optimizer.sparse")
 
@@ -203,9 +217,11 @@ def schema_differences(saved: dict, current: dict) -> list[str]:
         out.append(f"sparse feature {name}: new in this dataset")
     for name in sorted(before.keys() & now.keys()):
         if before[name] != now[name]:
-            out.append(f"sparse feature {name}: {before[name]['num_embeddings']} ids"
-                       f"{' multi-hot' if before[name].get('multi_hot') else ''} in the checkpoint's dataset, "
-                       f"{now[name]['num_embeddings']}{' multi-hot' if now[name].get('multi_hot') else ''} now")
+            out.append(
+                f"sparse feature {name}: {before[name]['num_embeddings']} ids"
+                f"{' multi-hot' if before[name].get('multi_hot') else ''} in the checkpoint's dataset, "
+                f"{now[name]['num_embeddings']}{' multi-hot' if now[name].get('multi_hot') else ''} now"
+            )
     if not out and [f["name"] for f in saved["sparse"]] != [f["name"] for f in current["sparse"]]:
         out.append("sparse features: the same, in another order")
     return out
@@ -231,7 +247,8 @@ def check_compatible(meta: dict, cfg: Config, schema: DatasetSchema, path: Path)
     fatal += schema_differences(meta["dataset"], schema)
     if fatal:
         raise IncompatibleCheckpoint(
-            f"checkpoint {path} was made by another model or dataset; it differs in:\n  " + "\n  ".join(fatal)
+            f"checkpoint {path} was made by another model or dataset; it differs in:\n  "
+            + "\n  ".join(fatal)
             + f"\n(resume needs the same model, optimizers and dataset schema. To start a changed model from these "
             f"weights use --checkpoint.init_from {path}; to start afresh, use another --run-dir or checkpoint.dir)"
         )
@@ -240,6 +257,7 @@ def check_compatible(meta: dict, cfg: Config, schema: DatasetSchema, path: Path)
 
 # ---- state that is not a tensor of the model or optimizer ---------------------------------------
 
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": None, "numpy": None}
     if torch.cuda.is_available():
@@ -247,7 +265,13 @@ def rng_state() -> dict:
     version, internal, gauss = random.getstate()
     state["python"] = {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached}
+    state["numpy"] = {
+        "kind": kind,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": pos,
+        "has_gauss": has_gauss,
+        "cached": cached,
+    }
     return state
 
 
@@ -258,7 +282,9 @@ def set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
     npy = state["numpy"]
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"]))
+    np.random.set_state(
+        (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"])
+    )
 
 
 def lr_state(lr) -> dict:
@@ -304,6 +330,7 @@ def fault(point: str, step: int, rank: int) -> None:
 
 # ---- tensors ------------------------------------------------------------------------------------
 
+
 def _size(value: Any) -> tuple[int, ...] | None:
     return tuple(value.size()) if isinstance(value, torch.Tensor) else None
 
@@ -328,8 +355,11 @@ def _grown_view(value: torch.Tensor, rows: int) -> torch.Tensor | None:
         start, height = meta.shard_offsets[0], meta.shard_sizes[0]
         if start >= rows:
             return None
-        return ShardMetadata(shard_offsets=list(meta.shard_offsets), shard_sizes=[min(height, rows - start), *meta.shard_sizes[1:]],
-                             placement=meta.placement)
+        return ShardMetadata(
+            shard_offsets=list(meta.shard_offsets),
+            shard_sizes=[min(height, rows - start), *meta.shard_sizes[1:]],
+            placement=meta.placement,
+        )
 
     shards_metadata = [m for m in (cut(m) for m in metadata.shards_metadata) if m is not None]
     local = []
@@ -337,9 +367,14 @@ def _grown_view(value: torch.Tensor, rows: int) -> torch.Tensor | None:
         meta = cut(shard.metadata)
         if meta is not None:
             local.append(Shard(shard.tensor[: meta.shard_sizes[0]], meta))
-    global_metadata = ShardedTensorMetadata(shards_metadata=shards_metadata, size=torch.Size([rows, *value.size()[1:]]),
-                                            tensor_properties=metadata.tensor_properties)
-    return ShardedTensor._init_from_local_shards_and_global_metadata(local, global_metadata, process_group=value._process_group)
+    global_metadata = ShardedTensorMetadata(
+        shards_metadata=shards_metadata,
+        size=torch.Size([rows, *value.size()[1:]]),
+        tensor_properties=metadata.tensor_properties,
+    )
+    return ShardedTensor._init_from_local_shards_and_global_metadata(
+        local, global_metadata, process_group=value._process_group
+    )
 
 
 @dataclass
@@ -412,26 +447,40 @@ class Checkpointer:
             pending, self._pending = self._pending, None
             pending.result()
 
-    def _commit(self, written: Future | None, step: int, train_state: dict, keep: set[int], tmp: Path, final: Path,
-                start: float) -> None:
+    def _commit(
+        self, written: Future | None, step: int, train_state: dict, keep: set[int], tmp: Path, final: Path, start: float
+    ) -> None:
         """Once this rank's files are written (`written`, for an async save), gather every rank's
         checksums; rank 0 writes checkpoint.json and renames `tmp` to `final`."""
         if written is not None:
             written.result()
         rank = self.env.rank
         fault("save", step, rank)
-        mine = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
-                if p.name.startswith(f"__{rank}_") or p.name == f"rank-{rank:05d}.pt" or (rank == 0 and p.name == ".metadata")}
+        mine = {
+            p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(tmp.iterdir())
+            if p.name.startswith(f"__{rank}_")
+            or p.name == f"rank-{rank:05d}.pt"
+            or (rank == 0 and p.name == ".metadata")
+        }
         everyone: list[dict] = [None] * self.env.world_size  # type: ignore[list-item]
         dist.all_gather_object(everyone, mine, group=self._group)
         files = {k: v for part in everyone for k, v in part.items()}
         if self.env.is_main:
             meta = {
-                "format": FORMAT, "version": VERSION, "step": step, "time": time.time(),
-                "world_size": self.env.world_size, "model": self.cfg.model.name,
-                "config": self.cfg.to_toml(), "dataset": self.schema.to_json(),
-                "tables": self._tables(), "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
-                "torch": torch.__version__, "train_state": train_state, "files": files,
+                "format": FORMAT,
+                "version": VERSION,
+                "step": step,
+                "time": time.time(),
+                "world_size": self.env.world_size,
+                "model": self.cfg.model.name,
+                "config": self.cfg.to_toml(),
+                "dataset": self.schema.to_json(),
+                "tables": self._tables(),
+                "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                "torch": torch.__version__,
+                "train_state": train_state,
+                "files": files,
             }
             _write_synced(tmp / META, json.dumps(meta, indent=1) + "\n")
             _fsync_dir(tmp)
@@ -449,7 +498,10 @@ class Checkpointer:
         self.last_bytes = sum(f["bytes"] for f in files.values())
         if self.env.is_main:
             how = " in the background" if written is not None else ""
-            print(f"checkpoint {final} ({self.last_bytes / 1e6:.1f} MB) saved{how} in {self.save_seconds_last:.2f} s", flush=True)
+            print(
+                f"checkpoint {final} ({self.last_bytes / 1e6:.1f} MB) saved{how} in {self.save_seconds_last:.2f} s",
+                flush=True,
+            )
 
     def _tables(self) -> dict[str, list[int]]:
         """table name -> [rows, dim] of every embedding table of the model."""
@@ -477,20 +529,26 @@ class Checkpointer:
         self._init_dense_state()
         state = self.state()
         notes: list[str] = []
-        converted = _agree(lambda: (self._check_shapes(state, metadata, path), self._convertible_states(state, metadata))[1])
+        converted = _agree(
+            lambda: (self._check_shapes(state, metadata, path), self._convertible_states(state, metadata))[1]
+        )
         dcp.load(state, storage_reader=dcp.FileSystemReader(path))
         for (param, key), (full, widths, original) in converted.items():
             self._set_rowwise_state(original, full, widths)
             state["optim"][param][key] = original
         if converted:
-            notes.append(f"the row-wise optimizer state of {len(converted)} tables was converted to the new column split "
-                         f"(exact when shards merge, the row's mean otherwise)")
+            notes.append(
+                f"the row-wise optimizer state of {len(converted)} tables was converted to the new column split "
+                f"(exact when shards merge, the row's mean otherwise)"
+            )
         self.optimizer.load_state_dict({"state": state["optim"]})  # in place already; this copies anything that was not
         rng = path / f"rank-{self.env.rank:05d}.pt"
         if resume.meta["world_size"] == self.env.world_size and rng.is_file():
             resume.meta["train_state"]["rng"] = torch.load(rng, weights_only=True)
         else:
-            notes.append(f"saved on {resume.meta['world_size']} ranks, resumed on {self.env.world_size}: RNG states not restored")
+            notes.append(
+                f"saved on {resume.meta['world_size']} ranks, resumed on {self.env.world_size}: RNG states not restored"
+            )
         return resume.meta["train_state"], notes
 
     def load_model(self, path: Path) -> None:
@@ -521,12 +579,15 @@ class Checkpointer:
             elif tuple(entry.size) != _size(value):
                 shapes.append(f"{key}: {list(entry.size)} in the checkpoint, {list(_size(value))} now")
         ours = {f"model.{k}" for k in state["model"]}
-        extra = sorted(k[len("model."):] for k in saved if k.startswith("model.") and k not in ours)
+        extra = sorted(k[len("model.") :] for k in saved if k.startswith("model.") and k not in ours)
         if missing or shapes or extra:
             lines = [f"shape differs: {s}" for s in shapes] + [f"not in the checkpoint: {k}" for k in missing]
             lines += [f"in the checkpoint, not in this model: {k}" for k in extra]
-            raise CheckpointError(f"checkpoint {path} does not fit this model:\n  " + "\n  ".join(lines[:20])
-                                  + (f"\n  ... {len(lines) - 20} more" if len(lines) > 20 else ""))
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model:\n  "
+                + "\n  ".join(lines[:20])
+                + (f"\n  ... {len(lines) - 20} more" if len(lines) > 20 else "")
+            )
         return []
 
     def _convertible_states(self, state: dict, metadata: Metadata) -> dict:
@@ -546,15 +607,25 @@ class Checkpointer:
                     continue
                 weight = saved.get(f"model.{param}")
                 rows = int(weight.size[0]) if isinstance(weight, TensorStorageMetadata) else 0
-                if len(entry.size) == 1 and _size(value) and len(_size(value)) == 1 and rows and entry.size[0] % rows == 0 \
-                        and _size(value)[0] % rows == 0:
+                if (
+                    len(entry.size) == 1
+                    and _size(value)
+                    and len(_size(value)) == 1
+                    and rows
+                    and entry.size[0] % rows == 0
+                    and _size(value)[0] % rows == 0
+                ):
                     full = torch.empty(entry.size, dtype=entry.properties.dtype)
                     converted[(param, key)] = (full, _column_widths(weight.chunks), value)
                     states[key] = full
                 else:
-                    problems.append(f"optimizer state {param} {key}: {list(entry.size)} in the checkpoint, {list(_size(value))} now")
+                    problems.append(
+                        f"optimizer state {param} {key}: {list(entry.size)} in the checkpoint, {list(_size(value))} now"
+                    )
         if problems:
-            raise CheckpointError("the checkpoint's optimizer state does not fit this run:\n  " + "\n  ".join(problems[:20]))
+            raise CheckpointError(
+                "the checkpoint's optimizer state does not fit this run:\n  " + "\n  ".join(problems[:20])
+            )
         return converted
 
     @staticmethod
@@ -575,8 +646,11 @@ class Checkpointer:
         """Load the model weights of checkpoint `path` that fit: same shape, or a table that grew
         (its saved rows are copied). Returns a report of what was loaded, resized and initialised."""
         metadata = dcp.FileSystemReader(path).read_metadata()
-        saved = {k[len("model."):]: v for k, v in metadata.state_dict_metadata.items()
-                 if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
+        saved = {
+            k[len("model.") :]: v
+            for k, v in metadata.state_dict_metadata.items()
+            if k.startswith("model.") and isinstance(v, TensorStorageMetadata)
+        }
         current = self.model.state_dict()
         targets, loaded, resized, fresh, changed, errors = {}, [], [], [], [], []
         for key, value in current.items():
@@ -591,10 +665,14 @@ class Checkpointer:
             elif isinstance(value, ShardedTensor) and len(before) == 2 and len(size) == 2:
                 if before[1] == size[1] and before[0] < size[0]:
                     targets[key] = _grown_view(value, before[0])
-                    resized.append(f"{_short(key)}: {before[0]:,} -> {size[0]:,} rows ({before[0]:,} copied, "
-                                   f"{size[0] - before[0]:,} keep their initialisation)")
+                    resized.append(
+                        f"{_short(key)}: {before[0]:,} -> {size[0]:,} rows ({before[0]:,} copied, "
+                        f"{size[0] - before[0]:,} keep their initialisation)"
+                    )
                 else:
-                    errors.append(f"{key}: table {list(before)} in the checkpoint, {list(size)} now (a table may only grow rows)")
+                    errors.append(
+                        f"{key}: table {list(before)} in the checkpoint, {list(size)} now (a table may only grow rows)"
+                    )
             else:
                 changed.append(f"{_short(key)} ({list(before)} in the checkpoint, {list(size)} now)")
         unused = sorted(set(saved) - set(current))
@@ -603,8 +681,10 @@ class Checkpointer:
         if not loaded and not resized:
             raise CheckpointError(f"init_from {path}: no tensor of the checkpoint fits this model (another model?)")
         dcp.load({"model": targets}, storage_reader=dcp.FileSystemReader(path))
-        lines = [f"init_from {path}: {len(loaded)} tensors loaded as saved, {len(resized)} tables resized, "
-                 f"{len(fresh)} new, {len(changed)} re-initialised (shape changed); optimizer fresh, step 0"]
+        lines = [
+            f"init_from {path}: {len(loaded)} tensors loaded as saved, {len(resized)} tables resized, "
+            f"{len(fresh)} new, {len(changed)} re-initialised (shape changed); optimizer fresh, step 0"
+        ]
         lines += [f"  resized {r}" for r in resized]
         lines += [f"  new (initialised): {_short(k)} {list(_size(current[k]))}" for k in fresh]
         lines += [f"  re-initialised: {c}" for c in changed]
@@ -656,6 +736,7 @@ def _agree(check):
 
 # ---- choosing what to load ----------------------------------------------------------------------
 
+
 def _broadcast(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -684,8 +765,10 @@ def find_resume(cfg: Config, env: DistEnv, schema: DatasetSchema) -> Resume | No
             if mode == "never":
                 found = committed(root)
                 if found:
-                    return CheckpointError(f"checkpoint.resume is 'never' but {root} holds checkpoints (latest {found[-1].name}); "
-                                           f"resume them (checkpoint.resume auto), or choose another run_dir or checkpoint.dir")
+                    return CheckpointError(
+                        f"checkpoint.resume is 'never' but {root} holds checkpoints (latest {found[-1].name}); "
+                        f"resume them (checkpoint.resume auto), or choose another run_dir or checkpoint.dir"
+                    )
                 return []
             return list(reversed(committed(root))) if mode == "auto" else [locate(mode)]
         except CheckpointError as e:
@@ -695,7 +778,8 @@ def find_resume(cfg: Config, env: DistEnv, schema: DatasetSchema) -> Resume | No
     if isinstance(paths, CheckpointError):
         raise paths
     for path in paths:
-        def metadata() -> tuple[dict, list[str]] | CheckpointError:
+
+        def metadata(path: Path = path) -> tuple[dict, list[str]] | CheckpointError:
             try:
                 meta = read_meta(path)
                 return meta, check_compatible(meta, cfg, schema, path)
@@ -721,13 +805,16 @@ def find_resume(cfg: Config, env: DistEnv, schema: DatasetSchema) -> Resume | No
         if env.is_main:
             print(f"warning: {message}; trying the one before it", flush=True)
     if paths and mode == "auto":
-        raise CheckpointError(f"no usable checkpoint in {checkpoint_root(cfg)}: every one is corrupt (see the warnings); "
-                              f"move them away to start afresh")
+        raise CheckpointError(
+            f"no usable checkpoint in {checkpoint_root(cfg)}: every one is corrupt (see the warnings); "
+            f"move them away to start afresh"
+        )
     return None
 
 
 def find_init(cfg: Config, env: DistEnv) -> Path:
     """The checkpoint named by checkpoint.init_from, checked to be intact (a collective)."""
+
     def where() -> tuple[Path, dict] | CheckpointError:
         try:
             path = locate(cfg.checkpoint.init_from)
@@ -757,5 +844,15 @@ def truncate_records(metrics: Path, size: int) -> int:
     return dropped
 
 
-__all__ = ["CheckpointError", "Checkpointer", "IncompatibleCheckpoint", "Resume", "committed", "find_init", "find_resume",
-           "locate", "read_meta", "verify_files"]
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "IncompatibleCheckpoint",
+    "Resume",
+    "committed",
+    "find_init",
+    "find_resume",
+    "locate",
+    "read_meta",
+    "verify_files",
+]

@@ -37,9 +37,9 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -50,8 +50,15 @@ import torch
 from data_pipeline.atomic import write_atomic, write_text_atomic
 from data_pipeline.schema import DataError, DatasetSchema
 from trainer.checkpoint import CheckpointError, locate, read_meta
-from trainer.tools.export import checkpoint_model, load_model_file, prediction_columns, schema_from_json, score_split, to_prediction
 from trainer.metrics import task_metrics, top_k_metrics
+from trainer.tools.export import (
+    checkpoint_model,
+    load_model_file,
+    prediction_columns,
+    schema_from_json,
+    score_split,
+    to_prediction,
+)
 
 DERIVED = ("popularity", "activity", "new")
 MAX_VALUES = 20
@@ -174,8 +181,10 @@ def value_segments(values: pa.ChunkedArray, column: str) -> tuple[np.ndarray, li
         codes = pc.index_in(values, value_set=distinct).to_numpy(zero_copy_only=False)
         return np.nan_to_num(codes.astype(float), nan=-1).astype(int), [str(v) for v in distinct.to_pylist()]
     if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type) or pa.types.is_decimal(values.type)):
-        raise DataError(f"column '{column}' has {len(distinct):,} distinct {values.type} values, too many to segment by "
-                        f"(at most {MAX_VALUES}, or a number for deciles): try popularity:{column} or activity:{column}")
+        raise DataError(
+            f"column '{column}' has {len(distinct):,} distinct {values.type} values, too many to segment by "
+            f"(at most {MAX_VALUES}, or a number for deciles): try popularity:{column} or activity:{column}"
+        )
     return deciles(values.cast(pa.float64()).to_numpy(zero_copy_only=False))
 
 
@@ -212,8 +221,10 @@ def segments_of(spec: SegmentSpec, schema: DatasetSchema, split: str) -> tuple[p
     try:
         counts = train_counts(values, train)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise DataError(f"{spec.text}: column '{spec.column}' is {train.type} in the train split and {values.type} in "
-                        f"split '{split}' ({e})") from None
+        raise DataError(
+            f"{spec.text}: column '{spec.column}' is {train.type} in the train split and {values.type} in "
+            f"split '{split}' ({e})"
+        ) from None
     return values, *derived_segments(spec.kind, counts)
 
 
@@ -231,7 +242,7 @@ def _blocks(counts: np.ndarray) -> Iterator[np.ndarray]:
         members = np.flatnonzero(size == bucket)
         per = max(1, RANKING_CELLS // int(counts[members].max()))
         for start in range(0, len(members), per):
-            yield members[start:start + per]
+            yield members[start : start + per]
 
 
 def ranking_names(ks: list[int]) -> list[str]:
@@ -239,7 +250,9 @@ def ranking_names(ks: list[int]) -> list[str]:
     return list(top_k_metrics(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), ks))
 
 
-def ranking_metrics(score: torch.Tensor, relevant: torch.Tensor, user: np.ndarray, ks: list[int]) -> dict[str, float | None]:
+def ranking_metrics(
+    score: torch.Tensor, relevant: torch.Tensor, user: np.ndarray, ks: list[int]
+) -> dict[str, float | None]:
     """top_k_metrics of each user's rows ranked by score, averaged over the users with at least one
     relevant row; `users` is how many that is."""
     order = np.argsort(user, kind="stable")
@@ -247,7 +260,9 @@ def ranking_metrics(score: torch.Tensor, relevant: torch.Tensor, user: np.ndarra
     group = np.repeat(np.arange(len(counts)), counts)
     position = np.arange(len(order)) - starts[group]
     score, relevant = score[torch.from_numpy(order)], relevant[torch.from_numpy(order)]
-    chosen = np.flatnonzero(np.add.reduceat(relevant.numpy().astype(int), starts) > 0) if len(order) else np.array([], int)
+    chosen = (
+        np.flatnonzero(np.add.reduceat(relevant.numpy().astype(int), starts) > 0) if len(order) else np.array([], int)
+    )
     sums = dict.fromkeys(ranking_names(ks), 0.0)
     for block in _blocks(counts[chosen]):
         slot = np.full(len(counts), -1)
@@ -268,8 +283,9 @@ def _finite(value: float) -> float | int | None:
     return value if isinstance(value, int) or math.isfinite(value) else None
 
 
-def segment_metrics(scored: Scored, rows: np.ndarray, user: np.ndarray | None, relevant: torch.Tensor,
-                    ks: list[int]) -> dict[str, float | int | None]:
+def segment_metrics(
+    scored: Scored, rows: np.ndarray, user: np.ndarray | None, relevant: torch.Tensor, ks: list[int]
+) -> dict[str, float | int | None]:
     """Every metric of the rows where `rows` (bool) holds, leaving out rows of weight 0."""
     keep = torch.from_numpy(rows) & (scored.weight > 0)
     score, label, weight = scored.score[keep], scored.label[keep], scored.weight[keep]
@@ -306,8 +322,17 @@ def relevance(scored: Scored, relevant_at: float | None) -> torch.Tensor:
     return scored.label >= relevant_at
 
 
-def evaluate(checkpoint: Path, data: Path, split: str = "test", specs: list[SegmentSpec] = (), user_column: str | None = None,
-             ks: list[int] = (10, 50), out: Path | None = None, batch_size: int = 8192, relevant_at: float | None = None) -> tuple[dict, Path]:
+def evaluate(
+    checkpoint: Path,
+    data: Path,
+    split: str = "test",
+    specs: list[SegmentSpec] = (),
+    user_column: str | None = None,
+    ks: list[int] = (10, 50),
+    out: Path | None = None,
+    batch_size: int = 8192,
+    relevant_at: float | None = None,
+) -> tuple[dict, Path]:
     """Score `split` of `data` with a checkpoint or model file, compute every metric overall and per
     segment, write metrics.json and predictions.parquet into `out`; returns (metrics, out)."""
     model, trained, source, step = load_model(checkpoint)
@@ -321,14 +346,26 @@ def evaluate(checkpoint: Path, data: Path, split: str = "test", specs: list[Segm
         user = user_codes(extra[user_column])
     relevant = relevance(scored, relevant_at)
     everyone = np.ones(len(scored.score), dtype=bool)
-    result = {"checkpoint": str(source), "step": step, "data": str(data), "split": split, "task": schema.task, "ks": ks,
-              "user_column": user_column, "overall": segment_metrics(scored, everyone, user, relevant, ks), "segments": {}}
+    result = {
+        "checkpoint": str(source),
+        "step": step,
+        "data": str(data),
+        "split": split,
+        "task": schema.task,
+        "ks": ks,
+        "user_column": user_column,
+        "overall": segment_metrics(scored, everyone, user, relevant, ks),
+        "segments": {},
+    }
     for spec in specs:
         values, codes, labels = segments_of(spec, schema, split)
         extra.setdefault(spec.column, values)
         named = [(code, label) for code, label in enumerate(labels)] + [(-1, NULL)]
-        result["segments"][spec.text] = [{"segment": label, **segment_metrics(scored, codes == code, user, relevant, ks)}
-                                         for code, label in named if (codes == code).any()]
+        result["segments"][spec.text] = [
+            {"segment": label, **segment_metrics(scored, codes == code, user, relevant, ks)}
+            for code, label in named
+            if (codes == code).any()
+        ]
     out = out or default_out(source, split)
     write_outputs(out, result, scored, extra)
     return result, out
@@ -358,7 +395,10 @@ def format_table(rows: list[dict], width: int = TABLE_WIDTH) -> str:
     keys = list(dict.fromkeys(key for row in rows for key in row))
     columns = [[key] + [_cell(row.get(key)) for row in rows] for key in keys]
     widths = [max(len(cell) for cell in column) for column in columns]
-    columns = [[cell.ljust(w) if i == 0 else cell.rjust(w) for cell in column] for i, (column, w) in enumerate(zip(columns, widths))]
+    columns = [
+        [cell.ljust(w) if i == 0 else cell.rjust(w) for cell in column]
+        for i, (column, w) in enumerate(zip(columns, widths))
+    ]
     blocks, line = [], [columns[0]]
     for column in columns[1:]:
         if len(line) > 1 and sum(len(c[0]) + 2 for c in line) + len(column[0]) > width:
@@ -378,30 +418,63 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="recsys evaluate", description="Metrics of a model on a dataset split, overall, per segment and per user.",
-                                     epilog="Segment specs: COL, popularity:COL, activity:COL, new:COL (see trainer/tools/evaluate.py).")
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="a checkpoint (step-N), a checkpoints or run directory (its latest), or a model file from `recsys export`")
+    parser = argparse.ArgumentParser(
+        prog="recsys evaluate",
+        description="Metrics of a model on a dataset split, overall, per segment and per user.",
+        epilog="Segment specs: COL, popularity:COL, activity:COL, new:COL (see trainer/tools/evaluate.py).",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="a checkpoint (step-N), a checkpoints or run directory (its latest), or a model file from `recsys export`",
+    )
     parser.add_argument("--data", required=True, type=Path, help="a dataset directory (dataset.json + Parquet)")
     parser.add_argument("--split", default="test", help="the split to evaluate (default: test)")
-    parser.add_argument("--segment-by", dest="segments", action="append", default=[], type=parse_segment, metavar="SPEC",
-                        help="COL, popularity:COL, activity:COL or new:COL; repeatable")
-    parser.add_argument("--user-column", help="rank each user's rows by score for Recall/NDCG/... @K (default: user_id when present)")
+    parser.add_argument(
+        "--segment-by",
+        dest="segments",
+        action="append",
+        default=[],
+        type=parse_segment,
+        metavar="SPEC",
+        help="COL, popularity:COL, activity:COL or new:COL; repeatable",
+    )
+    parser.add_argument(
+        "--user-column", help="rank each user's rows by score for Recall/NDCG/... @K (default: user_id when present)"
+    )
     parser.add_argument("--k", type=parse_ks, default=[10, 50], help="cut-offs of the ranking metrics (default: 10,50)")
-    parser.add_argument("--relevant-at", type=float, help="a row is relevant when its label is at least this "
-                        "(default: label > 0 for binary tasks, >= 4 for regression)")
-    parser.add_argument("--out", type=Path, help="output directory (default: <run dir>/eval/<split>, or ./eval/<split>)")
+    parser.add_argument(
+        "--relevant-at",
+        type=float,
+        help="a row is relevant when its label is at least this "
+        "(default: label > 0 for binary tasks, >= 4 for regression)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="output directory (default: <run dir>/eval/<split>, or ./eval/<split>)"
+    )
     parser.add_argument("--batch-size", type=int, default=8192)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        result, out = evaluate(args.checkpoint, args.data, args.split, args.segments, args.user_column, args.k, args.out,
-                               args.batch_size, args.relevant_at)
+        result, out = evaluate(
+            args.checkpoint,
+            args.data,
+            args.split,
+            args.segments,
+            args.user_column,
+            args.k,
+            args.out,
+            args.batch_size,
+            args.relevant_at,
+        )
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"evaluated {result['checkpoint']} (step {result['step']}) on {args.data} [{args.split}] "
-          f"in {time.perf_counter() - start:.2f} s\n")
+    print(
+        f"evaluated {result['checkpoint']} (step {result['step']}) on {args.data} [{args.split}] "
+        f"in {time.perf_counter() - start:.2f} s\n"
+    )
     print(report(result))
     print(f"\nwrote {out / 'metrics.json'} and {out / 'predictions.parquet'}")
     return 0

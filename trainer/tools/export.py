@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 import time
-import tomllib
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import tomllib
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -53,21 +53,29 @@ def checkpoint_tensors(path: Path, prefix: str = "model") -> dict[str, torch.Ten
     reader = dcp.FileSystemReader(path)
     metadata = reader.read_metadata()
     lead = prefix + "."
-    tensors = {key[len(lead):]: torch.empty(entry.size, dtype=entry.properties.dtype)
-               for key, entry in metadata.state_dict_metadata.items()
-               if key.startswith(lead) and isinstance(entry, TensorStorageMetadata)}
+    tensors = {
+        key[len(lead) :]: torch.empty(entry.size, dtype=entry.properties.dtype)
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith(lead) and isinstance(entry, TensorStorageMetadata)
+    }
     flat = {lead + key: value for key, value in tensors.items()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(flat, storage_reader=reader, no_dist=True)
-    return {key[len(lead):]: value for key, value in flat.items()}
+    return {key[len(lead) :]: value for key, value in flat.items()}
 
 
 def schema_from_json(raw: dict, root: Path) -> DatasetSchema:
     return DatasetSchema(
-        root=root, label=raw["label"], dense=list(raw["dense"]), sparse=[SparseFeature(**f) for f in raw["sparse"]],
-        splits={k: SplitInfo(**v) for k, v in raw.get("splits", {}).items()}, weight=raw.get("weight"),
-        task=raw.get("task", "binary"), label_range=raw.get("label_range"), name=raw.get("name", "dataset"),
+        root=root,
+        label=raw["label"],
+        dense=list(raw["dense"]),
+        sparse=[SparseFeature(**f) for f in raw["sparse"]],
+        splits={k: SplitInfo(**v) for k, v in raw.get("splits", {}).items()},
+        weight=raw.get("weight"),
+        task=raw.get("task", "binary"),
+        label_range=raw.get("label_range"),
+        name=raw.get("name", "dataset"),
         extra=raw.get("extra") or {},
     )
 
@@ -109,13 +117,20 @@ def export(checkpoint: str | Path, out: Path, best: bool = False) -> dict:
             raise CheckpointError(f"{path}: no validation has been recorded, so there is no best checkpoint")
         path = path.parent / step_dir_name(step)
         if not (path / "checkpoint.json").is_file():
-            raise CheckpointError(f"the best validation was at step {step}, but {path} was not kept (checkpoint.keep_best)")
+            raise CheckpointError(
+                f"the best validation was at step {step}, but {path} was not kept (checkpoint.keep_best)"
+            )
         meta = read_meta(path)
     _, state = checkpoint_model(path, meta)  # the file will load: every name and shape fits the model code
     train_state = meta.get("train_state", {})
     blob = {
-        "format": MODEL_FORMAT, "version": MODEL_VERSION, "state_dict": state, "config": meta["config"],
-        "dataset": meta["dataset"], "step": meta["step"], "checkpoint": str(path),
+        "format": MODEL_FORMAT,
+        "version": MODEL_VERSION,
+        "state_dict": state,
+        "config": meta["config"],
+        "dataset": meta["dataset"],
+        "step": meta["step"],
+        "checkpoint": str(path),
         "valid": train_state.get("valid") if train_state.get("valid_step") == meta["step"] else {},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -144,15 +159,18 @@ def load_model_file(file: Path) -> tuple[torch.nn.Module, Config, DatasetSchema,
 
 
 @torch.no_grad()
-def score_split(model: torch.nn.Module, trained: DatasetSchema, data: Path, split: str,
-                batch_size: int = 8192) -> tuple[DatasetSchema, torch.Tensor, torch.Tensor, torch.Tensor]:
+def score_split(
+    model: torch.nn.Module, trained: DatasetSchema, data: Path, split: str, batch_size: int = 8192
+) -> tuple[DatasetSchema, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(schema read with, scores, labels, weights) of every row of `split` of dataset `data`, in
     file order. The scores are the model's raw outputs (logits for binary tasks)."""
     target = DatasetSchema.load(data)
     # Read with the training schema (the model's columns, their order, its id ranges) and the
     # target's files: a missing column or an id beyond the model's tables is a clear DataError.
     names = {f.name for f in target.sparse}
-    missing = [f.name for f in trained.sparse if f.name not in names] + [c for c in trained.dense if c not in target.dense]
+    missing = [f.name for f in trained.sparse if f.name not in names] + [
+        c for c in trained.dense if c not in target.dense
+    ]
     if missing:
         raise DataError(f"{data}: the model reads columns this dataset does not describe: {', '.join(missing)}")
     schema = replace(trained, root=target.root, splits=target.splits)
@@ -176,7 +194,9 @@ def to_prediction(schema: DatasetSchema, score: torch.Tensor) -> torch.Tensor:
     return score.clamp(*schema.label_range) if schema.label_range else score
 
 
-def prediction_columns(schema: DatasetSchema, score: torch.Tensor, label: torch.Tensor, weight: torch.Tensor) -> dict[str, pa.Array]:
+def prediction_columns(
+    schema: DatasetSchema, score: torch.Tensor, label: torch.Tensor, weight: torch.Tensor
+) -> dict[str, pa.Array]:
     """`row`, `label`, (`weight`), `prediction` (`to_prediction`) and, for binary tasks, `logit`:
     what predictions files hold."""
     prediction = to_prediction(schema, score)
@@ -206,10 +226,16 @@ def predict(model_file: Path, data: Path, split: str, out: Path, batch_size: int
 
 
 def main_export(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="recsys export", description="Write an unsharded model file from a checkpoint.")
-    parser.add_argument("checkpoint", help="a checkpoint (step-N), a checkpoints directory or a run directory (its latest)")
+    parser = argparse.ArgumentParser(
+        prog="recsys export", description="Write an unsharded model file from a checkpoint."
+    )
+    parser.add_argument(
+        "checkpoint", help="a checkpoint (step-N), a checkpoints directory or a run directory (its latest)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="the model file to write (e.g. models/demo.pt)")
-    parser.add_argument("--best", action="store_true", help="the checkpoint of the best validation instead of the latest")
+    parser.add_argument(
+        "--best", action="store_true", help="the checkpoint of the best validation instead of the latest"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
@@ -218,8 +244,10 @@ def main_export(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = sum(t.numel() * t.element_size() for t in blob["state_dict"].values())
-    print(f"exported {blob['checkpoint']} (step {blob['step']}, model {_config(blob['config'], 'x').model.name}, "
-          f"{len(blob['state_dict'])} tensors, {size / 1e6:.1f} MB) to {args.out} in {time.perf_counter() - start:.2f} s")
+    print(
+        f"exported {blob['checkpoint']} (step {blob['step']}, model {_config(blob['config'], 'x').model.name}, "
+        f"{len(blob['state_dict'])} tensors, {size / 1e6:.1f} MB) to {args.out} in {time.perf_counter() - start:.2f} s"
+    )
     return 0
 
 
@@ -238,5 +266,8 @@ def main_predict(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     shown = " ".join(f"{k} {v:.4f}" for k, v in results.items() if k not in ("rows", "ctr"))
-    print(f"scored {results['rows']:,} rows of {args.data} [{args.split}] in {time.perf_counter() - start:.2f} s: {shown} -> {args.out}")
+    print(
+        f"scored {results['rows']:,} rows of {args.data} [{args.split}] in {time.perf_counter() - start:.2f} s: "
+        f"{shown} -> {args.out}"
+    )
     return 0

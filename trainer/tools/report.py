@@ -52,6 +52,7 @@ class ReportError(Exception):
 
 # ---- the document: built once, written as Markdown and as HTML --------------------------------
 
+
 @dataclass
 class Heading:
     level: int
@@ -88,8 +89,15 @@ def to_markdown(blocks: list[Block]) -> str:
             out.append(block.text)
         elif isinstance(block, Table):
             cells = [[c.replace("|", "\\|") for c in row] for row in [block.header, *block.rows]]
-            out.append("\n".join(["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(block.header),
-                                  *("| " + " | ".join(row) + " |" for row in cells[1:])]))
+            out.append(
+                "\n".join(
+                    [
+                        "| " + " | ".join(cells[0]) + " |",
+                        "|" + "---|" * len(block.header),
+                        *("| " + " | ".join(row) + " |" for row in cells[1:]),
+                    ]
+                )
+            )
         else:
             out.append(f"![{block.name[:-4]}]({block.name})\n\n*{block.caption}*")
     return "\n\n".join(out) + "\n"
@@ -115,13 +123,18 @@ def to_html(blocks: list[Block], out_dir: Path, title: str) -> str:
             body.append(f"<table><tr>{head}</tr>{rows}</table>")
         else:
             data = base64.b64encode((out_dir / block.name).read_bytes()).decode("ascii")
-            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(block.caption)}">'
-                        f"<figcaption>{html.escape(block.caption)}</figcaption></figure>")
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{HTML_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+            body.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(block.caption)}">'
+                f"<figcaption>{html.escape(block.caption)}</figcaption></figure>"
+            )
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{HTML_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 # ---- reading a run directory --------------------------------------------------------------------
+
 
 @dataclass
 class Run:
@@ -137,9 +150,16 @@ class Run:
     @property
     def headline(self) -> str | None:
         """The metric that decides "better": the first a validation reports (the trainer's rule)."""
-        for metrics in [*(r for r in self.records.get("valid", [])), self.summary.get("valid"), self.summary.get("test")]:
-            names = [k for k, v in (metrics or {}).items() if k not in ("time", "phase", "step", "epoch")
-                     and isinstance(v, (int, float))]
+        for metrics in [
+            *(r for r in self.records.get("valid", [])),
+            self.summary.get("valid"),
+            self.summary.get("test"),
+        ]:
+            names = [
+                k
+                for k, v in (metrics or {}).items()
+                if k not in ("time", "phase", "step", "epoch") and isinstance(v, (int, float))
+            ]
             if names:
                 return names[0]
         return None
@@ -148,8 +168,9 @@ class Run:
     def test(self) -> tuple[dict[str, Any], int | None]:
         """The test metrics and the step of the weights tested (summary first, else the log)."""
         tests = self.records.get("test", [])
-        metrics = self.summary.get("test") or ({k: v for k, v in tests[-1].items() if k not in ("time", "phase", "step")}
-                                               if tests else {})
+        metrics = self.summary.get("test") or (
+            {k: v for k, v in tests[-1].items() if k not in ("time", "phase", "step")} if tests else {}
+        )
         step = self.summary.get("test_weights_step", tests[-1]["step"] if tests else None)
         return metrics, step
 
@@ -177,8 +198,9 @@ def load_run(run_dir: Path) -> Run:
         raise ReportError(f"{run_dir} is not a directory")
     metrics, summary = run_dir / "metrics.jsonl", run_dir / "summary.json"
     if not metrics.exists() and not summary.exists():
-        raise ReportError(f"{run_dir} holds neither metrics.jsonl nor summary.json: not a run directory "
-                          "(the trainer's --run-dir)")
+        raise ReportError(
+            f"{run_dir} holds neither metrics.jsonl nor summary.json: not a run directory (the trainer's --run-dir)"
+        )
     try:
         loaded = json.loads(summary.read_text()) if summary.exists() else {}
     except json.JSONDecodeError as e:
@@ -189,6 +211,7 @@ def load_run(run_dir: Path) -> Run:
 @dataclass
 class Evaluation:
     """One split's `recsys evaluate` output: RUN_DIR/eval/<split>/."""
+
     split: str
     metrics: dict[str, Any]
     predictions: Path | None
@@ -209,6 +232,7 @@ def load_evaluations(run_dir: Path) -> tuple[list[Evaluation], list[str]]:
 
 
 # ---- plots --------------------------------------------------------------------------------------
+
 
 def smooth(values: np.ndarray, span: float) -> np.ndarray:
     """Debiased exponential moving average (TensorBoard's smoothing), so the start is not pulled to 0."""
@@ -286,15 +310,33 @@ def plot_headline(ax: Axes, run: Run, name: str, steps: np.ndarray, values: np.n
     if best_step is None or best is None:
         i = int(np.argmin(values) if better == "lower" else np.argmax(values))
         best_step, best = steps[i], values[i]
-    ax.plot([best_step], [best], marker="*", markersize=16, color="C2", markeredgecolor="k", linestyle="none",
-            label=f"best valid {name} {best:.4f} (step {int(best_step)})")
+    ax.plot(
+        [best_step],
+        [best],
+        marker="*",
+        markersize=16,
+        color="C2",
+        markeredgecolor="k",
+        linestyle="none",
+        label=f"best valid {name} {best:.4f} (step {int(best_step)})",
+    )
     test, test_step = run.test
     if isinstance(test.get(name), (int, float)) and test_step is not None:
-        ax.plot([test_step], [test[name]], marker="X", markersize=11, color="C3", markeredgecolor="k", linestyle="none",
-                label=f"test {name} {test[name]:.4f} (weights of step {test_step})")
+        ax.plot(
+            [test_step],
+            [test[name]],
+            marker="X",
+            markersize=11,
+            color="C3",
+            markeredgecolor="k",
+            linestyle="none",
+            label=f"test {name} {test[name]:.4f} (weights of step {test_step})",
+        )
     oracle = run.summary.get("valid_oracle_auc") if name == "auc" else None
     if oracle:
-        ax.axhline(oracle, color="k", linestyle=":", linewidth=1.2, label=f"oracle valid auc {oracle:.4f} (the data's ceiling)")
+        ax.axhline(
+            oracle, color="k", linestyle=":", linewidth=1.2, label=f"oracle valid auc {oracle:.4f} (the data's ceiling)"
+        )
     baseline = ((run.summary.get("most_popular") or {}).get("valid") or {}).get(name)
     if isinstance(baseline, (int, float)):
         ax.axhline(baseline, color="C7", linestyle="-.", linewidth=1.2, label=f"most-popular baseline {baseline:.4f}")
@@ -320,7 +362,9 @@ def plot_throughput(run: Run) -> Figure | None:
         clip_spikes(bottom, rate)
     average = run.summary.get("samples_per_s")
     if isinstance(average, (int, float)):
-        bottom.axhline(average, color="k", linestyle=":", linewidth=1.2, label=f"run average {average:,.0f} (summary.json)")
+        bottom.axhline(
+            average, color="k", linestyle=":", linewidth=1.2, label=f"run average {average:,.0f} (summary.json)"
+        )
     bottom.set_ylabel("samples/s (all ranks)")
     bottom.set_xlabel("step")
     bottom.set_ylim(bottom=0)
@@ -333,6 +377,7 @@ def plot_throughput(run: Run) -> Figure | None:
 @dataclass
 class Bins:
     """Equal-count bins of the predictions: mean prediction, mean label, its standard error."""
+
     predicted: np.ndarray
     observed: np.ndarray
     error: np.ndarray
@@ -374,17 +419,35 @@ def plot_calibration(evaluation: Evaluation) -> Figure | None:
         return None
     binary = evaluation.metrics.get("task", "binary") == "binary"
     bins = calibration_bins(prediction, label, weight, CALIBRATION_BINS)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=CALIBRATION_SIZE, dpi=DPI, sharex=True, layout="constrained",
-                                      gridspec_kw={"height_ratios": [3, 1]})
+    fig, (top, bottom) = plt.subplots(
+        2,
+        1,
+        figsize=CALIBRATION_SIZE,
+        dpi=DPI,
+        sharex=True,
+        layout="constrained",
+        gridspec_kw={"height_ratios": [3, 1]},
+    )
     what = "predicted probability" if binary else "prediction"
-    fig.suptitle(f"Calibration on the {evaluation.split} split ({len(prediction):,} rows, {len(bins.predicted)} equal-count bins)")
+    fig.suptitle(
+        f"Calibration on the {evaluation.split} split ({len(prediction):,} rows, "
+        f"{len(bins.predicted)} equal-count bins)"
+    )
     values = np.concatenate([bins.predicted, bins.observed - bins.error, bins.observed + bins.error])
     low, high = (0.0, float(min(1.0, values.max() * 1.08))) if binary else (float(values.min()), float(values.max()))
     pad = 0.0 if binary else 0.05 * (high - low)
     low, high = low - pad, high + pad
     top.plot([low, high], [low, high], color="k", linestyle=":", linewidth=1.2, label="perfect calibration")
-    top.errorbar(bins.predicted, bins.observed, yerr=bins.error, fmt="o-", color="C0", markersize=5, capsize=3,
-                 label=("observed positive rate" if binary else "mean actual label") + " (± 1 s.e.)")
+    top.errorbar(
+        bins.predicted,
+        bins.observed,
+        yerr=bins.error,
+        fmt="o-",
+        color="C0",
+        markersize=5,
+        capsize=3,
+        label=("observed positive rate" if binary else "mean actual label") + " (± 1 s.e.)",
+    )
     top.set_xlim(low, high)
     top.set_ylim(low, high)
     top.set_ylabel("observed positive rate" if binary else "mean actual label")
@@ -426,8 +489,9 @@ def plot_segments(evaluation: Evaluation, spec: str, rows: list[dict[str, Any]])
     shown = largest_segments(rows)
     name = eval_headline(evaluation)
     panels = [name] + (["calibration"] if any(isinstance(r.get("calibration"), (int, float)) for r in shown) else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=segment_figsize(len(shown)), dpi=DPI, sharey=True,
-                             layout="constrained", squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=segment_figsize(len(shown)), dpi=DPI, sharey=True, layout="constrained", squeeze=False
+    )
     more = f", the {len(shown)} largest of {len(rows)}" if len(shown) < len(rows) else ""
     fig.suptitle(f"Segments '{spec}' on the {evaluation.split} split{more}")
     labels = [str(r.get("segment")) for r in shown]
@@ -439,18 +503,35 @@ def plot_segments(evaluation: Evaluation, spec: str, rows: list[dict[str, Any]])
         ax.barh(y, np.nan_to_num(values - base), left=base, color="C0" if metric == name else "C1", alpha=0.8)
         reference = 1.0 if metric == "calibration" else number(overall.get(metric))
         if not math.isnan(reference):
-            ax.axvline(reference, color="k", linestyle="--", linewidth=1.2,
-                       label="perfect (1.0)" if metric == "calibration" else f"overall {reference:.4f}")
+            ax.axvline(
+                reference,
+                color="k",
+                linestyle="--",
+                linewidth=1.2,
+                label="perfect (1.0)" if metric == "calibration" else f"overall {reference:.4f}",
+            )
         for yi, value, row in zip(y, values, shown):
             text = "n/a" if math.isnan(value) else f"{value:.3f}"
-            ax.text(0.01, yi, f" {text}   n={int(number(row.get('count'))):,}" if row.get("count") is not None else f" {text}",
-                    va="center", ha="left", fontsize=8, transform=ax.get_yaxis_transform(), color="white"
-                    if not math.isnan(value) and value > 0 else "k")
+            ax.text(
+                0.01,
+                yi,
+                f" {text}   n={int(number(row.get('count'))):,}" if row.get("count") is not None else f" {text}",
+                va="center",
+                ha="left",
+                fontsize=8,
+                transform=ax.get_yaxis_transform(),
+                color="white" if not math.isnan(value) and value > 0 else "k",
+            )
         finite = values[np.isfinite(values)]
         if len(finite) and metric != "calibration":
             top = max(finite.max(), reference if not math.isnan(reference) else 0)
             ax.set_xlim(base, top + 0.05 * (top - base))
-        ax.set_xlabel(metric + {"calibration": " (mean prediction / observed rate)", "auc": " (axis starts at chance, 0.5)"}.get(metric, ""))
+        ax.set_xlabel(
+            metric
+            + {"calibration": " (mean prediction / observed rate)", "auc": " (axis starts at chance, 0.5)"}.get(
+                metric, ""
+            )
+        )
         ax.set_title(f"{metric} per segment" + (" (1 = calibrated)" if metric == "calibration" else ""), fontsize=10)
         ax.grid(True, axis="x", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
@@ -470,11 +551,12 @@ def save_figure(fig: Figure, path: Path) -> None:
 
 # ---- the report's sections ----------------------------------------------------------------------
 
+
 def fmt(value: Any) -> str:
     """Table cell: counts with separators, metrics to 4 decimals, missing as n/a."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    if isinstance(value, bool) or isinstance(value, str):
+    if isinstance(value, (bool, str)):
         return str(value)
     if isinstance(value, int):
         return f"{value:,}"
@@ -485,13 +567,23 @@ def fmt(value: Any) -> str:
 
 def header_blocks(run: Run) -> list[Block]:
     s = run.summary
-    facts = [f"{k.replace('_', ' ')} {fmt(s[k])}" for k in ("world_size", "device", "steps", "epochs", "global_batch_size")
-             if s.get(k) is not None]
-    blocks: list[Block] = [Heading(1, f"Run report: {run_title(run)}"),
-                           Text(f"Run directory `{run.dir}`" + (f"; dataset `{s['dataset']}`" if s.get("dataset") else "")
-                                + (". " + ", ".join(facts) + "." if facts else "."))]
+    facts = [
+        f"{k.replace('_', ' ')} {fmt(s[k])}"
+        for k in ("world_size", "device", "steps", "epochs", "global_batch_size")
+        if s.get(k) is not None
+    ]
+    blocks: list[Block] = [
+        Heading(1, f"Run report: {run_title(run)}"),
+        Text(
+            f"Run directory `{run.dir}`"
+            + (f"; dataset `{s['dataset']}`" if s.get("dataset") else "")
+            + (". " + ", ".join(facts) + "." if facts else ".")
+        ),
+    ]
     if not s:
-        blocks.append(Text("No summary.json (the run has not finished, or failed): the tables come from metrics.jsonl."))
+        blocks.append(
+            Text("No summary.json (the run has not finished, or failed): the tables come from metrics.jsonl.")
+        )
     return blocks
 
 
@@ -504,8 +596,12 @@ def metrics_table(run: Run) -> Table | None:
     if not names:
         return None
     last_step = (run.records.get("valid") or [{}])[-1].get("step", s.get("steps"))
-    header = ["metric", f"valid, last (step {fmt(last_step)})", f"valid, best (step {fmt(s.get('best_valid_step'))})",
-              f"test (weights of step {fmt(run.test[1])})"]
+    header = [
+        "metric",
+        f"valid, last (step {fmt(last_step)})",
+        f"valid, best (step {fmt(s.get('best_valid_step'))})",
+        f"test (weights of step {fmt(run.test[1])})",
+    ]
     return Table(header, [[n, fmt(valid.get(n)), fmt(best.get(n)), fmt(test.get(n))] for n in names])
 
 
@@ -523,12 +619,22 @@ def facts_table(run: Run) -> Table:
     ck = s.get("checkpoints") or {}
     if ck:
         size = f", {ck['bytes'] / 1e6:,.1f} MB each" if ck.get("bytes") else ""
-        rows.append(["checkpoints", f"{fmt(ck.get('saved'))} saved in {fmt(ck.get('dir'))}{size}; "
-                                    f"{number(ck.get('save_s')):.2f} s saving, {number(ck.get('stall_s')):.2f} s training stalled"])
+        rows.append(
+            [
+                "checkpoints",
+                f"{fmt(ck.get('saved'))} saved in {fmt(ck.get('dir'))}{size}; "
+                f"{number(ck.get('save_s')):.2f} s saving, {number(ck.get('stall_s')):.2f} s training stalled",
+            ]
+        )
     resumes = run.records.get("resume", [])
     if resumes or s.get("resumed_from"):
         steps = ", ".join(str(r["step"]) for r in resumes)
-        rows.append(["restarts", f"{len(resumes)} (resumed at step {steps})" if resumes else f"resumed from {s['resumed_from']}"])
+        rows.append(
+            [
+                "restarts",
+                f"{len(resumes)} (resumed at step {steps})" if resumes else f"resumed from {s['resumed_from']}",
+            ]
+        )
     return Table(["", "value"], rows)
 
 
@@ -545,13 +651,19 @@ def summary_blocks(run: Run) -> list[Block]:
 def curve_blocks(run: Run, out: Path) -> list[Block]:
     blocks: list[Block] = [Heading(2, "Training")]
     figures = [
-        ("training_curves.png", plot_training_curves(run),
-         "Top: train loss per log interval (faint) and smoothed, with the validation log loss; the gap between "
-         "them grows when the model overfits. Bottom: the headline validation metric; the star is the best "
-         "validation, the X the test result, dashed vertical lines are restarts from a checkpoint."),
-        ("throughput.png", plot_throughput(run),
-         "Top: the learning rate schedule. Bottom: training throughput over all ranks; dips are input stalls, "
-         "evaluations or checkpoint saves, a lasting drop after a restart points at the new machine."),
+        (
+            "training_curves.png",
+            plot_training_curves(run),
+            "Top: train loss per log interval (faint) and smoothed, with the validation log loss; the gap between "
+            "them grows when the model overfits. Bottom: the headline validation metric; the star is the best "
+            "validation, the X the test result, dashed vertical lines are restarts from a checkpoint.",
+        ),
+        (
+            "throughput.png",
+            plot_throughput(run),
+            "Top: the learning rate schedule. Bottom: training throughput over all ranks; dips are input stalls, "
+            "evaluations or checkpoint saves, a lasting drop after a restart points at the new machine.",
+        ),
     ]
     for name, fig, caption in figures:
         if fig is None:
@@ -590,7 +702,9 @@ def evaluation_blocks(evaluation: Evaluation, out: Path) -> list[Block]:
         else:
             name = f"calibration_{slug(evaluation.split)}.png"
             save_figure(fig, out / name)
-            blocks.append(Image(name, CALIBRATION_CAPTION if m.get("task", "binary") == "binary" else REGRESSION_CAPTION))
+            blocks.append(
+                Image(name, CALIBRATION_CAPTION if m.get("task", "binary") == "binary" else REGRESSION_CAPTION)
+            )
     for spec, rows in (m.get("segments") or {}).items():
         blocks.append(Heading(3, f"Segments: {spec}"))
         if not rows:
@@ -599,17 +713,26 @@ def evaluation_blocks(evaluation: Evaluation, out: Path) -> list[Block]:
         blocks.append(segment_table(rows))
         name = f"segments_{slug(evaluation.split)}_{slug(spec)}.png"
         save_figure(plot_segments(evaluation, spec, rows), out / name)
-        blocks.append(Image(name, f"{eval_headline(evaluation)} per '{spec}' segment, n = rows; the dashed line is the "
-                                  "overall value. Calibration (right, where reported) is mean prediction / observed "
-                                  "rate: above 1 the model over-predicts that segment, below 1 it under-predicts."))
+        blocks.append(
+            Image(
+                name,
+                f"{eval_headline(evaluation)} per '{spec}' segment, n = rows; the dashed line is the "
+                "overall value. Calibration (right, where reported) is mean prediction / observed "
+                "rate: above 1 the model over-predicts that segment, below 1 it under-predicts.",
+            )
+        )
     return blocks
 
 
-CALIBRATION_CAPTION = ("Reliability diagram: each point is one equal-count bin of rows, its mean predicted probability "
-                       "against the observed positive rate (bars: ±1 standard error). Points above the diagonal: the "
-                       "model under-predicts; below: it over-predicts. Below: how the predictions are spread.")
-REGRESSION_CAPTION = ("Predicted vs actual: each point is one equal-count bin of rows, its mean prediction against the "
-                      "mean label. Points above the diagonal: the model under-predicts; below: it over-predicts.")
+CALIBRATION_CAPTION = (
+    "Reliability diagram: each point is one equal-count bin of rows, its mean predicted probability "
+    "against the observed positive rate (bars: ±1 standard error). Points above the diagonal: the "
+    "model under-predicts; below: it over-predicts. Below: how the predictions are spread."
+)
+REGRESSION_CAPTION = (
+    "Predicted vs actual: each point is one equal-count bin of rows, its mean prediction against the "
+    "mean label. Points above the diagonal: the model under-predicts; below: it over-predicts."
+)
 
 
 def build_report(run_dir: Path, out: Path) -> list[Path]:
@@ -619,8 +742,13 @@ def build_report(run_dir: Path, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     blocks = [*header_blocks(run), *summary_blocks(run), *curve_blocks(run, out)]
     if not evaluations:
-        blocks += [Heading(2, "Evaluation"), Text("No evaluation yet: `recsys evaluate` writes RUN_DIR/eval/<split>/ "
-                                                   "(per-segment metrics and calibration).")]
+        blocks += [
+            Heading(2, "Evaluation"),
+            Text(
+                "No evaluation yet: `recsys evaluate` writes RUN_DIR/eval/<split>/ "
+                "(per-segment metrics and calibration)."
+            ),
+        ]
     blocks += [Text(note) for note in notes]
     for evaluation in evaluations:
         blocks += evaluation_blocks(evaluation, out)

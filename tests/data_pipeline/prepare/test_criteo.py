@@ -29,7 +29,9 @@ def criteo_lines(n: int, seed: int = 0) -> list[str]:
     ids = rng.zipf(1.2, (n, 26)) % VOCAB
     effect = np.random.default_rng(99).normal(0, 1.0, (26, VOCAB))
     counts = rng.exponential(30, (n, 13)).astype(np.int64) - (rng.random((n, 13)) < 0.02) * 3
-    logit = -1.2 + effect[0, ids[:, 0]] + effect[1, ids[:, 1]] + effect[2, ids[:, 2]] + 0.3 * np.log1p(counts[:, 0].clip(0))
+    logit = (
+        -1.2 + effect[0, ids[:, 0]] + effect[1, ids[:, 1]] + effect[2, ids[:, 2]] + 0.3 * np.log1p(counts[:, 0].clip(0))
+    )
     labels = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
     empty_int = rng.random((n, 13)) < 0.1
     empty_cat = rng.random((n, 26)) < 0.05
@@ -55,15 +57,21 @@ def options(inputs, out, **kw) -> CriteoOptions:
 
 
 def read_split(root, split):
-    return pq.read_table(os.path.join(root, split)).sort_by([("int_0", "ascending"), ("cat_0", "ascending"), ("cat_1", "ascending")])
+    return pq.read_table(os.path.join(root, split)).sort_by(
+        [("int_0", "ascending"), ("cat_0", "ascending"), ("cat_1", "ascending")]
+    )
 
 
 def test_values_exactly(tmp_path):
     lines = [
-        "1\t5\t-3\t\t0\t1\t2\t3\t4\t5\t6\t7\t8\t9\t" + "\t".join(["0000000a", "", "FFFFFFFF", "zz", "-5", "1_a"] + ["00000001"] * 20),
+        "1\t5\t-3\t\t0\t1\t2\t3\t4\t5\t6\t7\t8\t9\t"
+        + "\t".join(["0000000a", "", "FFFFFFFF", "zz", "-5", "1_a"] + ["00000001"] * 20),
     ] * 10
     src = write_tsv(tmp_path / "day_0", lines)
-    schema = prepare(options([src], tmp_path / "out", num_embeddings=[7] * 26, split_fractions=(1 / 3, 1 / 3, 1 / 3)), log=lambda *_: None)
+    schema = prepare(
+        options([src], tmp_path / "out", num_embeddings=[7] * 26, split_fractions=(1 / 3, 1 / 3, 1 / 3)),
+        log=lambda *_: None,
+    )
     row = pq.read_table(tmp_path / "out" / "train").slice(0, 1).to_pylist()[0]
     assert row["label"] == 1
     assert row["int_0"] == pytest.approx(math.log1p(5))
@@ -72,7 +80,9 @@ def test_values_exactly(tmp_path):
     assert row["cat_0"] == 10 % 7 and row["cat_1"] == 0  # hex 0xa; missing -> 0 (as MLPerf)
     assert row["cat_2"] == 0xFFFFFFFF % 7
     assert row["cat_3"] == criteo._fnv1a(b"zz") % 7  # not hex: FNV-1a
-    assert row["cat_4"] == criteo._fnv1a(b"-5") % 7 and row["cat_5"] == criteo._fnv1a(b"1_a") % 7  # int() would take these
+    assert (
+        row["cat_4"] == criteo._fnv1a(b"-5") % 7 and row["cat_5"] == criteo._fnv1a(b"1_a") % 7
+    )  # int() would take these
     assert sum(s.rows for s in schema.splits.values()) == 10
 
 
@@ -87,7 +97,9 @@ def test_malformed_lines_are_reported_with_file_and_line(tmp_path):
         prepare(options([src], tmp_path / "strict", chunk_bytes=100_000), log=lambda *_: None)
     assert not (tmp_path / "strict" / "dataset.json").exists()
 
-    schema = prepare(options([src], tmp_path / "lenient", chunk_bytes=100_000, max_bad_rows=3, workers=2), log=lambda *_: None)
+    schema = prepare(
+        options([src], tmp_path / "lenient", chunk_bytes=100_000, max_bad_rows=3, workers=2), log=lambda *_: None
+    )
     extra = schema.extra
     assert extra["lines"] == 3000 and extra["malformed_lines"] == 3
     assert sum(s.rows for s in schema.splits.values()) == 2997
@@ -100,15 +112,26 @@ def test_cli_error_is_one_line(tmp_path):
     lines = criteo_lines(200)
     lines[9] = "1\t2"
     src = write_tsv(tmp_path / "day_0.gz", lines)
-    result = subprocess.run([sys.executable, "-m", "launch.cli", "prepare", "criteo", "--input", src, "--out", str(tmp_path / "o")],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "prepare", "criteo", "--input", src, "--out", str(tmp_path / "o")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "error: 1 malformed lines" in result.stderr and "day_0.gz line 10: wrong number of fields" in result.stderr
     assert "Traceback" not in result.stderr
     (tmp_path / "empty").write_text("")
-    for missing, message in [(str(tmp_path / "nope*"), "no file matches"), (str(tmp_path / "empty"), "the file is empty")]:
-        result = subprocess.run([sys.executable, "-m", "launch.cli", "prepare", "criteo", "--input", missing, "--out", str(tmp_path / "o")],
-                                cwd=ROOT, capture_output=True, text=True)
+    for missing, message in [
+        (str(tmp_path / "nope*"), "no file matches"),
+        (str(tmp_path / "empty"), "the file is empty"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "launch.cli", "prepare", "criteo", "--input", missing, "--out", str(tmp_path / "o")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
@@ -143,7 +166,9 @@ def test_interrupted_run_resumes_without_redoing_finished_units(tmp_path, monkey
     monkeypatch.setattr(criteo, "write_unit", _REAL_WRITE_UNIT)
     assert not (tmp_path / "out" / "dataset.json").exists()
     done = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "train").glob("part-*.parquet")}
-    assert done and not any(p.name.startswith(".") for p in (tmp_path / "out" / "train").iterdir())  # no temp files left
+    assert done and not any(
+        p.name.startswith(".") for p in (tmp_path / "out" / "train").iterdir()
+    )  # no temp files left
     messages = []
     schema = prepare(opts, log=messages.append)
     assert any("resuming" in m for m in messages)
@@ -170,7 +195,11 @@ def test_vocabulary_mode_on_train_only(tmp_path):
     assert 0xABCD in vocab["cat_0"] and 0x12345678 not in vocab["cat_0"]
     assert schema.sparse[0].num_embeddings == len(vocab["cat_0"]) + 2
     both = pq.read_table(tmp_path / "out" / "test").to_pylist() + pq.read_table(tmp_path / "out" / "valid").to_pylist()
-    unseen = [r for r in both if r["label"] == 1 and r["int_0"] == pytest.approx(math.log1p(1)) and r["cat_5"] == criteo.RARE_ID]
+    unseen = [
+        r
+        for r in both
+        if r["label"] == 1 and r["int_0"] == pytest.approx(math.log1p(1)) and r["cat_5"] == criteo.RARE_ID
+    ]
     assert len(unseen) >= 4  # a value only in the test file is "rare", not given its own id
     train_rows = pq.read_table(tmp_path / "out" / "train")
     assert schema.splits["train"].rows == 3005 and min(schema.splits["valid"].rows, schema.splits["test"].rows) > 30
@@ -182,13 +211,50 @@ def test_vocabulary_mode_on_train_only(tmp_path):
 def test_replicas_under_torchrun_match_one_process(tmp_path):
     src = write_tsv(tmp_path / "day_0", criteo_lines(4000))
     gz = write_tsv(tmp_path / "day_1.gz", criteo_lines(1000, seed=1))
-    args = ["--input", src, gz, "--num-embeddings", "1000", "--row-group-rows", "2048", "--chunk-mb", "0.05", "--min-count", "2", "--workers", "1"]
+    args = [
+        "--input",
+        src,
+        gz,
+        "--num-embeddings",
+        "1000",
+        "--row-group-rows",
+        "2048",
+        "--chunk-mb",
+        "0.05",
+        "--min-count",
+        "2",
+        "--workers",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "data_pipeline.prepare.criteo",
-                          *args, "--out", str(tmp_path / "replicas")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "data_pipeline.prepare.criteo",
+            *args,
+            "--out",
+            str(tmp_path / "replicas"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "data_pipeline.prepare.criteo", *args, "--out", str(tmp_path / "single")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, "-m", "data_pipeline.prepare.criteo", *args, "--out", str(tmp_path / "single")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     a, b = DatasetSchema.load(tmp_path / "replicas"), DatasetSchema.load(tmp_path / "single")
     assert [f.num_embeddings for f in a.sparse] == [f.num_embeddings for f in b.sparse]
@@ -202,8 +268,27 @@ def test_prepared_dataset_trains(tmp_path):
     batches = ParquetBatches(schema, "train", batch_size=512)
     assert len(batches) == schema.splits["train"].rows // 512
     run_dir = tmp_path / "run"
-    result = run_trainer(["--data.path", str(schema.root), "--run-dir", str(run_dir), "--data.batch_size", "256",
-                          "--model.embedding_dim", "8", "--model.dense_arch_layer_sizes", "32", "8", "--training.epochs", "2", "--optimizer.dense_lr", "0.003", "--training.progress_bar", "false"])
+    result = run_trainer(
+        [
+            "--data.path",
+            str(schema.root),
+            "--run-dir",
+            str(run_dir),
+            "--data.batch_size",
+            "256",
+            "--model.embedding_dim",
+            "8",
+            "--model.dense_arch_layer_sizes",
+            "32",
+            "8",
+            "--training.epochs",
+            "2",
+            "--optimizer.dense_lr",
+            "0.003",
+            "--training.progress_bar",
+            "false",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["test"]["auc"] > 0.70, summary["test"]  # the click model is learnable from 3 features

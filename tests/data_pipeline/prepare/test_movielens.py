@@ -14,10 +14,10 @@ import pytest
 
 from data_pipeline.prepare import movielens
 from data_pipeline.prepare.movielens import GENRES, MovieLensOptions, featurize, load_transforms, prepare, read_inputs
-from tests.conftest import ROOT
 from data_pipeline.reader import ParquetBatches, list_row_groups
 from data_pipeline.schema import DatasetSchema, check_files, check_row_group
 from launch.cli import main as recsys
+from tests.conftest import ROOT
 
 REAL = ROOT.parent / "shared" / "data" / "movielens-100k"  # evaluation data beside the repo; skipped when absent
 
@@ -43,12 +43,36 @@ ITEMS = [
 ]
 # user_id, movie_id, rating, timestamp. User 20 rates 103 and 105 at the same last timestamp.
 RATINGS = [
-    (10, 101, 5, 1000), (10, 102, 3, 1005), (10, 105, 4, 1003), (10, 107, 1, 1010), (10, 110, 2, 1001),
-    (20, 101, 4, 2000), (20, 105, 4, 2050), (20, 103, 2, 2050), (20, 111, 5, 2010), (20, 120, 3, 2020),
-    (30, 110, 5, 3000), (30, 111, 4, 3001), (30, 101, 2, 3002), (30, 102, 1, 3003),
-    (40, 107, 3, 4000), (40, 105, 5, 4100), (40, 101, 4, 4050), (40, 120, 2, 4020), (40, 111, 3, 4030), (40, 102, 4, 4040),
-    (50, 102, 5, 5000), (50, 103, 3, 5001), (50, 110, 4, 5002), (50, 101, 1, 5003),
-    (60, 111, 2, 6000), (60, 120, 5, 6001), (60, 105, 3, 6002), (60, 107, 4, 6003), (60, 101, 5, 6004), (60, 110, 1, 6005),
+    (10, 101, 5, 1000),
+    (10, 102, 3, 1005),
+    (10, 105, 4, 1003),
+    (10, 107, 1, 1010),
+    (10, 110, 2, 1001),
+    (20, 101, 4, 2000),
+    (20, 105, 4, 2050),
+    (20, 103, 2, 2050),
+    (20, 111, 5, 2010),
+    (20, 120, 3, 2020),
+    (30, 110, 5, 3000),
+    (30, 111, 4, 3001),
+    (30, 101, 2, 3002),
+    (30, 102, 1, 3003),
+    (40, 107, 3, 4000),
+    (40, 105, 5, 4100),
+    (40, 101, 4, 4050),
+    (40, 120, 2, 4020),
+    (40, 111, 3, 4030),
+    (40, 102, 4, 4040),
+    (50, 102, 5, 5000),
+    (50, 103, 3, 5001),
+    (50, 110, 4, 5002),
+    (50, 101, 1, 5003),
+    (60, 111, 2, 6000),
+    (60, 120, 5, 6001),
+    (60, 105, 3, 6002),
+    (60, 107, 4, 6003),
+    (60, 101, 5, 6004),
+    (60, 110, 1, 6005),
 ]
 TIMESTAMP = {(u, m): ts for u, m, _, ts in RATINGS}
 
@@ -62,7 +86,16 @@ def write_official(root: Path) -> Path:
     (root / "u.data").write_text("".join(f"{u}\t{m}\t{r}\t{ts}\n" for u, m, r, ts in RATINGS))
     (root / "u.user").write_text("".join("|".join(map(str, row)) + "\n" for row in USERS))
     lines = [
-        "|".join([str(m), title, date or "", "", f"http://us.imdb.com/M/title-exact?{m}" if date else "", *map(str, _flags(g))])
+        "|".join(
+            [
+                str(m),
+                title,
+                date or "",
+                "",
+                f"http://us.imdb.com/M/title-exact?{m}" if date else "",
+                *map(str, _flags(g)),
+            ]
+        )
         for m, title, date, g in ITEMS
     ]
     (root / "u.item").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
@@ -73,16 +106,22 @@ def write_parquet(root: Path, drop: tuple[str, str] | None = None) -> Path:
     """The same data as Parquet; `drop` = (file stem, column) leaves one column out."""
     root.mkdir(parents=True, exist_ok=True)
     tables = {
-        "ratings": pa.table({k: [r[i] for r in RATINGS] for i, k in enumerate(("user_id", "movie_id", "rating", "timestamp"))}),
-        "users": pa.table({k: [r[i] for r in USERS] for i, k in enumerate(("user_id", "age", "gender", "occupation", "zip_code"))}),
-        "items": pa.table({
-            "movie_id": [m for m, *_ in ITEMS],
-            "movie_title": [t for _, t, _, _ in ITEMS],
-            "release_date": [d for _, _, d, _ in ITEMS],
-            "video_release_date": pa.nulls(len(ITEMS), pa.float64()),
-            "IMDb_URL": [f"http://us.imdb.com/M/title-exact?{m}" for m, *_ in ITEMS],
-            **{g: [_flags(genres)[j] for *_, genres in ITEMS] for j, g in enumerate(GENRES)},
-        }),
+        "ratings": pa.table(
+            {k: [r[i] for r in RATINGS] for i, k in enumerate(("user_id", "movie_id", "rating", "timestamp"))}
+        ),
+        "users": pa.table(
+            {k: [r[i] for r in USERS] for i, k in enumerate(("user_id", "age", "gender", "occupation", "zip_code"))}
+        ),
+        "items": pa.table(
+            {
+                "movie_id": [m for m, *_ in ITEMS],
+                "movie_title": [t for _, t, _, _ in ITEMS],
+                "release_date": [d for _, _, d, _ in ITEMS],
+                "video_release_date": pa.nulls(len(ITEMS), pa.float64()),
+                "IMDb_URL": [f"http://us.imdb.com/M/title-exact?{m}" for m, *_ in ITEMS],
+                **{g: [_flags(genres)[j] for *_, genres in ITEMS] for j, g in enumerate(GENRES)},
+            }
+        ),
     }
     for stem, table in tables.items():
         if drop and drop[0] == stem:
@@ -102,7 +141,10 @@ def all_rows(root: Path) -> pa.Table:
 def raw_pairs(root: Path, table: pa.Table) -> list[tuple[int, int]]:
     """(raw user id, raw movie id) of each row, through the saved id maps."""
     vocab = load_transforms(root)["vocab"]
-    return [(vocab["user_id"][u], vocab["movie_id"][m]) for u, m in zip(table["user_id"].to_pylist(), table["movie_id"].to_pylist())]
+    return [
+        (vocab["user_id"][u], vocab["movie_id"][m])
+        for u, m in zip(table["user_id"].to_pylist(), table["movie_id"].to_pylist())
+    ]
 
 
 @pytest.fixture
@@ -111,6 +153,7 @@ def parquet_input(tmp_path) -> Path:
 
 
 # ---- inputs and features ------------------------------------------------------------------------
+
 
 def test_official_and_parquet_inputs_give_the_same_dataset(tmp_path, parquet_input):
     official = write_official(tmp_path / "in_official")
@@ -138,8 +181,16 @@ def test_id_maps_and_features_are_exact(tmp_path, parquet_input):
     assert t["vocab"]["zip_prefix"] == ["0", "1", "5", "9", "T", "V"]
     assert t["vocab"]["release_year"] == [1942, 1979, 1993, 1995, 1997]
     sizes = {f.name: (f.num_embeddings, f.multi_hot) for f in schema.sparse}
-    assert sizes == {"user_id": (6, False), "movie_id": (8, False), "age_bucket": (7, False), "gender": (2, False),
-                     "occupation": (4, False), "zip_prefix": (6, False), "release_year": (5, False), "genres": (19, True)}
+    assert sizes == {
+        "user_id": (6, False),
+        "movie_id": (8, False),
+        "age_bucket": (7, False),
+        "gender": (2, False),
+        "occupation": (4, False),
+        "zip_prefix": (6, False),
+        "release_year": (5, False),
+        "genres": (19, True),
+    }
     assert schema.task == "regression" and schema.label == "rating" and schema.label_range == [1.0, 5.0]
     assert schema.dense == ["age_z", "release_year_z", "user_log_count_z", "movie_log_count_z"]
     assert schema.extra["transforms"] == "transforms.json"
@@ -149,12 +200,21 @@ def test_id_maps_and_features_are_exact(tmp_path, parquet_input):
     by_pair = dict(zip(raw_pairs(schema.root, rows), rows.to_pylist()))
     row = by_pair[(20, 105)]  # 18-year-old engineer from T8H1N rates Alien (1979), Horror + Sci-Fi
     assert {k: row[k] for k in schema.sparse_names} == {
-        "user_id": 1, "movie_id": 3, "age_bucket": 1, "gender": 1, "occupation": 0, "zip_prefix": 4,
-        "release_year": 1, "genres": [11, 15]}
+        "user_id": 1,
+        "movie_id": 3,
+        "age_bucket": 1,
+        "gender": 1,
+        "occupation": 0,
+        "zip_prefix": 4,
+        "release_year": 1,
+        "genres": [11, 15],
+    }
     assert row["rating"] == 4.0
     stats = t["dense"]
     assert row["age_z"] == pytest.approx((18 - stats["age_z"]["mean"]) / stats["age_z"]["std"], abs=1e-6)
-    assert row["release_year_z"] == pytest.approx((1979 - stats["release_year_z"]["mean"]) / stats["release_year_z"]["std"], abs=1e-6)
+    assert row["release_year_z"] == pytest.approx(
+        (1979 - stats["release_year_z"]["mean"]) / stats["release_year_z"]["std"], abs=1e-6
+    )
     assert by_pair[(10, 101)]["age_bucket"] == 0 and by_pair[(30, 110)]["age_bucket"] == 6  # 17 -> <18, 56 -> 56+
     assert by_pair[(60, 111)]["age_bucket"] == 4 and by_pair[(40, 107)]["age_bucket"] == 3  # 49, 35
     assert by_pair[(10, 102)]["genres"] == [5, 14] and by_pair[(10, 102)]["release_year"] == 2  # 4-Feb-1993
@@ -181,7 +241,14 @@ def test_transforms_featurize_new_rows_like_the_training_rows(tmp_path, parquet_
     keys = [("user_id", "ascending"), ("movie_id", "ascending")]
     assert again.sort_by(keys).equals(all_rows(schema.root).drop_columns(["rating"]).sort_by(keys))
     # A new user (known age and occupation) and a new movie: unknown raw ids become missing ids.
-    users = pa.concat_tables([data.users, pa.table({"user_id": [99], "age": [30.0], "gender": ["F"], "occupation": ["writer"], "zip_code": ["94110"]})])
+    users = pa.concat_tables(
+        [
+            data.users,
+            pa.table(
+                {"user_id": [99], "age": [30.0], "gender": ["F"], "occupation": ["writer"], "zip_code": ["94110"]}
+            ),
+        ]
+    )
     (row,) = featurize([99], [12345], users, data.items, t).to_pylist()
     assert row["user_id"] is None and row["movie_id"] is None and row["genres"] is None
     assert (row["age_bucket"], row["gender"], row["occupation"], row["zip_prefix"]) == (2, 0, 3, 3)
@@ -192,6 +259,7 @@ def test_transforms_featurize_new_rows_like_the_training_rows(tmp_path, parquet_
 
 
 # ---- splits and labels --------------------------------------------------------------------------
+
 
 def test_random_split_partitions_the_ratings(tmp_path, parquet_input):
     schema = prepare(parquet_input, tmp_path / "out", MovieLensOptions(seed=3), log=lambda *_: None)
@@ -252,10 +320,13 @@ def test_min_rating_keeps_only_high_ratings_as_positives(tmp_path, parquet_input
     pos = sorted(p for p, y in zip(pairs, rows["label"].to_pylist()) if y == 1)
     assert pos == sorted((u, m) for u, m, r, _ in RATINGS if r >= 4)
     rated = {(u, m) for u, m, *_ in RATINGS}
-    assert not any(p in rated for p, y in zip(pairs, rows["label"].to_pylist()) if y == 0)  # low ratings are not negatives
+    assert not any(
+        p in rated for p, y in zip(pairs, rows["label"].to_pylist()) if y == 0
+    )  # low ratings are not negatives
 
 
 # ---- the dataset contract -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("implicit", [False, True])
 def test_dataset_passes_checks_and_loads_into_batches(tmp_path, parquet_input, implicit):
@@ -294,14 +365,17 @@ def test_cli_rerun_is_up_to_date_and_a_different_dataset_is_refused(tmp_path, pa
     assert [Path(i["path"]).name for i in provenance["inputs"]] == ["ratings.parquet", "users.parquet", "items.parquet"]
 
 
-@pytest.mark.parametrize(("setup", "expected"), [
-    (lambda d: write_parquet(d, drop=("users", "age")), ["users.parquet", "column 'age'"]),
-    (lambda d: write_parquet(d, drop=("ratings", "timestamp")), ["ratings.parquet", "column 'timestamp'"]),
-    (lambda d: write_parquet(d, drop=("items", "Sci-Fi")), ["items.parquet", "column 'Sci-Fi'"]),
-    (lambda d: (write_official(d), (d / "u.item").unlink()), ["u.item", "not found"]),
-    (lambda d: (write_official(d), (d / "u.user").write_text("10|17|F|student\n")), ["u.user", "official"]),
-    (lambda d: d.mkdir(), ["neither u.data nor ratings.parquet"]),
-])
+@pytest.mark.parametrize(
+    ("setup", "expected"),
+    [
+        (lambda d: write_parquet(d, drop=("users", "age")), ["users.parquet", "column 'age'"]),
+        (lambda d: write_parquet(d, drop=("ratings", "timestamp")), ["ratings.parquet", "column 'timestamp'"]),
+        (lambda d: write_parquet(d, drop=("items", "Sci-Fi")), ["items.parquet", "column 'Sci-Fi'"]),
+        (lambda d: (write_official(d), (d / "u.item").unlink()), ["u.item", "not found"]),
+        (lambda d: (write_official(d), (d / "u.user").write_text("10|17|F|student\n")), ["u.user", "official"]),
+        (lambda d: d.mkdir(), ["neither u.data nor ratings.parquet"]),
+    ],
+)
 def test_bad_input_is_a_clear_error(tmp_path, capsys, setup, expected):
     setup(tmp_path / "in")
     assert movielens.main(["--input", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 2
@@ -315,10 +389,15 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, setup, expected):
 def test_ratings_of_unknown_users_and_out_of_range_are_errors(tmp_path, capsys):
     root = write_parquet(tmp_path / "in")
     ratings = pq.read_table(root / "ratings.parquet")
-    pq.write_table(pa.concat_tables([ratings, pa.table({"user_id": [77], "movie_id": [101], "rating": [3], "timestamp": [1]})]), root / "ratings.parquet")
+    pq.write_table(
+        pa.concat_tables([ratings, pa.table({"user_id": [77], "movie_id": [101], "rating": [3], "timestamp": [1]})]),
+        root / "ratings.parquet",
+    )
     assert movielens.main(["--input", str(root), "--out", str(tmp_path / "out")]) == 2
     assert "column 'user_id' has 1 rows whose id is not in users.parquet (e.g. 77)" in capsys.readouterr().err
-    pq.write_table(ratings.set_column(2, "rating", pa.array([0] + [3] * (ratings.num_rows - 1))), root / "ratings.parquet")
+    pq.write_table(
+        ratings.set_column(2, "rating", pa.array([0] + [3] * (ratings.num_rows - 1))), root / "ratings.parquet"
+    )
     assert movielens.main(["--input", str(root), "--out", str(tmp_path / "out")]) == 2
     assert "'rating' must lie in [1, 5]" in capsys.readouterr().err
     assert movielens.main(["--input", str(root), "--out", str(tmp_path / "out"), "--implicit"]) == 0  # fine as implicit
@@ -326,7 +405,10 @@ def test_ratings_of_unknown_users_and_out_of_range_are_errors(tmp_path, capsys):
 
 # ---- the real MovieLens-100K ----------------------------------------------------------------------
 
-@pytest.mark.skipif(not (REAL / "ratings.parquet").is_file(), reason=f"{REAL} not present (evaluation licence: not in the repo)")
+
+@pytest.mark.skipif(
+    not (REAL / "ratings.parquet").is_file(), reason=f"{REAL} not present (evaluation licence: not in the repo)"
+)
 @pytest.mark.parametrize("split", ["random", "leave-last-out"])
 def test_real_movielens_100k_ends_up_in_the_splits(tmp_path, split):
     schema = prepare(REAL, tmp_path / "ml100k", MovieLensOptions(split=split), log=lambda *_: None)

@@ -13,15 +13,37 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline.prepare import tabular
+from data_pipeline.prepare.tabular import (
+    FIRST_ID,
+    NULL_ID,
+    OOV_ID,
+    apply_transforms,
+    assign_splits,
+    load_transforms,
+    read_table,
+)
 from data_pipeline.reader import ParquetBatches, list_row_groups
 from data_pipeline.schema import DatasetSchema, check_files, check_row_group
-from data_pipeline.prepare.tabular import FIRST_ID, NULL_ID, OOV_ID, apply_transforms, assign_splits, load_transforms, read_table
 
 ROWS = 6000
 SEED = 0
 TEST_ONLY = "Astronaut"  # an occupation written into test rows only: must map to OOV
-OCCUPATIONS = ["Prof-specialty", "Exec-managerial", "Craft-repair", "Sales", "Adm-clerical", "Other-service",
-               "Machine-op", "Transport", "Handlers", "Farming", "Tech-support", "Protective", "Priv-house", "Armed"]
+OCCUPATIONS = [
+    "Prof-specialty",
+    "Exec-managerial",
+    "Craft-repair",
+    "Sales",
+    "Adm-clerical",
+    "Other-service",
+    "Machine-op",
+    "Transport",
+    "Handlers",
+    "Farming",
+    "Tech-support",
+    "Protective",
+    "Priv-house",
+    "Armed",
+]
 WORKCLASS = [" Private", " Self-emp", " Local-gov", " State-gov", " Federal-gov", " Without-pay"]
 
 
@@ -42,8 +64,15 @@ def census_table(n: int = ROWS, seed: int = SEED, test_only: bool = True) -> pa.
     married = rng.random(n) < 0.45
     gain = np.where(rng.random(n) < 0.1, rng.lognormal(8, 1.2, n), 0.0).round(2)
     hours = np.clip(rng.normal(40, 12, n), 1, 99).round(1)
-    logit = (-2.2 + 1.3 * married + 0.03 * (age - 40) + 1.2 * (gain > 0) + 0.03 * (hours - 40)
-             + 2.5 * (np.isin(occ_index, [0, 1]) & (education >= 13) & ~rare) - 0.8 * (education < 9))
+    logit = (
+        -2.2
+        + 1.3 * married
+        + 0.03 * (age - 40)
+        + 1.2 * (gain > 0)
+        + 0.03 * (hours - 40)
+        + 2.5 * (np.isin(occ_index, [0, 1]) & (education >= 13) & ~rare)
+        - 0.8 * (education < 9)
+    )
     positive = rng.random(n) < 1 / (1 + np.exp(-logit))
     income = np.where(positive, " >50K", " <=50K").astype(object)
     income[rng.random(n) < 0.01] = None
@@ -53,27 +82,40 @@ def census_table(n: int = ROWS, seed: int = SEED, test_only: bool = True) -> pa.
         split = assign_splits((income[labelled] == " >50K").astype(np.int8), [0.8, 0.1, 0.1], SEED)
         occupation[labelled[split == 2][:20]] = TEST_ONLY
     null = lambda values, p: pa.array(values, mask=rng.random(n) < p)  # noqa: E731
-    return pa.table({
-        "age": pa.array(age),
-        "workclass": pa.array(workclass, pa.string()),
-        "fnlwgt": pa.array(rng.permutation(n) + 10_000),  # unique: tells rows apart after the split
-        "education num": pa.array(education),  # a name that needs sanitising
-        "occupation": pa.array(occupation, pa.string()),
-        "married": pa.array(married),
-        "capital_gain": null(gain, 0.03),
-        "hours_per_week": null(hours, 0.02),
-        "country": pa.array(["United-States"] * n),
-        "wage": pa.array(wage),
-        "income": pa.array(income, pa.string()),
-    })
+    return pa.table(
+        {
+            "age": pa.array(age),
+            "workclass": pa.array(workclass, pa.string()),
+            "fnlwgt": pa.array(rng.permutation(n) + 10_000),  # unique: tells rows apart after the split
+            "education num": pa.array(education),  # a name that needs sanitising
+            "occupation": pa.array(occupation, pa.string()),
+            "married": pa.array(married),
+            "capital_gain": null(gain, 0.03),
+            "hours_per_week": null(hours, 0.02),
+            "country": pa.array(["United-States"] * n),
+            "wage": pa.array(wage),
+            "income": pa.array(income, pa.string()),
+        }
+    )
 
 
 CROSSES = ["--cross", "occupation,education num", "--cross", "workclass,occupation,married"]
 
 
 def run(input_path, out, *extra: str, positive: str = ">50K") -> int:
-    argv = ["--input", str(input_path), "--label", "income", "--positive", positive, "--out", str(out),
-            "--row-group-rows", "1000", *extra]
+    argv = [
+        "--input",
+        str(input_path),
+        "--label",
+        "income",
+        "--positive",
+        positive,
+        "--out",
+        str(out),
+        "--row-group-rows",
+        "1000",
+        *extra,
+    ]
     return tabular.main(argv)
 
 
@@ -117,10 +159,23 @@ def test_column_kinds_names_and_schema(prepared):
     assert num["capital_gain"].log and num["capital_gain"].missing == "capital_gain_missing"  # skewed, nulls
     assert not num["hours_per_week"].log and num["hours_per_week"].missing == "hours_per_week_missing"
     assert not num["age"].log and num["age"].missing is None
-    assert schema.dense == ["age", "fnlwgt", "capital_gain", "capital_gain_missing",
-                            "hours_per_week", "hours_per_week_missing", "wage"]
-    assert schema.sparse_names == ["workclass", "education_num", "occupation", "married",
-                                   "occupation_x_education_num", "workclass_x_occupation_x_married"]
+    assert schema.dense == [
+        "age",
+        "fnlwgt",
+        "capital_gain",
+        "capital_gain_missing",
+        "hours_per_week",
+        "hours_per_week_missing",
+        "wage",
+    ]
+    assert schema.sparse_names == [
+        "workclass",
+        "education_num",
+        "occupation",
+        "married",
+        "occupation_x_education_num",
+        "workclass_x_occupation_x_married",
+    ]
     assert schema.label == "label" and schema.task == "binary" and schema.extra["transforms"] == "transforms.json"
     assert schema.extra["rows_dropped_null_label"] == ROWS - sum(s.rows for s in schema.splits.values()) > 0
     table = read(prepared / "out_parquet", "train")
@@ -158,13 +213,22 @@ def test_numerics_standardised_with_train_stats_and_missing_indicators(prepared)
     train = read(out, "train")
     for name in ("age", "capital_gain", "hours_per_week"):
         z = train[name].to_numpy()
-        present = train[f"{name}_missing"].to_numpy() == 0 if f"{name}_missing" in train.column_names else np.ones(len(z), bool)
+        present = (
+            train[f"{name}_missing"].to_numpy() == 0
+            if f"{name}_missing" in train.column_names
+            else np.ones(len(z), bool)
+        )
         assert abs(z[present].mean()) < 1e-4 and abs(z[present].std() - 1) < 1e-4, name
         assert (z[~present] == 0).all()  # imputed with the train mean
-    train_raw, test_raw, test = (raw_split(prepared / "census.parquet", 0), raw_split(prepared / "census.parquet", 2),
-                                 read(out, "test"))
+    train_raw, test_raw, test = (
+        raw_split(prepared / "census.parquet", 0),
+        raw_split(prepared / "census.parquet", 2),
+        read(out, "test"),
+    )
     assert train["hours_per_week_missing"].to_numpy().sum() == train_raw["hours_per_week"].null_count > 0
-    assert (test["capital_gain_missing"].to_numpy() == pc.is_null(test_raw["capital_gain"]).to_numpy(zero_copy_only=False)).all()
+    assert (
+        test["capital_gain_missing"].to_numpy() == pc.is_null(test_raw["capital_gain"]).to_numpy(zero_copy_only=False)
+    ).all()
     # the test split uses the train statistics: recompute them from the raw train rows
     gain = np.log1p(train_raw["capital_gain"].drop_null().to_numpy())
     expected = (np.log1p(test_raw["capital_gain"].fill_null(0).to_numpy()) - gain.mean()) / gain.std()
@@ -204,7 +268,10 @@ def test_stratified_split_partitions_rows(prepared):
     assert all(abs(r - overall) < 0.005 for r in rates.values()), rates
     # fnlwgt is unique per row: undo the standardisation to see which input rows went where
     f = next(f for f in load_transforms(out).numeric if f.source == "fnlwgt")
-    seen = {s: set(np.rint(t["fnlwgt"].to_numpy().astype(np.float64) * f.std + f.mean).astype(int)) for s, t in parts.items()}
+    seen = {
+        s: set(np.rint(t["fnlwgt"].to_numpy().astype(np.float64) * f.std + f.mean).astype(int))
+        for s, t in parts.items()
+    }
     raw = read_table(prepared / "census.parquet")
     labelled = set(raw.filter(pc.is_valid(raw["income"]))["fnlwgt"].to_pylist())
     assert seen["train"] | seen["valid"] | seen["test"] == labelled
@@ -247,8 +314,20 @@ def test_dataset_passes_checks_and_loads(prepared):
 
 def test_regression_task(files, tmp_path, capsys):
     out = tmp_path / "reg"
-    argv = ["--input", str(files / "census.parquet"), "--label", "wage", "--task", "regression",
-            "--drop", "income", "--out", str(out), "--seed", "3"]
+    argv = [
+        "--input",
+        str(files / "census.parquet"),
+        "--label",
+        "wage",
+        "--task",
+        "regression",
+        "--drop",
+        "income",
+        "--out",
+        str(out),
+        "--seed",
+        "3",
+    ]
     assert tabular.main(argv) == 0
     schema = DatasetSchema.load(out)
     assert schema.task == "regression" and "wage" not in schema.dense
@@ -282,8 +361,23 @@ def test_rerun_is_up_to_date_and_a_different_dataset_needs_overwrite(files, tmp_
 
 def test_overrides(files, tmp_path):
     out = tmp_path / "out"
-    assert run(files / "census.parquet", out, "--categorical", "age", "--numeric", "education num",
-               "--drop", "fnlwgt,wage", "--log", "hours_per_week", "--min-frequency", "1") == 0
+    assert (
+        run(
+            files / "census.parquet",
+            out,
+            "--categorical",
+            "age",
+            "--numeric",
+            "education num",
+            "--drop",
+            "fnlwgt,wage",
+            "--log",
+            "hours_per_week",
+            "--min-frequency",
+            "1",
+        )
+        == 0
+    )
     t = load_transforms(out)
     assert "age" in [f.source for f in t.categorical] and t.dropped["fnlwgt"] == "--drop"
     num = {f.source: f for f in t.numeric}
@@ -292,13 +386,16 @@ def test_overrides(files, tmp_path):
     assert any(v.startswith("Rare") for v in occupation.vocabulary)  # min-frequency 1 keeps the tail
 
 
-@pytest.mark.parametrize("extra, positive, message", [
-    (["--label", "salary"], ">50K", "label column 'salary' not found"),
-    ([], "rich", "never holds the positive value(s) 'rich'"),
-    (["--categorical", "colour"], ">50K", "column 'colour' named in --categorical not found"),
-    (["--cross", "occupation,age"], ">50K", "column 'age' is numeric"),
-    ([], ">50K,<=50K", "every label in column 'income' is positive"),
-])
+@pytest.mark.parametrize(
+    "extra, positive, message",
+    [
+        (["--label", "salary"], ">50K", "label column 'salary' not found"),
+        ([], "rich", "never holds the positive value(s) 'rich'"),
+        (["--categorical", "colour"], ">50K", "column 'colour' named in --categorical not found"),
+        (["--cross", "occupation,age"], ">50K", "column 'age' is numeric"),
+        ([], ">50K,<=50K", "every label in column 'income' is positive"),
+    ],
+)
 def test_clear_errors(files, tmp_path, capsys, extra, positive, message):
     assert run(files / "census.parquet", tmp_path / "out", *extra, positive=positive) == 2
     err = capsys.readouterr().err

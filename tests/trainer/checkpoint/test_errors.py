@@ -10,23 +10,49 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.schema import DatasetSchema
 from data_pipeline.prepare.synthetic import SyntheticSpec, generate
+from data_pipeline.schema import DatasetSchema
 from tests.conftest import run_trainer
-from trainer.checkpoint import (CheckpointError, IncompatibleCheckpoint, check_compatible, committed, locate, read_meta,
-                                verify_files)
+from trainer.checkpoint import (
+    CheckpointError,
+    IncompatibleCheckpoint,
+    check_compatible,
+    committed,
+    locate,
+    read_meta,
+    verify_files,
+)
 from trainer.config import load_config
 
-ARGS = ["--data.batch_size", "256", "--training.max_steps", "6", "--checkpoint.every_steps", "3", "--training.eval_every", "3",
-        "--model.embedding_dim", "8", "--model.dense_arch_layer_sizes", "16", "8", "--model.over_arch_layer_sizes", "16", "1",
-        "--training.progress_bar", "false"]
+ARGS = [
+    "--data.batch_size",
+    "256",
+    "--training.max_steps",
+    "6",
+    "--checkpoint.every_steps",
+    "3",
+    "--training.eval_every",
+    "3",
+    "--model.embedding_dim",
+    "8",
+    "--model.dense_arch_layer_sizes",
+    "16",
+    "8",
+    "--model.over_arch_layer_sizes",
+    "16",
+    "1",
+    "--training.progress_bar",
+    "false",
+]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, Path]:
     """(dataset, run directory with checkpoints step-3 and step-6) of a one-process run."""
     root = tmp_path_factory.mktemp("errors")
-    data = generate(root / "data", SyntheticSpec(rows=8000, files=2, row_group_rows=500, max_vocab=2000), log=lambda *_: None).root
+    data = generate(
+        root / "data", SyntheticSpec(rows=8000, files=2, row_group_rows=500, max_vocab=2000), log=lambda *_: None
+    ).root
     result = run_trainer(["--data", str(data), "--run-dir", str(root / "run"), *ARGS])
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in committed(root / "run" / "checkpoints")] == ["step-00000003", "step-00000006"]
@@ -43,7 +69,7 @@ def _one_error(result) -> str:
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1, result.stderr[-3000:]
-    return result.stderr[result.stderr.index(errors[0]):]
+    return result.stderr[result.stderr.index(errors[0]) :]
 
 
 def test_corrupt_files_are_named(run, tmp_path):
@@ -89,12 +115,30 @@ def test_another_model_or_dataset_is_named(run, tmp_path):
     assert check_compatible(meta, same, schema, path) == []
     changed = load_config(["--data", str(data), "--run-dir", str(run_dir), *ARGS, "--optimizer.dense_lr", "0.01"])
     assert check_compatible(meta, changed, schema, path) == ["optimizer.dense_lr: 0.001 in the checkpoint, 0.01 now"]
-    other = load_config(["--data", str(data), *ARGS, "--model", "dlrm_dcn", "--model.embedding_dim", "16",
-                         "--model.dense_arch_layer_sizes", "16", "16", "--optimizer.sparse", "adagrad"])
+    other = load_config(
+        [
+            "--data",
+            str(data),
+            *ARGS,
+            "--model",
+            "dlrm_dcn",
+            "--model.embedding_dim",
+            "16",
+            "--model.dense_arch_layer_sizes",
+            "16",
+            "16",
+            "--optimizer.sparse",
+            "adagrad",
+        ]
+    )
     with pytest.raises(IncompatibleCheckpoint) as error:
         check_compatible(meta, other, schema, path)
-    for line in ("model.name: 'dlrm' in the checkpoint, 'dlrm_dcn' now", "model.embedding_dim: 8 in the checkpoint, 16 now",
-                 "optimizer.sparse: 'rowwise_adagrad' in the checkpoint, 'adagrad' now", "--checkpoint.init_from"):
+    for line in (
+        "model.name: 'dlrm' in the checkpoint, 'dlrm_dcn' now",
+        "model.embedding_dim: 8 in the checkpoint, 16 now",
+        "optimizer.sparse: 'rowwise_adagrad' in the checkpoint, 'adagrad' now",
+        "--checkpoint.init_from",
+    ):
         assert line in str(error.value)
     raw = json.loads((data / "dataset.json").read_text())
     raw["sparse"][3]["num_embeddings"] += 5
@@ -113,13 +157,39 @@ def test_resume_errors_on_the_command_line(run, tmp_path):
     copy = _copy(run_dir, tmp_path)
     shard = sorted((copy / "checkpoints" / "step-00000006").glob("__0_*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:-10])
-    corrupt = _one_error(run_trainer(["--data", str(data), "--run-dir", str(tmp_path / "new"), *ARGS,
-                                      "--checkpoint.resume", str(copy / "checkpoints" / "step-00000006")]))
+    corrupt = _one_error(
+        run_trainer(
+            [
+                "--data",
+                str(data),
+                "--run-dir",
+                str(tmp_path / "new"),
+                *ARGS,
+                "--checkpoint.resume",
+                str(copy / "checkpoints" / "step-00000006"),
+            ]
+        )
+    )
     assert "is corrupt" in corrupt and shard.name in corrupt
-    other = _one_error(run_trainer(["--data", str(data), "--run-dir", str(tmp_path / "new"), *ARGS, "--model", "dlrm_dcn",
-                                    "--checkpoint.resume", str(run_dir)]))
+    other = _one_error(
+        run_trainer(
+            [
+                "--data",
+                str(data),
+                "--run-dir",
+                str(tmp_path / "new"),
+                *ARGS,
+                "--model",
+                "dlrm_dcn",
+                "--checkpoint.resume",
+                str(run_dir),
+            ]
+        )
+    )
     assert "model.name: 'dlrm' in the checkpoint, 'dlrm_dcn' now" in other
-    never = _one_error(run_trainer(["--data", str(data), "--run-dir", str(run_dir), *ARGS, "--checkpoint.resume", "never"]))
+    never = _one_error(
+        run_trainer(["--data", str(data), "--run-dir", str(run_dir), *ARGS, "--checkpoint.resume", "never"])
+    )
     assert "holds checkpoints (latest step-00000006)" in never
 
 

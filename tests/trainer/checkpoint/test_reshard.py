@@ -16,9 +16,9 @@ import torch.multiprocessing as mp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DatasetSchema
-from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from models import ModelConfig, build_model
 from trainer.checkpoint import Checkpointer, Resume, committed, read_meta
 from trainer.config import Config, ShardingConfig
@@ -51,14 +51,25 @@ def _dump(model, optimizer) -> dict:
 def _rank(rank, world_size, port, data, jobs, out):
     """Run `jobs` in order: (checkpoint root to load or None, sharding type, steps to train, root to
     save in after training or None); dump the state after the load, and after the save."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     env = init_distributed()
     schema = DatasetSchema.load(data)
     dumps = []
     for load_from, sharding, train_steps, save_to in jobs:
         torch.manual_seed(0)
-        cfg = Config(run_dir=str(save_to or load_from), model=MODEL, sharding=ShardingConfig(sharding_types=[sharding], min_partition=4))
+        cfg = Config(
+            run_dir=str(save_to or load_from),
+            model=MODEL,
+            sharding=ShardingConfig(sharding_types=[sharding], min_partition=4),
+        )
         model = build_model(cfg.model, schema, env.device, torch.device("meta"))
         apply_sparse_optimizer(model, "rowwise_adagrad", 0.05, 1e-8)
         dmp = shard_model(model, env, plan_sharding(model, env, BATCH, cfg.sharding))
@@ -96,13 +107,22 @@ def run(world_size, data, jobs, out) -> list[dict]:
                     full = tables.setdefault(key, {})
                     full[(row, col)] = tensor
             for key, shards in dump["momentum"].items():
-                momentum.setdefault(key, {}).update({offset: tensor for offset, tensor in shards})
+                momentum.setdefault(key, {}).update(dict(shards))
         full_tables = {}
         for key, pieces in tables.items():
-            rows = [torch.cat([pieces[k] for k in sorted(pieces) if k[0] == r], dim=1) for r in sorted({k[0] for k in pieces})]
+            rows = [
+                torch.cat([pieces[k] for k in sorted(pieces) if k[0] == r], dim=1)
+                for r in sorted({k[0] for k in pieces})
+            ]
             full_tables[key] = torch.cat(rows, dim=0)
-        merged.append({"tables": full_tables, "momentum": {k: [v[o] for o in sorted(v)] for k, v in momentum.items()},
-                       "dense": per_rank[0][i]["dense"], "adam": per_rank[0][i]["adam"]})
+        merged.append(
+            {
+                "tables": full_tables,
+                "momentum": {k: [v[o] for o in sorted(v)] for k, v in momentum.items()},
+                "dense": per_rank[0][i]["dense"],
+                "adam": per_rank[0][i]["adam"],
+            }
+        )
     return merged
 
 
@@ -113,14 +133,22 @@ def assert_equal(a: dict, b: dict) -> None:
 
 
 def test_two_rank_checkpoint_loads_on_one_rank_and_on_other_plans(tmp_path):
-    data = generate(tmp_path / "data", SyntheticSpec(rows=8000, files=2, row_group_rows=500, max_vocab=2000), log=lambda *_: None).root
+    data = generate(
+        tmp_path / "data", SyntheticSpec(rows=8000, files=2, row_group_rows=500, max_vocab=2000), log=lambda *_: None
+    ).root
     tw, cw = tmp_path / "tw", tmp_path / "cw"
     # 2 ranks: table-wise: train 4 steps, save; then column-wise (every table cut in two 4-column
     # shards): load it, train 3 steps, save; then table-column-wise: load the table-wise one
     initial, saved_tw, loaded_cw, saved_cw, loaded_twcw = run(
-        2, data, [(None, "table_wise", 4, tw), (tw, "column_wise", 3, cw), (tw, "table_column_wise", 0, None)], tmp_path / "a")
+        2,
+        data,
+        [(None, "table_wise", 4, tw), (tw, "column_wise", 3, cw), (tw, "table_column_wise", 0, None)],
+        tmp_path / "a",
+    )
     # 1 rank (table-wise: every table whole on it): load both
-    loaded_1, loaded_1_from_cw = run(1, data, [(tw, "table_wise", 0, None), (cw, "table_wise", 0, None)], tmp_path / "b")
+    loaded_1, loaded_1_from_cw = run(
+        1, data, [(tw, "table_wise", 0, None), (cw, "table_wise", 0, None)], tmp_path / "b"
+    )
 
     assert saved_tw["momentum"] and all(len(v) == 1 for v in saved_tw["momentum"].values())
     for other in (loaded_cw, loaded_twcw):  # the other layouts did happen
@@ -136,6 +164,8 @@ def test_two_rank_checkpoint_loads_on_one_rank_and_on_other_plans(tmp_path):
     # column-wise -> one table-wise rank: weights exact; the row state is the mean of the two halves
     assert_equal(saved_cw["tables"], loaded_1_from_cw["tables"])
     assert_equal(saved_cw["dense"], loaded_1_from_cw["dense"])
-    assert not torch.equal(saved_cw["tables"][next(iter(saved_cw["tables"]))], saved_tw["tables"][next(iter(saved_tw["tables"]))])
+    assert not torch.equal(
+        saved_cw["tables"][next(iter(saved_cw["tables"]))], saved_tw["tables"][next(iter(saved_tw["tables"]))]
+    )
     for key, halves in saved_cw["momentum"].items():
         torch.testing.assert_close(loaded_1_from_cw["momentum"][key][0], (halves[0] + halves[1]) / 2)

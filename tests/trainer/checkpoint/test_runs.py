@@ -23,16 +23,52 @@ pytestmark = pytest.mark.slow
 # 2 epochs of 62 steps (global batch 256 over 16k train rows); evaluations every 20 steps of an
 # epoch and at its end; a checkpoint every 10 steps (+ the better evaluations, + the end); a
 # cosine schedule with warmup; a loss record every 5 steps.
-ARGS = ["--data.batch_size", "128", "--training.epochs", "2", "--training.eval_every", "20", "--checkpoint.every_steps", "10",
-        "--model.embedding_dim", "8", "--model.dense_arch_layer_sizes", "16", "8", "--model.over_arch_layer_sizes", "16", "1",
-        "--optimizer.lr_schedule", "cosine", "--optimizer.warmup_steps", "10", "--training.log_every", "5",
-        "--training.progress_bar", "false"]
+ARGS = [
+    "--data.batch_size",
+    "128",
+    "--training.epochs",
+    "2",
+    "--training.eval_every",
+    "20",
+    "--checkpoint.every_steps",
+    "10",
+    "--model.embedding_dim",
+    "8",
+    "--model.dense_arch_layer_sizes",
+    "16",
+    "8",
+    "--model.over_arch_layer_sizes",
+    "16",
+    "1",
+    "--optimizer.lr_schedule",
+    "cosine",
+    "--optimizer.warmup_steps",
+    "10",
+    "--training.log_every",
+    "5",
+    "--training.progress_bar",
+    "false",
+]
 SAME = ("steps", "valid", "test", "best_valid", "best_valid_step", "test_weights_step")
 
 
 def torchrun(data: Path, run_dir: Path, *args: str, restarts: int = 0, fault: str = "") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", f"--max-restarts={restarts}",
-           "-m", "trainer", "--data", str(data), "--run-dir", str(run_dir), *ARGS, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        f"--max-restarts={restarts}",
+        "-m",
+        "trainer",
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        *ARGS,
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RECSYS_FAULT", None)
     if fault:
@@ -145,9 +181,12 @@ def test_sigkilled_rank_is_restarted_by_torchrun_and_finishes_like_the_clean_run
 
 # ---- what else a checkpoint of a sharded run is good for -----------------------------------------
 
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 class NotData:
@@ -177,7 +216,9 @@ def test_export_and_predict_reproduce_the_trainers_test_metrics(data, clean, tmp
     out = pq.read_table(preds)
     assert out.column_names == ["row", "label", "prediction", "logit"] and out.num_rows == 2000
     assert out.column("row").to_pylist() == list(range(2000))
-    auc = binary_auroc(torch.tensor(out.column("prediction").to_numpy()), torch.tensor(out.column("label").to_numpy()).long()).item()
+    auc = binary_auroc(
+        torch.tensor(out.column("prediction").to_numpy()), torch.tensor(out.column("label").to_numpy()).long()
+    ).item()
     summary = json.loads((clean / "summary.json").read_text())
     assert auc == pytest.approx(summary["test"]["auc"], abs=1e-5)  # one CPU process scores as the 2 sharded ranks did
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no temporary left
@@ -201,7 +242,7 @@ def _grown_dataset(data: Path, root: Path) -> dict:
 
     raw = json.loads((data / "dataset.json").read_text())
     rng = np.random.default_rng(0)
-    for split, info in raw["splits"].items():
+    for info in raw["splits"].values():
         (root / info["path"]).mkdir(parents=True)
         for file in sorted((data / info["path"]).glob("*.parquet")):
             table = pq.read_table(file)
@@ -221,10 +262,27 @@ def test_init_from_copies_grown_tables_and_initialises_new_ones(data, clean, tmp
     grown = _grown_dataset(data, tmp_path / "data")
     run_dir = tmp_path / "run"
     # Learning rates 0: the weights the run saves at its end are the ones it started from.
-    cmd = [sys.executable, "-m", "trainer", "--data", str(tmp_path / "data"), "--run-dir", str(run_dir), *ARGS,
-           "--checkpoint.init_from", str(clean), "--optimizer.dense_lr", "0", "--optimizer.sparse_lr", "0",
-           "--training.max_steps", "1"]
-    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "--data",
+        str(tmp_path / "data"),
+        "--run-dir",
+        str(run_dir),
+        *ARGS,
+        "--checkpoint.init_from",
+        str(clean),
+        "--optimizer.dense_lr",
+        "0",
+        "--optimizer.sparse_lr",
+        "0",
+        "--training.max_steps",
+        "1",
+    ]
+    result = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     report = result.stdout
     assert f"init_from {clean / 'checkpoints' / 'step-00000124'}" in report and "optimizer fresh, step 0" in report
@@ -236,7 +294,7 @@ def test_init_from_copies_grown_tables_and_initialises_new_ones(data, clean, tmp
     before, after = checkpoint_tensors(locate(clean)), checkpoint_tensors(locate(run_dir))
     table = "model.sparse_arch.embedding_bag_collection.embedding_bags.{}.weight"
     assert torch.equal(after[table.format("t_cat_3")][: grown["before"]], before[table.format("t_cat_3")])
-    assert after[table.format("t_cat_3")][grown["before"]:].abs().sum() > 0  # new rows: initialised, not zero
+    assert after[table.format("t_cat_3")][grown["before"] :].abs().sum() > 0  # new rows: initialised, not zero
     assert after[table.format("t_extra")].shape == (50, 8)
     same = [k for k in before if k in after and before[k].shape == after[k].shape]
     assert len(same) == len(before) - 2  # all but t_cat_3 and the top MLP's first layer

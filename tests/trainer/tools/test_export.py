@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DatasetSchema
-from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from models import MODELS, ModelConfig, build_model
 from tests.trainer.test_sharded_equals_unsharded import copy_state_dict
 from trainer.config import ShardingConfig
@@ -25,19 +25,35 @@ from trainer.optim import apply_sparse_optimizer
 
 pytestmark = pytest.mark.slow
 
-TOWERS = dict(user_features=[f"cat_{i}" for i in range(13)] + [f"int_{i}" for i in range(7)],
-              item_features=[f"cat_{i}" for i in range(13, 26)] + [f"int_{i}" for i in range(7, 13)])
+TOWERS = dict(
+    user_features=[f"cat_{i}" for i in range(13)] + [f"int_{i}" for i in range(7)],
+    item_features=[f"cat_{i}" for i in range(13, 26)] + [f"int_{i}" for i in range(7, 13)],
+)
 
 
 def config(name: str) -> ModelConfig:
     extra = TOWERS if name == "two_tower" else {}
-    return ModelConfig(name=name, embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1],
-                       deep_layer_sizes=[16], tower_layer_sizes=[16], **extra)
+    return ModelConfig(
+        name=name,
+        embedding_dim=8,
+        dense_arch_layer_sizes=[16, 8],
+        over_arch_layer_sizes=[16, 1],
+        deep_layer_sizes=[16],
+        tower_layer_sizes=[16],
+        **extra,
+    )
 
 
 def _rank(rank, world_size, port, data, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     env = init_distributed()
     schema = DatasetSchema.load(data)
     batch = next(iter(ParquetBatches(schema, "test", 256, rank=rank, world_size=world_size)))
@@ -59,11 +75,19 @@ def _rank(rank, world_size, port, data, out):
 
 
 def test_unsharded_model_scores_like_the_sharded_one(tmp_path):
-    data = generate(tmp_path / "data", SyntheticSpec(rows=8000, files=2, row_group_rows=500, max_vocab=2000), log=lambda *_: None).root
+    data = generate(
+        tmp_path / "data", SyntheticSpec(rows=8000, files=2, row_group_rows=500, max_vocab=2000), log=lambda *_: None
+    ).root
     mp.spawn(_rank, args=(2, _free_port(), str(data), str(tmp_path)), nprocs=2)
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert sorted(results) == sorted(MODELS)
         for name, (sharded, unsharded) in results.items():
             assert unsharded.std() > 0.1, name  # the outputs do depend on the weights
-            torch.testing.assert_close(sharded, unsharded, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name} on rank {rank}: {m}")
+            torch.testing.assert_close(
+                sharded,
+                unsharded,
+                rtol=1e-5,
+                atol=1e-5,
+                msg=lambda m, name=name, rank=rank: f"{name} on rank {rank}: {m}",
+            )

@@ -28,8 +28,22 @@ def trained(tmp_path_factory) -> Path:
     so the log holds train, valid, resume and test records."""
     root = tmp_path_factory.mktemp("report")
     data = generate(root / "data", SyntheticSpec(rows=10_000), log=lambda *_: None)
-    args = ["--data", str(data.root), "--run-dir", str(root / "run"), "--data.batch_size", "128", "--training.epochs", "2",
-            "--training.eval_every", "30", "--training.log_every", "5", "--training.progress_bar", "false"]
+    args = [
+        "--data",
+        str(data.root),
+        "--run-dir",
+        str(root / "run"),
+        "--data.batch_size",
+        "128",
+        "--training.epochs",
+        "2",
+        "--training.eval_every",
+        "30",
+        "--training.log_every",
+        "5",
+        "--training.progress_bar",
+        "false",
+    ]
     for extra in (["--training.stop_at_step", "60"], []):
         result = run_trainer([*args, *extra])
         assert result.returncode == 0, result.stderr[-4000:]
@@ -46,19 +60,45 @@ def write_evaluation(run_dir: Path, rows: int = 3000, seed: int = 0) -> dict:
     prediction = 1 / (1 + np.exp(-logit))
     out = run_dir / "eval" / "test"
     out.mkdir(parents=True)
-    pq.write_table(pa.table({"row": np.arange(rows), "label": label, "prediction": prediction.astype(np.float32),
-                             "logit": logit.astype(np.float32), "activity": segment}), out / "predictions.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "row": np.arange(rows),
+                "label": label,
+                "prediction": prediction.astype(np.float32),
+                "logit": logit.astype(np.float32),
+                "activity": segment,
+            }
+        ),
+        out / "predictions.parquet",
+    )
 
     def metrics(mask: np.ndarray) -> dict:
         ctr, mean = float(label[mask].mean()), float(prediction[mask].mean())
-        return {"count": int(mask.sum()), "positives": int(label[mask].sum()), "auc": 0.70 + 0.05 * ctr,
-                "logloss": 0.5, "ne": 0.9, "calibration": mean / ctr, "ctr": ctr, "mean_prediction": mean,
-                "recall@10": 0.3, "recall@50": 0.6}
+        return {
+            "count": int(mask.sum()),
+            "positives": int(label[mask].sum()),
+            "auc": 0.70 + 0.05 * ctr,
+            "logloss": 0.5,
+            "ne": 0.9,
+            "calibration": mean / ctr,
+            "ctr": ctr,
+            "mean_prediction": mean,
+            "recall@10": 0.3,
+            "recall@50": 0.6,
+        }
 
-    evaluation = {"checkpoint": str(run_dir / "checkpoints" / "step-00000126"), "step": 126, "data": "data/synthetic",
-                  "split": "test", "task": "binary", "ks": [10, 50], "user_column": "cat_0",
-                  "overall": metrics(np.ones(rows, bool)),
-                  "segments": {"activity": [{"segment": s, **metrics(segment == s)} for s in SEGMENT_LABELS]}}
+    evaluation = {
+        "checkpoint": str(run_dir / "checkpoints" / "step-00000126"),
+        "step": 126,
+        "data": "data/synthetic",
+        "split": "test",
+        "task": "binary",
+        "ks": [10, 50],
+        "user_column": "cat_0",
+        "overall": metrics(np.ones(rows, bool)),
+        "segments": {"activity": [{"segment": s, **metrics(segment == s)} for s in SEGMENT_LABELS]},
+    }
     (out / "metrics.json").write_text(json.dumps(evaluation, indent=2))
     return evaluation
 
@@ -80,9 +120,12 @@ def test_report_of_an_evaluated_run(trained, tmp_path):
     evaluation = write_evaluation(run_dir)
     assert report.main([str(run_dir)]) == 0
     out = run_dir / "report"
-    sizes = {"training_curves.png": pixels(report.CURVES_SIZE), "throughput.png": pixels(report.THROUGHPUT_SIZE),
-             "calibration_test.png": pixels(report.CALIBRATION_SIZE),
-             "segments_test_activity.png": pixels(report.segment_figsize(len(SEGMENT_LABELS)))}
+    sizes = {
+        "training_curves.png": pixels(report.CURVES_SIZE),
+        "throughput.png": pixels(report.THROUGHPUT_SIZE),
+        "calibration_test.png": pixels(report.CALIBRATION_SIZE),
+        "segments_test_activity.png": pixels(report.segment_figsize(len(SEGMENT_LABELS))),
+    }
     assert {p.name for p in out.glob("*.png")} == set(sizes)
     for name, size in sizes.items():
         assert image_size(out / name) == size, name
