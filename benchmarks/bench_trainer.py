@@ -47,9 +47,8 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -278,7 +277,7 @@ def _rss_now_gb() -> float:
 
 def epoch_loader(cfg, env, schema):
     """This rank's train loader at epoch 0: the batches the trainer's first epoch starts with."""
-    from trainer.train import train_loader
+    from trainer.build import train_loader
 
     loader = train_loader(cfg, env, schema)
     loader.set_epoch(0)
@@ -327,7 +326,7 @@ def minimal_rate(cfg, env, schema, batches, warmup: int, steps: int) -> tuple[fl
     import torch.distributed as dist
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from trainer.train import build_sharded
+    from trainer.build import build_sharded
 
     torch.manual_seed(cfg.training.seed)
     model, optimizer, _, _ = build_sharded(cfg, env, schema)

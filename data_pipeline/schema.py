@@ -21,6 +21,8 @@ from data_pipeline.atomic import write_text_atomic
 SCHEMA_FILE = "dataset.json"
 FORMAT_VERSION = 1
 TASKS = ("binary", "regression")
+SPLITS = ("train", "valid", "test")
+"""The splits of a dataset, in the order their rows come in time: train, then valid, then test."""
 
 
 class DataError(ValueError):
@@ -102,6 +104,7 @@ class DatasetSchema:
 
     @classmethod
     def load(cls, root: str | Path) -> DatasetSchema:
+        """The dataset at `root`: its dataset.json, checked."""
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"dataset directory {root} does not exist")
@@ -110,27 +113,36 @@ class DatasetSchema:
             raise DataError(f"{path} not found: a dataset is a directory of Parquet files plus {SCHEMA_FILE}")
         try:
             raw = json.loads(path.read_text())
-            sparse = [SparseFeature(**f) for f in raw["sparse"]]
-            splits = {k: SplitInfo(**v) for k, v in raw["splits"].items()}
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: malformed ({type(e).__name__}: {e})") from None
+        return cls.from_json(raw, root, where=str(path))
+
+    @classmethod
+    def from_json(cls, raw: dict, root: str | Path, where: str | None = None) -> DatasetSchema:
+        """A schema from dataset.json's contents (also as stored in checkpoints and model files),
+        checked; `where` names the source in errors."""
+        root = Path(root)
+        where = where or str(root / SCHEMA_FILE)
+        try:
             schema = cls(
                 root=root,
                 label=raw["label"],
                 dense=list(raw["dense"]),
-                sparse=sparse,
-                splits=splits,
+                sparse=[SparseFeature(**f) for f in raw["sparse"]],
+                splits={k: SplitInfo(**v) for k, v in raw.get("splits", {}).items()},
                 weight=raw.get("weight"),
                 task=raw.get("task", "binary"),
                 label_range=raw.get("label_range"),
                 name=raw.get("name", root.name),
-                extra=raw.get("extra", {}),
+                extra=raw.get("extra") or {},
             )
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: malformed ({type(e).__name__}: {e})") from None
+        except (KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{where}: malformed ({type(e).__name__}: {e})") from None
         if schema.task not in TASKS:
-            raise DataError(f"{path}: task '{schema.task}' is not one of {', '.join(TASKS)}")
-        for f in sparse:
+            raise DataError(f"{where}: task '{schema.task}' is not one of {', '.join(TASKS)}")
+        for f in schema.sparse:
             if f.num_embeddings <= 0:
-                raise DataError(f"{path}: sparse feature '{f.name}' has num_embeddings {f.num_embeddings}")
+                raise DataError(f"{where}: sparse feature '{f.name}' has num_embeddings {f.num_embeddings}")
         return schema
 
 

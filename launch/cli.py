@@ -27,8 +27,8 @@ def _train(argv: list[str]) -> int:
     known, rest = parser.parse_known_args(argv)
     from data_pipeline.schema import DataError
     from trainer.__main__ import _message
+    from trainer.build import preflight
     from trainer.config import load_config
-    from trainer.train import preflight
 
     if "-h" in rest or "--help" in rest:
         print("recsys train [--nproc-per-node N] <trainer flags>; trainer flags:\n")

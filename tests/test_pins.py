@@ -4,9 +4,9 @@ non-root user that TorchX can start any command as, and copy what the image need
 
 import io
 import re
+import tomllib
 
 import pytest
-import tomllib
 from dockerfile_parse import DockerfileParser
 
 from tests.conftest import ROOT

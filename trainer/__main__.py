@@ -23,10 +23,11 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.schema import DataError
+from trainer.build import preflight
 from trainer.checkpoint import CheckpointError, find_resume
 from trainer.config import load_config
 from trainer.distributed import PlanError, destroy_distributed, init_distributed
-from trainer.train import Trainer, preflight
+from trainer.train import Trainer
 
 
 def _message(error: DataError) -> str:

@@ -28,10 +28,9 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.batch import Batch, pad_batch, table_to_batch
-from data_pipeline.schema import DatasetSchema
+from data_pipeline.schema import SPLITS, DatasetSchema
 from trainer.metrics import top_k_metrics
 
-SPLITS = ("train", "valid", "test")
 Encoder = Callable[[Batch], tuple[torch.Tensor, ...]]
 """batch -> (user vectors, item vectors, user biases, item biases): `TwoTower.encode`."""
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-import tomllib
 import tyro
 
 from data_pipeline.config import DataConfig

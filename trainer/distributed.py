@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -32,6 +34,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from trainer.config import UVM_KERNELS, ShardingConfig
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -47,7 +51,8 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a one-rank world's rendezvous, and tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -58,7 +63,7 @@ def init_distributed() -> DistEnv:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device, backend = torch.device("cuda", local_rank), "nccl"
@@ -80,6 +85,29 @@ def init_distributed() -> DistEnv:
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def raise_on_every_rank(check: Callable[[], T], errors: type[Exception]) -> T:
+    """Run `check` on every rank; if it raises `errors` on any, raise the first such message on all
+    (before a collective that the other ranks would otherwise enter alone, and hang in)."""
+    result, error = None, None
+    try:
+        result = check()
+    except errors as e:
+        error = str(e)
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, error)
+    found = [m for m in messages if m]
+    if found:
+        raise errors(found[0])
+    return result
+
+
+def from_main(compute: Callable[[], T]) -> T:
+    """`compute()` run on rank 0 alone, its result (which may be an exception to raise) on every rank."""
+    box = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class PlanError(ValueError):

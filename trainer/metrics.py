@@ -33,7 +33,7 @@ class RatingMetrics:
 
 
 def task_metrics(task: str, device: torch.device, label_range: list[float] | None = None, auroc_thresholds: int = 0):
-    """The metrics of a dataset's task; the first key of `compute()` is the headline metric."""
+    """The metrics of a dataset's task (its headline metric, `trainer.headline`, first)."""
     return ClickMetrics(device, auroc_thresholds) if task == "binary" else RatingMetrics(device, label_range)
 
 
@@ -62,40 +62,6 @@ class ClickMetrics:
         entropy = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr)) if 0 < ctr < 1 else float("nan")
         calibration = self.predicted.compute().item() / ctr if ctr > 0 else float("nan")
         return {"auc": auc, "logloss": logloss, "ne": logloss / entropy, "calibration": calibration, "ctr": ctr}
-
-
-def headline(metrics: dict[str, float]) -> tuple[str, float]:
-    """The metric that decides "better": the first a task's metrics report (auc; rmse)."""
-    return next(iter(metrics.items()))
-
-
-class BestValidation:
-    """Tracks the best validation result and how many evaluations have passed without beating it.
-
-    The headline metric is the first one a task's metrics report (auc: higher is better; rmse:
-    lower is better). `should_stop` turns true after `patience` evaluations without improvement
-    (never, with patience 0).
-    """
-
-    def __init__(self, higher_is_better: bool, patience: int = 0) -> None:
-        self.higher_is_better, self.patience = higher_is_better, patience
-        self.metrics: dict[str, float] = {}
-        self.step: int | None = None
-        self.evals_since_best = 0
-
-    def update(self, metrics: dict[str, float], step: int) -> bool:
-        """Record one evaluation; True if it is the best so far."""
-        value = headline(metrics)[1]
-        best = headline(self.metrics)[1] if self.metrics else None
-        if best is None or (value > best if self.higher_is_better else value < best):
-            self.metrics, self.step, self.evals_since_best = dict(metrics), step, 0
-            return True
-        self.evals_since_best += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return 0 < self.patience <= self.evals_since_best
 
 
 def top_k_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:

@@ -125,3 +125,29 @@ class LearningRates:
     def current(self) -> float:
         """The dense optimizer's learning rate now (the last param group), for the logs."""
         return self.optimizer.param_groups[-1]["lr"]
+
+    def state_dict(self) -> dict:
+        """The schedulers' state and every param group's current rate, as JSON."""
+        per_step = {k: v for k, v in self.per_step.state_dict().items() if k != "lr_lambdas"}
+        plateau = None
+        if self.on_plateau is not None:
+            plateau = {k: v for k, v in self.on_plateau.state_dict().items() if k != "optimizer"}
+        groups = [{"lr": g["lr"], "initial_lr": g.get("initial_lr")} for g in self.optimizer.param_groups]
+        return {"steps": self.steps, "per_step": per_step, "plateau": plateau, "groups": groups}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+        self.per_step.load_state_dict({**state["per_step"], "lr_lambdas": [None] * len(self.per_step.lr_lambdas)})
+        if self.on_plateau is not None and state["plateau"] is not None:
+            self.on_plateau.load_state_dict(state["plateau"])
+        groups = list(self.optimizer.param_groups)
+        if len(groups) == len(state["groups"]):
+            for group, saved in zip(groups, state["groups"]):
+                group["lr"] = saved["lr"]
+                if saved.get("initial_lr") is not None:
+                    group["initial_lr"] = saved["initial_lr"]
+        else:  # another plan groups the fused tables differently: every group follows the schedule
+            last = state["groups"][-1]
+            factor = last["lr"] / (last.get("initial_lr") or last["lr"] or 1.0)
+            for group in groups:
+                group["lr"] = group.get("initial_lr", group["lr"]) * factor

@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from data_pipeline.atomic import write_atomic
 from data_pipeline.prepare.output import DatasetOutput, input_identity, write_json
-from data_pipeline.schema import DataError, DatasetSchema, SparseFeature, SplitInfo
+from data_pipeline.schema import SPLITS, DataError, DatasetSchema, SparseFeature, SplitInfo
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -65,7 +65,6 @@ LABEL = "label"
 DENSE = [f"int_{i}" for i in range(NUM_DENSE)]
 SPARSE = [f"cat_{i}" for i in range(NUM_SPARSE)]
 RAW_COLUMNS = [LABEL, *DENSE, *SPARSE]
-SPLITS = ("train", "valid", "test")
 MISSING_ID, RARE_ID = 0, 1  # vocabulary mode; frequent values get ids from 2
 VERSION = 1  # bump when the output of the same inputs and options changes
 MAX_REPORTED = 20  # malformed lines kept (with line numbers) per unit for the report

@@ -65,7 +65,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from data_pipeline.prepare.output import DatasetOutput, input_identity, row_group_size, write_json, write_parquet
-from data_pipeline.schema import DataError, DatasetSchema, SparseFeature, SplitInfo
+from data_pipeline.schema import SPLITS, DataError, DatasetSchema, SparseFeature, SplitInfo
 
 VERSION = 2  # bump when features or layout change, so stale datasets are not reported up to date
 GENRES = (
@@ -100,7 +100,6 @@ FILES = {
     "parquet": {"ratings": "ratings.parquet", "users": "users.parquet", "items": "items.parquet"},
 }
 
-SPLITS = ("train", "valid", "test")
 SPARSE = ("user_id", "movie_id", "age_bucket", "gender", "occupation", "zip_prefix", "release_year", "genres")
 DENSE = ("age_z", "release_year_z", "user_log_count_z", "movie_log_count_z")
 TRANSFORMS_FILE = "transforms.json"

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from data_pipeline.schema import SCHEMA_FILE, DatasetSchema, SparseFeature, SplitInfo
+from data_pipeline.schema import SCHEMA_FILE, SPLITS, DatasetSchema, SparseFeature, SplitInfo
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -40,7 +40,7 @@ MULTI_HOT = (24, 25)  # indices of the multi-hot sparse features
 MISSING_IDS = (3, 11)  # scalar features with some missing (null) ids
 NULL_DENSE = (2, 9)  # dense features with some nulls (imputed as 0.0)
 PAIRS = ((0, 1), (2, 5), (4, 7))  # sparse feature pairs with a low-rank interaction
-SPLITS = (("train", 0.8), ("valid", 0.1), ("test", 0.1))
+SHARES = (0.8, 0.1, 0.1)  # of the rows, per split in SPLITS order
 VERSION = 3  # bump when the click model or layout changes, so stale datasets are regenerated
 
 
@@ -159,7 +159,7 @@ def generate(out: str | Path, spec: SyntheticSpec, overwrite: bool = False, log=
     tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is meant to be shared
     try:
         splits = {}
-        for split_index, (split, share) in enumerate(SPLITS):
+        for split_index, (split, share) in enumerate(zip(SPLITS, SHARES)):
             split_rows = int(spec.rows * share)
             n_files = spec.files if split == "train" else max(1, spec.files // 2)
             probs, labels = [], []

@@ -55,13 +55,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from data_pipeline.prepare.output import DatasetOutput, input_identity, row_group_size, write_json, write_parquet
-from data_pipeline.schema import DataError, DatasetSchema, SparseFeature, SplitInfo
+from data_pipeline.schema import SPLITS, DataError, DatasetSchema, SparseFeature, SplitInfo
 
 VERSION = 1  # bump when the transforms change meaning, so stale datasets are not reported up to date
 NULL_ID, OOV_ID, FIRST_ID = 0, 1, 2  # the same layout as criteo.py: 0 missing, 1 rare or unseen
 LABEL = "label"
 TRANSFORMS_FILE = "transforms.json"
-SPLITS = ("train", "valid", "test")
 NULL_VALUES = ("", "?", "NA", "N/A", "n/a", "NaN", "nan", "null", "NULL", "None", "#N/A")
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 REGRESSION_BINS = 10

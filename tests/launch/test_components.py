@@ -10,10 +10,10 @@ import shlex
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from torchx.runner import get_runner
 from torchx.specs import BindMount, VolumeMount
 from torchx.specs.builders import materialize_appdef

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.losses import InBatchSoftmaxLoss, entity_ids
-from trainer.distributed import _free_port
+from trainer.distributed import free_port
 
 NUM_ITEMS = 6
 # 8 rows: item id (-1 missing), label, weight. Rows 0 and 3 share item 2 (an accidental hit for
@@ -108,7 +108,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_see_each_others_items_and_send_gradients_back(tmp_path):
-    mp.spawn(_rank, args=(_free_port(), str(tmp_path / "out")), nprocs=2)
+    mp.spawn(_rank, args=(free_port(), str(tmp_path / "out")), nprocs=2)
     ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
     # One process, all 8 rows: rank r's loss is the mean over its own queries against all 8 candidates.
     user, item, bias = (t.clone().requires_grad_() for t in _inputs())

@@ -157,9 +157,9 @@ def _sharded_step(rank, port, data, out_path):
 
 
 def test_sharded_wide_tables_step_with_wide_lr(tmp_path, dataset):
-    from trainer.distributed import _free_port
+    from trainer.distributed import free_port
 
-    mp.spawn(_sharded_step, args=(_free_port(), str(dataset.root), str(tmp_path / "out.json")), nprocs=1)
+    mp.spawn(_sharded_step, args=(free_port(), str(dataset.root), str(tmp_path / "out.json")), nprocs=1)
     moves = json.loads((tmp_path / "out.json").read_text())["moves"]
     # Adagrad's first step is wide_lr * |g| / (|g| + eps): wide_lr for every id in the batch, a hair less
     # for an id whose gradient is within a few orders of eps (the init is random); 0 for the rest.

@@ -20,7 +20,7 @@ from data_pipeline.schema import DatasetSchema
 from models.losses import entity_ids
 from tests.conftest import run_trainer
 from trainer.catalogue import CatalogueRetrieval
-from trainer.distributed import _free_port
+from trainer.distributed import free_port
 from trainer.metrics import top_k_metrics
 
 KS = [1, 3, 10]
@@ -222,7 +222,7 @@ def test_catalogue_metrics_match_brute_force_on_one_and_two_ranks(clustered, tmp
         expected = _brute_force(clustered, split)
         assert model == pytest.approx(expected, abs=1e-5)
         assert 0 < popular["recall@10"] < 1
-    mp.spawn(_evaluate_on_rank, args=(_free_port(), str(clustered.root), str(tmp_path / "out")), nprocs=2)
+    mp.spawn(_evaluate_on_rank, args=(free_port(), str(clustered.root), str(tmp_path / "out")), nprocs=2)
     for rank in range(2):
         two = json.loads((tmp_path / f"out.{rank}").read_text())
         for split in ("valid", "test"):

@@ -1,7 +1,6 @@
 """The real `train()` on 2 gloo ranks (torchrun) on synthetic data with a known answer."""
 
 import json
-
 import tomllib
 
 from data_pipeline.prepare.synthetic import SyntheticSpec, generate

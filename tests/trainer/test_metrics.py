@@ -39,16 +39,3 @@ def test_click_metrics_match_direct_computation():
     assert math.isclose(result["logloss"], logloss, rel_tol=1e-5)
     assert math.isclose(result["ne"], logloss / -(ctr * np.log(ctr) + (1 - ctr) * np.log(1 - ctr)), rel_tol=1e-5)
     assert math.isclose(result["calibration"], p.mean() / ctr, rel_tol=1e-5)
-
-
-def test_best_validation_and_early_stopping():
-    from trainer.metrics import BestValidation
-
-    best = BestValidation(higher_is_better=False, patience=2)  # rmse: lower is better
-    assert best.update({"rmse": 1.0, "mae": 0.8}, step=10)
-    assert not best.update({"rmse": 1.1, "mae": 0.7}, step=20) and not best.should_stop
-    assert best.update({"rmse": 0.9, "mae": 0.9}, step=30) and best.step == 30
-    best.update({"rmse": 0.95, "mae": 0.9}, 40)
-    best.update({"rmse": 0.91, "mae": 0.9}, 50)
-    assert best.should_stop and best.metrics == {"rmse": 0.9, "mae": 0.9}
-    assert not BestValidation(higher_is_better=True, patience=0).should_stop

@@ -13,7 +13,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data_pipeline.batch import Batch
 from data_pipeline.schema import DatasetSchema, SparseFeature
-from trainer.distributed import _free_port
+from trainer.distributed import free_port
 from trainer.observe import TableCoverage
 
 FEATURES = [SparseFeature("a", 50), SparseFeature("m", 30, multi_hot=True), SparseFeature("huge", 1000)]
@@ -83,7 +83,7 @@ def test_coverage_and_reuse_match_a_direct_count(world, tmp_path):
     if world == 1:
         _coverage(0, 1, 0, out)
     else:
-        mp.spawn(_coverage, args=(2, _free_port(), out), nprocs=2)
+        mp.spawn(_coverage, args=(2, free_port(), out), nprocs=2)
     for rank in range(world):
         first, second = json.loads((tmp_path / f"reports.{rank}").read_text())
         assert first.keys() == {"a_coverage", "a_reuse", "m_coverage", "m_reuse"}  # "huge" is over MAX_ROWS

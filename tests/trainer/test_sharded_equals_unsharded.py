@@ -123,11 +123,11 @@ def test_two_sharded_ranks_match_one_unsharded_process(tmp_path, dataset, shardi
         optimizer.step()
         expected.append(loss.item())
 
-    from trainer.distributed import _free_port
+    from trainer.distributed import free_port
 
     mp.spawn(
         _rank,
-        args=(2, _free_port(), str(dataset.root), str(tmp_path / "init.pt"), str(tmp_path / "out.json"), sharding_type),
+        args=(2, free_port(), str(dataset.root), str(tmp_path / "init.pt"), str(tmp_path / "out.json"), sharding_type),
         nprocs=2,
     )
     result = json.loads((tmp_path / "out.json").read_text())

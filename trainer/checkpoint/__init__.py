@@ -1,26 +1,16 @@
-"""Sharded checkpoints (torch.distributed.checkpoint): save, commit, find, resume, fine-tune."""
+"""Sharded checkpoints with torch.distributed.checkpoint, one module per concern:
 
-from trainer.checkpoint.checkpointer import (
-    Checkpointer,
-    CheckpointError,
-    IncompatibleCheckpoint,
-    Resume,
-    check_compatible,
-    committed,
-    config_differences,
-    fault,
-    find_init,
-    find_resume,
-    locate,
-    lr_state,
-    read_meta,
-    schema_differences,
-    set_lr_state,
-    set_rng_state,
-    step_dir_name,
-    truncate_records,
-    verify_files,
-)
+checkpointer.py   Checkpointer: save, commit, load, cadence (what the training loop calls)
+resume.py         which checkpoint to resume or fine-tune from, agreed by every rank
+store.py          the directory layout: step directories, commit, retention, checksums
+compat.py         what must match to resume (model, optimizers, dataset schema)
+reshard.py        loading into another plan: shape checks, row-wise state, grown tables
+"""
+
+from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.checkpoint.compat import IncompatibleCheckpoint, check_compatible
+from trainer.checkpoint.resume import Resume, checkpoint_root, find_init, find_resume
+from trainer.checkpoint.store import CheckpointError, committed, locate, read_meta, step_dir_name, verify_files
 
 __all__ = [
     "CheckpointError",
@@ -28,18 +18,12 @@ __all__ = [
     "IncompatibleCheckpoint",
     "Resume",
     "check_compatible",
+    "checkpoint_root",
     "committed",
-    "config_differences",
-    "fault",
     "find_init",
     "find_resume",
     "locate",
-    "lr_state",
     "read_meta",
-    "schema_differences",
-    "set_lr_state",
-    "set_rng_state",
     "step_dir_name",
-    "truncate_records",
     "verify_files",
 ]

@@ -50,12 +50,13 @@ import torch
 from data_pipeline.atomic import write_atomic, write_text_atomic
 from data_pipeline.schema import DataError, DatasetSchema
 from trainer.checkpoint import CheckpointError, locate, read_meta
+from trainer.headline import headline
 from trainer.metrics import task_metrics, top_k_metrics
+from trainer.numbers import format_number
 from trainer.tools.export import (
     checkpoint_model,
     load_model_file,
     prediction_columns,
-    schema_from_json,
     score_split,
     to_prediction,
 )
@@ -109,15 +110,30 @@ def parse_ks(text: str) -> list[int]:
     return sorted(set(ks))
 
 
-def load_model(checkpoint: Path) -> tuple[torch.nn.Module, DatasetSchema, Path, int]:
-    """(model in eval mode, its training schema, the checkpoint or file it came from, step)."""
+@dataclass
+class Trained:
+    """A model to evaluate and what it was trained as."""
+
+    model: torch.nn.Module
+    """In eval mode, on the CPU, every table whole."""
+    schema: DatasetSchema
+    """The training dataset's schema."""
+    source: Path
+    """The checkpoint or model file it came from."""
+    step: int
+    run_headline: str | None
+    """The metric the training run chose its best by (None: not recorded)."""
+
+
+def load_model(checkpoint: Path) -> Trained:
     if checkpoint.is_file():
         model, _, schema, blob = load_model_file(checkpoint)
-        return model, schema, checkpoint, int(blob["step"])
+        return Trained(model, schema, checkpoint, int(blob["step"]), blob.get("headline"))
     path = locate(checkpoint)
     meta = read_meta(path)
     model, _ = checkpoint_model(path, meta)
-    return model, schema_from_json(meta["dataset"], Path(".")), path, int(meta["step"])
+    schema = DatasetSchema.from_json(meta["dataset"], ".", f"{path}/checkpoint.json dataset")
+    return Trained(model, schema, path, int(meta["step"]), meta["state"]["best"].get("metric"))
 
 
 def default_out(source: Path, split: str) -> Path:
@@ -335,9 +351,9 @@ def evaluate(
 ) -> tuple[dict, Path]:
     """Score `split` of `data` with a checkpoint or model file, compute every metric overall and per
     segment, write metrics.json and predictions.parquet into `out`; returns (metrics, out)."""
-    model, trained, source, step = load_model(checkpoint)
-    scored = Scored(*score_split(model, trained, data, split, batch_size))
-    schema, ks = scored.schema, sorted(ks)
+    trained = load_model(checkpoint)
+    scored = Scored(*score_split(trained.model, trained.schema, data, split, batch_size))
+    schema, ks, source = scored.schema, sorted(ks), trained.source
     user_column = user_column or default_user_column(schema, split)
     extra: dict[str, pa.ChunkedArray] = {}
     user = None
@@ -346,12 +362,15 @@ def evaluate(
         user = user_codes(extra[user_column])
     relevant = relevance(scored, relevant_at)
     everyone = np.ones(len(scored.score), dtype=bool)
+    # A retrieval run (chosen by recall@K) is judged by its per-user recall here too, when users are ranked.
+    retrieval = bool(trained.run_headline and trained.run_headline.startswith("recall@") and user_column)
     result = {
         "checkpoint": str(source),
-        "step": step,
+        "step": trained.step,
         "data": str(data),
         "split": split,
         "task": schema.task,
+        "headline": headline(schema.task, ks[0] if retrieval else None).name,
         "ks": ks,
         "user_column": user_column,
         "overall": segment_metrics(scored, everyone, user, relevant, ks),
@@ -381,19 +400,11 @@ def write_outputs(out: Path, result: dict, scored: Scored, extra: dict[str, pa.C
     write_text_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
 
 
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
 def format_table(rows: list[dict], width: int = TABLE_WIDTH) -> str:
     """Rows of metrics as aligned text: one column per key, the first (the segment) left-aligned
     and repeated in each block of columns that fits in `width` characters."""
     keys = list(dict.fromkeys(key for row in rows for key in row))
-    columns = [[key] + [_cell(row.get(key)) for row in rows] for key in keys]
+    columns = [[key] + [format_number(row.get(key)) for row in rows] for key in keys]
     widths = [max(len(cell) for cell in column) for column in columns]
     columns = [
         [cell.ljust(w) if i == 0 else cell.rjust(w) for cell in column]

@@ -12,7 +12,8 @@ A model file is one `torch.save` of plain tensors, strings and numbers, read bac
     {"format": "recsys-trainer model", "version": 1,
      "state_dict": {name: tensor},   # the whole model, every table unsharded, as build_model names it
      "config": "<the run's resolved config.toml>", "dataset": {dataset.json of the training data},
-     "step": N, "checkpoint": "<where it came from>", "valid": {metrics at that step, if evaluated}}
+     "step": N, "checkpoint": "<where it came from>", "valid": {metrics at that step, if evaluated},
+     "headline": "the metric the run chose its best by (auc, rmse, recall@10), or None"}
 
 `predict` builds the model with `models.build_model` (tables on the CPU), loads the state dict
 strictly, scores every row of a split in file order and writes `row`, `label`, (`weight`),
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import tomllib
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -32,14 +34,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import tomllib
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from data_pipeline.atomic import write_atomic
 from data_pipeline.reader import ParquetBatches
-from data_pipeline.schema import DataError, DatasetSchema, SparseFeature, SplitInfo
+from data_pipeline.schema import DataError, DatasetSchema
 from trainer.checkpoint import CheckpointError, locate, read_meta, step_dir_name, verify_files
 from trainer.config import Config, from_dict
 
@@ -65,21 +66,6 @@ def checkpoint_tensors(path: Path, prefix: str = "model") -> dict[str, torch.Ten
     return {key[len(lead) :]: value for key, value in flat.items()}
 
 
-def schema_from_json(raw: dict, root: Path) -> DatasetSchema:
-    return DatasetSchema(
-        root=root,
-        label=raw["label"],
-        dense=list(raw["dense"]),
-        sparse=[SparseFeature(**f) for f in raw["sparse"]],
-        splits={k: SplitInfo(**v) for k, v in raw.get("splits", {}).items()},
-        weight=raw.get("weight"),
-        task=raw.get("task", "binary"),
-        label_range=raw.get("label_range"),
-        name=raw.get("name", "dataset"),
-        extra=raw.get("extra") or {},
-    )
-
-
 def _config(text: str, where: str) -> Config:
     return from_dict(Config, tomllib.loads(text), where)
 
@@ -100,7 +86,7 @@ def checkpoint_model(path: Path, meta: dict) -> tuple[torch.nn.Module, dict[str,
         raise CheckpointError(f"checkpoint {path} is corrupt: " + "; ".join(problems))
     state = checkpoint_tensors(path)
     cfg = _config(meta["config"], f"{path}/checkpoint.json config")
-    model = build_cpu_model(cfg, schema_from_json(meta["dataset"], Path(".")))
+    model = build_cpu_model(cfg, DatasetSchema.from_json(meta["dataset"], ".", f"{path}/checkpoint.json dataset"))
     model.load_state_dict(state, strict=True)
     model.eval()
     return model, state
@@ -112,7 +98,7 @@ def export(checkpoint: str | Path, out: Path, best: bool = False) -> dict:
     path = locate(checkpoint)
     meta = read_meta(path)
     if best:
-        step = (meta.get("train_state", {}).get("best") or {}).get("step")
+        step = meta["state"]["best"]["step"]
         if step is None:
             raise CheckpointError(f"{path}: no validation has been recorded, so there is no best checkpoint")
         path = path.parent / step_dir_name(step)
@@ -122,7 +108,7 @@ def export(checkpoint: str | Path, out: Path, best: bool = False) -> dict:
             )
         meta = read_meta(path)
     _, state = checkpoint_model(path, meta)  # the file will load: every name and shape fits the model code
-    train_state = meta.get("train_state", {})
+    train, best = meta["state"]["train"], meta["state"]["best"]
     blob = {
         "format": MODEL_FORMAT,
         "version": MODEL_VERSION,
@@ -131,7 +117,8 @@ def export(checkpoint: str | Path, out: Path, best: bool = False) -> dict:
         "dataset": meta["dataset"],
         "step": meta["step"],
         "checkpoint": str(path),
-        "valid": train_state.get("valid") if train_state.get("valid_step") == meta["step"] else {},
+        "valid": train["valid"] if train["valid_step"] == meta["step"] else {},
+        "headline": best.get("metric"),  # the run's "better" metric (checkpoints before it was saved: None)
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, lambda tmp: torch.save(blob, tmp))
@@ -151,7 +138,7 @@ def load_model_file(file: Path) -> tuple[torch.nn.Module, Config, DatasetSchema,
     if blob.get("version") != MODEL_VERSION:
         raise CheckpointError(f"{file}: model file version {blob.get('version')}, this code reads {MODEL_VERSION}")
     cfg = _config(blob["config"], f"{file} config")
-    schema = schema_from_json(blob["dataset"], Path("."))
+    schema = DatasetSchema.from_json(blob["dataset"], ".", f"{file} dataset")
     model = build_cpu_model(cfg, schema)
     model.load_state_dict(blob["state_dict"], strict=True)
     model.eval()

@@ -35,6 +35,8 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from data_pipeline.atomic import write_atomic, write_text_atomic  # noqa: E402
+from trainer.headline import Headline, headline  # noqa: E402
+from trainer.numbers import format_number  # noqa: E402
 
 DPI = 120
 CURVES_SIZE = (8.0, 6.5)  # inches; two stacked panels
@@ -42,7 +44,6 @@ THROUGHPUT_SIZE = (8.0, 5.0)
 CALIBRATION_SIZE = (7.0, 7.0)
 CALIBRATION_BINS = 15
 MAX_SEGMENTS = 25  # the largest segments of a spec that get a bar
-LOWER_IS_BETTER = {"rmse", "mae", "logloss", "ne"}
 RESUME_STYLE = {"color": "0.45", "linestyle": "--", "linewidth": 1}
 
 
@@ -149,7 +150,12 @@ class Run:
 
     @property
     def headline(self) -> str | None:
-        """The metric that decides "better": the first a validation reports (the trainer's rule)."""
+        """The metric that decides "better": as summary.json names it; for a run still training
+        (or one from before summary.json named it), the first metric a validation reports, which
+        is where the trainer puts its headline."""
+        named = (self.summary.get("headline") or {}).get("metric")
+        if named:
+            return named
         for metrics in [
             *(r for r in self.records.get("valid", [])),
             self.summary.get("valid"),
@@ -304,7 +310,7 @@ def plot_training_curves(run: Run) -> Figure | None:
 def plot_headline(ax: Axes, run: Run, name: str, steps: np.ndarray, values: np.ndarray) -> None:
     """Validation headline metric with the best validation, the test result and the references
     (oracle AUC on synthetic data, the most-popular baseline for retrieval)."""
-    better = "lower" if name in LOWER_IS_BETTER else "higher"
+    better = "higher" if Headline(name).higher_is_better else "lower"
     ax.plot(steps, values, "o-", color="C2", markersize=4, label=f"valid {name}")
     best_step, best = run.summary.get("best_valid_step"), (run.summary.get("best_valid") or {}).get(name)
     if best_step is None or best is None:
@@ -464,7 +470,8 @@ def plot_calibration(evaluation: Evaluation) -> Figure | None:
 
 
 def eval_headline(evaluation: Evaluation) -> str:
-    return "auc" if evaluation.metrics.get("task", "binary") == "binary" else "rmse"
+    """The evaluation's headline (metrics.json names it; older ones: the task's)."""
+    return evaluation.metrics.get("headline") or headline(evaluation.metrics.get("task", "binary")).name
 
 
 def number(value: Any) -> float:
@@ -552,23 +559,10 @@ def save_figure(fig: Figure, path: Path) -> None:
 # ---- the report's sections ----------------------------------------------------------------------
 
 
-def fmt(value: Any) -> str:
-    """Table cell: counts with separators, metrics to 4 decimals, missing as n/a."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, (bool, str)):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1e5 else f"{value:,.0f}"
-    return str(value)
-
-
 def header_blocks(run: Run) -> list[Block]:
     s = run.summary
     facts = [
-        f"{k.replace('_', ' ')} {fmt(s[k])}"
+        f"{k.replace('_', ' ')} {format_number(s[k])}"
         for k in ("world_size", "device", "steps", "epochs", "global_batch_size")
         if s.get(k) is not None
     ]
@@ -598,18 +592,18 @@ def metrics_table(run: Run) -> Table | None:
     last_step = (run.records.get("valid") or [{}])[-1].get("step", s.get("steps"))
     header = [
         "metric",
-        f"valid, last (step {fmt(last_step)})",
-        f"valid, best (step {fmt(s.get('best_valid_step'))})",
-        f"test (weights of step {fmt(run.test[1])})",
+        f"valid, last (step {format_number(last_step)})",
+        f"valid, best (step {format_number(s.get('best_valid_step'))})",
+        f"test (weights of step {format_number(run.test[1])})",
     ]
-    return Table(header, [[n, fmt(valid.get(n)), fmt(best.get(n)), fmt(test.get(n))] for n in names])
+    return Table(header, [[n, *(format_number(m.get(n)) for m in (valid, best, test))] for n in names])
 
 
 def facts_table(run: Run) -> Table:
     """Oracle, speed, checkpoints, restarts: the numbers a reader asks about next."""
     s, rows = run.summary, []
     if s.get("oracle_auc") is not None:
-        rows.append(["oracle test AUC (best possible on this synthetic data)", fmt(s["oracle_auc"])])
+        rows.append(["oracle test AUC (best possible on this synthetic data)", format_number(s["oracle_auc"])])
     if s.get("samples_per_s") is not None:
         rows.append(["throughput", f"{s['samples_per_s']:,.0f} samples/s"])
     if s.get("train_time_s") is not None:
@@ -622,7 +616,7 @@ def facts_table(run: Run) -> Table:
         rows.append(
             [
                 "checkpoints",
-                f"{fmt(ck.get('saved'))} saved in {fmt(ck.get('dir'))}{size}; "
+                f"{format_number(ck.get('saved'))} saved in {format_number(ck.get('dir'))}{size}; "
                 f"{number(ck.get('save_s')):.2f} s saving, {number(ck.get('stall_s')):.2f} s training stalled",
             ]
         )
@@ -680,19 +674,19 @@ def slug(text: str) -> str:
 
 def segment_table(rows: list[dict[str, Any]]) -> Table:
     keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "segment"]
-    return Table(["segment", *keys], [[str(r.get("segment")), *(fmt(r.get(k)) for k in keys)] for r in rows])
+    return Table(["segment", *keys], [[str(r.get("segment")), *(format_number(r.get(k)) for k in keys)] for r in rows])
 
 
 def evaluation_blocks(evaluation: Evaluation, out: Path) -> list[Block]:
     """One split's evaluation: what was scored, the overall and per-segment tables, the plots."""
     m = evaluation.metrics
     blocks: list[Block] = [Heading(2, f"Evaluation: {evaluation.split} split")]
-    about = [f"{k} {fmt(m[k])}" for k in ("checkpoint", "step", "data", "task") if m.get(k) is not None]
+    about = [f"{k} {format_number(m[k])}" for k in ("checkpoint", "step", "data", "task") if m.get(k) is not None]
     if about:
         blocks.append(Text("; ".join(about) + "."))
     overall = m.get("overall") or {}
     if overall:
-        blocks.append(Table(["metric", "value"], [[k, fmt(v)] for k, v in overall.items()]))
+        blocks.append(Table(["metric", "value"], [[k, format_number(v)] for k, v in overall.items()]))
     if evaluation.predictions is None:
         blocks.append(Text("No predictions.parquet: no calibration plot."))
     else:

@@ -22,7 +22,7 @@ from data_pipeline.schema import DatasetSchema
 from models import ModelConfig, build_model
 from trainer.checkpoint import Checkpointer, Resume, committed, read_meta
 from trainer.config import Config, ShardingConfig
-from trainer.distributed import _free_port, destroy_distributed, init_distributed, plan_sharding, shard_model
+from trainer.distributed import destroy_distributed, free_port, init_distributed, plan_sharding, shard_model
 from trainer.optim import apply_sparse_optimizer, build_optimizer
 
 pytestmark = pytest.mark.slow
@@ -46,6 +46,19 @@ def _dump(model, optimizer) -> dict:
             else:
                 out["adam"][f"{param}.{name}"] = value.clone()
     return out
+
+
+class Note:
+    """A Stateful part: the checkpointer saves its state_dict() and hands it back to load_state_dict()."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def state_dict(self) -> dict:
+        return {"text": self.text}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.text = state["text"]
 
 
 def _rank(rank, world_size, port, data, jobs, out):
@@ -74,10 +87,12 @@ def _rank(rank, world_size, port, data, jobs, out):
         apply_sparse_optimizer(model, "rowwise_adagrad", 0.05, 1e-8)
         dmp = shard_model(model, env, plan_sharding(model, env, BATCH, cfg.sharding))
         optimizer = build_optimizer(dmp, "adam", 1e-3, 1e-8)
-        checkpointer = Checkpointer(cfg, env, dmp, optimizer, schema)
+        note = Note()
+        checkpointer = Checkpointer(cfg, env, dmp, optimizer, schema, parts={"note": note})
         if load_from:
             path = committed(Path(load_from) / "checkpoints")[-1]
             checkpointer.load(Resume(path, read_meta(path), []))
+            assert note.text == f"saved by rank 0 after {read_meta(path)['step']} steps"  # the part got its state
         dumps.append(_dump(dmp, optimizer))
         if save_to:
             pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device)
@@ -87,7 +102,8 @@ def _rank(rank, world_size, port, data, jobs, out):
                     pipeline.progress(batches)
                 except StopIteration:
                     break
-            checkpointer.save(train_steps, {"note": "test"})
+            note.text = f"saved by rank {rank} after {train_steps} steps"  # rank 0 writes checkpoint.json
+            checkpointer.save(train_steps)
             dumps.append(_dump(dmp, optimizer))
     torch.save(dumps, Path(out) / f"rank{rank}.pt")
     destroy_distributed()
@@ -96,7 +112,7 @@ def _rank(rank, world_size, port, data, jobs, out):
 def run(world_size, data, jobs, out) -> list[dict]:
     """Each job's dumps of every rank, merged: tables as full tensors, momentum per column shard."""
     out.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_rank, args=(world_size, _free_port(), str(data), jobs, str(out)), nprocs=world_size)
+    mp.spawn(_rank, args=(world_size, free_port(), str(data), jobs, str(out)), nprocs=world_size)
     per_rank = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     merged = []
     for i in range(len(per_rank[0])):

@@ -23,6 +23,7 @@ from data_pipeline.schema import SparseFeature
 from models import ModelConfig
 from tests.conftest import write_dataset
 from trainer.config import Config
+from trainer.headline import headline
 from trainer.tools.evaluate import ACTIVITY_LABELS, evaluate, main, parse_segment
 from trainer.tools.export import MODEL_FORMAT, MODEL_VERSION, build_cpu_model
 
@@ -111,12 +112,14 @@ def _checkpoint(run: Path, schema, scale: float) -> Path:
         f.name: {"bytes": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
         for f in path.iterdir()
     }
+    best = {"metric": headline(schema.task).name, "metrics": {}, "step": None, "evals_since_best": 0}
     meta = {
         "format": "recsys-trainer checkpoint",
-        "version": 1,
+        "version": 2,
         "step": 7,
         "config": cfg.to_toml(),
         "dataset": schema.to_json(),
+        "state": {"best": best},
         "files": files,
     }
     (path / "checkpoint.json").write_text(json.dumps(meta))
@@ -209,7 +212,9 @@ def test_binary_metrics_overall_and_per_segment_match_references(tmp_path, capsy
     assert "by popularity:item_id:" in printed and "recall@3" in printed
 
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert list(result) == ["checkpoint", "step", "data", "split", "task", "ks", "user_column", "overall", "segments"]
+    assert list(result) == [
+        "checkpoint", "step", "data", "split", "task", "headline", "ks", "user_column", "overall", "segments"
+    ]  # fmt: skip
     assert (result["step"], result["split"], result["task"], result["ks"], result["user_column"]) == (
         7,
         "test",

@@ -20,7 +20,7 @@ from data_pipeline.schema import DatasetSchema
 from models import MODELS, ModelConfig, build_model
 from tests.trainer.test_sharded_equals_unsharded import copy_state_dict
 from trainer.config import ShardingConfig
-from trainer.distributed import _free_port, destroy_distributed, init_distributed, plan_sharding, shard_model
+from trainer.distributed import destroy_distributed, free_port, init_distributed, plan_sharding, shard_model
 from trainer.optim import apply_sparse_optimizer
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,7 @@ def test_unsharded_model_scores_like_the_sharded_one(tmp_path):
     data = generate(
         tmp_path / "data", SyntheticSpec(rows=8000, files=2, row_group_rows=500, max_vocab=2000), log=lambda *_: None
     ).root
-    mp.spawn(_rank, args=(2, _free_port(), str(data), str(tmp_path)), nprocs=2)
+    mp.spawn(_rank, args=(2, free_port(), str(data), str(tmp_path)), nprocs=2)
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert sorted(results) == sorted(MODELS)

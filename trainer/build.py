@@ -1,0 +1,78 @@
+"""What a run is built from, before its loop starts: the dataset checks that need no process
+group, this rank's loaders, and the sharded model with its optimizers. One path, so the trainer
+and the benchmarks' minimal loop train the same thing."""
+
+from __future__ import annotations
+
+import torch
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim.keyed import CombinedOptimizer
+
+from data_pipeline.reader import ParquetBatches, RankLoader
+from data_pipeline.schema import SPLITS, DatasetSchema, check_files
+from models import build_model
+from trainer.config import Config
+from trainer.distributed import DistEnv, plan_with_estimate, shard_model
+from trainer.optim import apply_sparse_optimizer, build_optimizer
+
+
+def preflight(cfg: Config) -> DatasetSchema:
+    """Everything checkable before any process group exists: dataset, files, columns, types."""
+    schema = DatasetSchema.load(cfg.data.path)
+    for split in SPLITS:
+        check_files(schema, split)
+    return schema
+
+
+def train_loader(cfg: Config, env: DistEnv, schema: DatasetSchema) -> RankLoader:
+    """This rank's share of the train split: shuffled, full batches only (pinned on CUDA)."""
+    data = cfg.data
+    return RankLoader(
+        ParquetBatches(
+            schema,
+            "train",
+            data.batch_size,
+            env.rank,
+            env.world_size,
+            shuffle=data.shuffle,
+            num_workers=data.num_workers,
+            drop_last=True,
+            seed=cfg.training.seed,
+            shuffle_buffer_rows=data.shuffle_buffer_rows,
+        ),
+        env.device.type == "cuda",
+    )
+
+
+def eval_loader(cfg: Config, env: DistEnv, schema: DatasetSchema, split: str) -> RankLoader:
+    """This rank's share of `split` in file order, every row (the last batch padded)."""
+    return RankLoader(
+        ParquetBatches(
+            schema,
+            split,
+            cfg.data.eval_batch_size,
+            env.rank,
+            env.world_size,
+            shuffle=False,
+            num_workers=cfg.data.num_workers,
+            drop_last=False,
+            seed=cfg.training.seed,
+        ),
+        env.device.type == "cuda",
+    )
+
+
+def build_sharded(
+    cfg: Config, env: DistEnv, schema: DatasetSchema
+) -> tuple[DistributedModelParallel, CombinedOptimizer, ShardingPlan, list[dict[str, float]] | None]:
+    """The model as it trains: built with its tables on `meta`, the sparse optimizer fused into
+    them, planned, sharded (DMP), and the dense optimizer combined with the fused one. Returns
+    (model, optimizer, plan, the planner's memory estimate per rank)."""
+    model = build_model(cfg.model, schema, dense_device=env.device, sparse_device=torch.device("meta"))
+    opt = cfg.optimizer
+    apply_sparse_optimizer(model, opt.sparse, opt.sparse_lr, opt.eps, opt.table_lrs())
+    plan, estimate = plan_with_estimate(model, env, cfg.data.batch_size, cfg.sharding)
+    sharded = shard_model(model, env, plan)
+    optimizer = build_optimizer(sharded, opt.dense, opt.dense_lr, opt.eps, opt.weight_decay, opt.grad_clip_norm)
+    return sharded, optimizer, plan, estimate

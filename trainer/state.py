@@ -1,0 +1,157 @@
+"""The run's own state besides the model and optimizer tensors. Each part owns its serialisation
+(`state_dict` / `load_state_dict`, JSON-able), so the checkpointer stores what they return and
+never reads their fields (torchtitan's `Stateful` parts).
+
+    TrainState       where the run is: step, epoch and batches of it trained, the last validation
+    BestValidation   the best validation so far, and how long ago it was (early stopping, keep-best)
+    RngState         this process's random generators (torch, CUDA, Python, NumPy), per rank
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.headline import Headline
+
+
+@dataclass(frozen=True)
+class DataOrder:
+    """What the order of the training batches depends on: a checkpoint taken under another order
+    cannot skip exactly the batches it trained, only the same share of the epoch's rows."""
+
+    world_size: int
+    batch_size: int
+    num_workers: int
+    seed: int
+
+    def same_as(self, other: DataOrder) -> bool:
+        # 0 and 1 workers read the same order (one share of the rank's row groups)
+        def key(order: DataOrder) -> tuple[int, int, int, int]:
+            return order.world_size, order.batch_size, max(order.num_workers, 1), order.seed
+
+        return key(self) == key(other)
+
+
+@dataclass
+class TrainState:
+    """Where the run is. `epoch_batches` counts the batches of `epoch` already trained: a resumed
+    run skips exactly those (an epoch's order is a function of seed and epoch)."""
+
+    order: DataOrder
+    """This run's data order (saved; a loaded checkpoint's goes to `saved_order`)."""
+    step: int = 0
+    epoch: int = 0
+    epoch_batches: int = 0
+    complete: bool = False
+    """Whether training had ended when the state was saved (only the test split was left)."""
+    valid: dict[str, float] = field(default_factory=dict)
+    """The last validation's metrics, and its step."""
+    valid_step: int | None = None
+    train_time: float = 0.0
+    """Seconds spent in training steps, over every attempt."""
+    most_popular: dict[str, dict[str, float]] = field(default_factory=dict)
+    """split -> the most-popular baseline's retrieval metrics."""
+    saved_order: DataOrder | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {k: v for k, v in asdict(self).items() if k not in ("order", "saved_order")}
+        return {**state, **asdict(self.order)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        order = {name: state[name] for name in DataOrder.__dataclass_fields__}
+        self.saved_order = DataOrder(**order)
+        for name in ("step", "epoch", "epoch_batches", "complete", "valid", "valid_step", "train_time", "most_popular"):
+            setattr(self, name, state[name])
+
+    def resume_position(self, steps_per_epoch: list[int]) -> tuple[int, int, str | None]:
+        """(epoch, batches of it to skip, a note when the data order changed) to continue from.
+        Under another data order the same share of the epoch's rows is skipped instead."""
+        epoch, position, note = self.epoch, self.epoch_batches, None
+        saved = self.saved_order or self.order
+        if not saved.same_as(self.order):
+            rows = position * saved.batch_size * saved.world_size
+            size = steps_per_epoch[epoch] if epoch < len(steps_per_epoch) else 0
+            position = min(rows // (self.order.batch_size * self.order.world_size), size)
+            note = (
+                "world size, batch size, loader workers or seed changed: the data order differs from the "
+                f"original run's; resuming epoch {epoch} at batch {position} (the same share of its rows)"
+            )
+        if epoch < len(steps_per_epoch) and position >= steps_per_epoch[epoch]:
+            epoch, position = epoch + 1, 0
+        return epoch, position, note
+
+
+class BestValidation:
+    """The best validation result and how many evaluations have passed without beating it, by the
+    run's headline metric. `should_stop` turns true after `patience` evaluations without
+    improvement (never, with patience 0)."""
+
+    def __init__(self, headline: Headline, patience: int = 0) -> None:
+        self.headline, self.patience = headline, patience
+        self.metrics: dict[str, float] = {}
+        self.step: int | None = None
+        self.evals_since_best = 0
+
+    def update(self, metrics: dict[str, float], step: int) -> bool:
+        """Record one evaluation; True if it is the best so far."""
+        name = self.headline.name
+        if self.headline.better(metrics[name], self.metrics[name] if self.metrics else None):
+            self.metrics, self.step, self.evals_since_best = dict(metrics), step, 0
+            return True
+        self.evals_since_best += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return 0 < self.patience <= self.evals_since_best
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.headline.name,
+            "metrics": self.metrics,
+            "step": self.step,
+            "evals_since_best": self.evals_since_best,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.metrics, self.step, self.evals_since_best = state["metrics"], state["step"], state["evals_since_best"]
+
+
+class RngState:
+    """This process's random generators. Saved per rank (rank-<r>.pt, plain tensors for
+    torch.load(weights_only=True)); restored only where the data order is the same, after the
+    epoch's loader is opened (opening it draws from torch's generator)."""
+
+    @staticmethod
+    def state_dict() -> dict[str, Any]:
+        state: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        version, internal, gauss = random.getstate()
+        state["python"] = {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached": cached,
+        }
+        return state
+
+    @staticmethod
+    def load_state_dict(state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        if torch.cuda.is_available() and state.get("cuda"):
+            torch.cuda.set_rng_state_all(state["cuda"])
+        py = state["python"]
+        random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+        npy = state["numpy"]
+        np.random.set_state(
+            (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"])
+        )
