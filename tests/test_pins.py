@@ -9,7 +9,7 @@ import tomllib
 import pytest
 from dockerfile_parse import DockerfileParser
 
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 DOCKERFILES = {"cpu": ROOT / "docker/Dockerfile.cpu", "gpu": ROOT / "docker/Dockerfile"}
 TRIPLE = {"torch": "2.13.0", "torchrec": "1.8.0"}

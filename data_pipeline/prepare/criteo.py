@@ -175,7 +175,7 @@ for _i, _c in enumerate(b"0123456789abcdef"):
     _HEX[ord(chr(_c).upper())] = _i
 
 
-def _fnv1a(data: bytes) -> int:
+def fnv1a(data: bytes) -> int:
     h = 0xCBF29CE484222325
     for byte in data:
         h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
@@ -215,7 +215,7 @@ def categorical_values(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     for row in np.flatnonzero(slow & ~missing):
         raw = data[offsets[row] : offsets[row + 1]]
         is_hex = len(raw) <= 16 and bool((_HEX[raw] != 255).all())
-        values[row] = int(raw.tobytes(), 16) if is_hex else _fnv1a(raw.tobytes())
+        values[row] = int(raw.tobytes(), 16) if is_hex else fnv1a(raw.tobytes())
     return values, missing
 
 

@@ -10,7 +10,8 @@ import torch
 from data_pipeline.batch import BatchLayout, RowStore, table_to_batch
 from data_pipeline.reader import ParquetBatches, RankLoader
 from data_pipeline.schema import SparseFeature
-from tests.conftest import ROOT, TINY_SPARSE, write_dataset
+from tests.helpers.data import TINY_SPARSE, write_dataset
+from tests.helpers.runs import ROOT
 
 
 def test_batch_tensors_are_exact(tmp_path, tiny_table):

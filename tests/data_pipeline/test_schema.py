@@ -16,7 +16,7 @@ import pytest
 from data_pipeline.prepare.output import DatasetOutput
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DataError, DatasetSchema, check_files
-from tests.conftest import TINY_SPARSE, write_dataset
+from tests.helpers.data import TINY_SPARSE, write_dataset
 
 
 def _dataset(tmp_path, table, files=1):

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import tomllib
@@ -22,7 +21,9 @@ from torchx.specs.finder import get_component
 from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from data_pipeline.schema import DatasetSchema
 from launch.components import prepare, train
-from tests.conftest import ROOT
+from tests.helpers.data import criteo_lines, read_split, write_tsv
+from tests.helpers.dist import free_port
+from tests.helpers.runs import ROOT
 from trainer.config import load_config
 
 BIN = Path(sys.executable).parent  # torchx and torchrun of this environment
@@ -40,12 +41,6 @@ def torchx(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / "torchx"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_command(role) -> list[str]:
@@ -144,7 +139,6 @@ def test_two_simulated_nodes_match_one_node(dataset, one_node_two_ranks, tmp_pat
 @pytest.mark.slow
 def test_prepare_component_on_two_replicas_matches_one_process(tmp_path):
     from launch.cli import main as recsys
-    from tests.data_pipeline.prepare.test_criteo import criteo_lines, read_split, write_tsv
 
     src = write_tsv(tmp_path / "day_0", criteo_lines(3000))
     args = [

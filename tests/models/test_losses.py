@@ -3,15 +3,13 @@
 
 import json
 import math
-import os
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.losses import InBatchSoftmaxLoss, entity_ids
-from trainer.distributed import free_port
+from tests.helpers.dist import run_ranks
+from trainer.distributed import DistEnv
 
 NUM_ITEMS = 6
 # 8 rows: item id (-1 missing), label, weight. Rows 0 and 3 share item 2 (an accidental hit for
@@ -87,13 +85,13 @@ def test_no_query_gives_zero_loss_with_gradients():
     assert loss.item() == 0.0 and user.grad is not None and item.grad is not None
 
 
-def _rank(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    user, item, bias = (t[rank * 4 : rank * 4 + 4].clone().requires_grad_() for t in _inputs())
+def _rank(env: DistEnv, out: str) -> None:
+    rank, device = env.rank, env.device
+    user, item, bias = (t[rank * 4 : rank * 4 + 4].to(device).requires_grad_() for t in _inputs())
     rows = slice(rank * 4, rank * 4 + 4)
-    loss_fn = InBatchSoftmaxLoss(NUM_ITEMS, "item", logq_correction=True, device=torch.device("cpu"))
-    loss = loss_fn(user, item, bias, _kjt(ITEMS[rows]), torch.tensor(LABELS[rows]), torch.tensor(WEIGHTS[rows]))
+    loss_fn = InBatchSoftmaxLoss(NUM_ITEMS, "item", logq_correction=True, device=device)
+    labels, weights = torch.tensor(LABELS[rows], device=device), torch.tensor(WEIGHTS[rows], device=device)
+    loss = loss_fn(user, item, bias, _kjt(ITEMS[rows]).to(device), labels, weights)
     loss.backward()
     result = {
         "loss": loss.item(),
@@ -104,11 +102,10 @@ def _rank(rank: int, port: int, out: str) -> None:
     }
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
-    dist.destroy_process_group()
 
 
 def test_two_ranks_see_each_others_items_and_send_gradients_back(tmp_path):
-    mp.spawn(_rank, args=(free_port(), str(tmp_path / "out")), nprocs=2)
+    run_ranks(_rank, 2, out=str(tmp_path / "out"))
     ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
     # One process, all 8 rows: rank r's loss is the mean over its own queries against all 8 candidates.
     user, item, bias = (t.clone().requires_grad_() for t in _inputs())

@@ -3,7 +3,7 @@ import torch
 
 from data_pipeline.reader import ParquetBatches
 from models import MODELS, ModelConfig, build_model
-from tests.conftest import TINY_SPARSE, write_dataset
+from tests.helpers.data import TINY_SPARSE, write_dataset
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -3,12 +3,10 @@ and fused under DMP), and a 2-rank run of the real trainer for each."""
 
 import itertools
 import json
-import os
 
 import pyarrow as pa
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from data_pipeline.reader import ParquetBatches
@@ -16,7 +14,11 @@ from data_pipeline.schema import DatasetSchema, SparseFeature
 from models import ModelConfig, build_model
 from models.deepfm import second_order
 from models.embeddings import LINEAR_WIDTH
-from tests.conftest import TINY_SPARSE, run_trainer, write_dataset
+from tests.helpers.data import TINY_SPARSE, write_dataset
+from tests.helpers.dist import run_ranks
+from tests.helpers.runs import run_trainer
+from trainer.config import ShardingConfig
+from trainer.distributed import DistEnv, plan_sharding, shard_model
 from trainer.optim import apply_sparse_optimizer
 
 SMALL = dict(embedding_dim=4, deep_layer_sizes=[8, 4])
@@ -133,15 +135,8 @@ def dataset(tmp_path_factory):
     )
 
 
-def _sharded_step(rank, port, data, out_path):
+def _sharded_step(env: DistEnv, data: str, out_path: str) -> None:
     """One rank under DMP: the fused (fbgemm) update of the sharded wide tables is Adagrad at wide_lr."""
-    os.environ.update(
-        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    from trainer.config import ShardingConfig
-    from trainer.distributed import destroy_distributed, init_distributed, plan_sharding, shard_model
-
-    env = init_distributed()
     schema = DatasetSchema.load(data)
     model = build_model(ModelConfig(name="wide_deep", wide_lr=0.3, **SMALL), schema, env.device, torch.device("meta"))
     apply_sparse_optimizer(model, "rowwise_adagrad", 0.01, 1e-8)
@@ -153,13 +148,10 @@ def _sharded_step(rank, port, data, out_path):
     delta = dmp.state_dict()[key].local_shards()[0].tensor - before
     with open(out_path, "w") as f:
         json.dump({"moves": sorted({round(x, 5) for x in delta.abs().flatten().tolist()})}, f)
-    destroy_distributed()
 
 
 def test_sharded_wide_tables_step_with_wide_lr(tmp_path, dataset):
-    from trainer.distributed import free_port
-
-    mp.spawn(_sharded_step, args=(free_port(), str(dataset.root), str(tmp_path / "out.json")), nprocs=1)
+    run_ranks(_sharded_step, 1, data=str(dataset.root), out_path=str(tmp_path / "out.json"))
     moves = json.loads((tmp_path / "out.json").read_text())["moves"]
     # Adagrad's first step is wide_lr * |g| / (|g| + eps): wide_lr for every id in the batch, a hair less
     # for an id whose gradient is within a few orders of eps (the init is random); 0 for the rest.

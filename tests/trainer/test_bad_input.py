@@ -2,7 +2,8 @@
 
 import pyarrow as pa
 
-from tests.conftest import TINY_SPARSE, run_trainer, write_dataset
+from tests.helpers.data import TINY_SPARSE, write_dataset
+from tests.helpers.runs import run_trainer
 
 
 def _dataset(tmp_path, table):

@@ -4,23 +4,21 @@ torchrun) beating the most-popular baseline on data with user/item clusters."""
 
 import json
 import math
-import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from data_pipeline.batch import Batch
 from data_pipeline.prepare.movielens import GENRES, MovieLensOptions, prepare
 from data_pipeline.schema import DatasetSchema
 from models.losses import entity_ids
-from tests.conftest import run_trainer
+from tests.helpers.dist import run_ranks
+from tests.helpers.runs import run_trainer
 from trainer.catalogue import CatalogueRetrieval
-from trainer.distributed import free_port
+from trainer.distributed import DistEnv
 from trainer.metrics import top_k_metrics
 
 KS = [1, 3, 10]
@@ -204,15 +202,13 @@ def _brute_force(schema: DatasetSchema, split: str) -> dict[str, float]:
     return {**out, **{f"coverage@{k}": len(shown[k] & catalogue) / len(catalogue) for k in KS}}
 
 
-def _evaluate_on_rank(rank: int, port: int, root: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _evaluate_on_rank(env: DistEnv, root: str, out: str) -> None:
+    schema = DatasetSchema.load(root)
     retrieval = CatalogueRetrieval(
-        DatasetSchema.load(root), "user_id", "movie_id", KS, rank, 2, torch.device("cpu"), batch_size=64
+        schema, "user_id", "movie_id", KS, env.rank, env.world_size, env.device, batch_size=64
     )
-    with open(f"{out}.{rank}", "w") as f:
+    with open(f"{out}.{env.rank}", "w") as f:
         json.dump({split: retrieval.evaluate(split, fake_encode) for split in ("valid", "test")}, f)
-    dist.destroy_process_group()
 
 
 def test_catalogue_metrics_match_brute_force_on_one_and_two_ranks(clustered, tmp_path):
@@ -222,7 +218,7 @@ def test_catalogue_metrics_match_brute_force_on_one_and_two_ranks(clustered, tmp
         expected = _brute_force(clustered, split)
         assert model == pytest.approx(expected, abs=1e-5)
         assert 0 < popular["recall@10"] < 1
-    mp.spawn(_evaluate_on_rank, args=(free_port(), str(clustered.root), str(tmp_path / "out")), nprocs=2)
+    run_ranks(_evaluate_on_rank, 2, root=str(clustered.root), out=str(tmp_path / "out"))
     for rank in range(2):
         two = json.loads((tmp_path / f"out.{rank}").read_text())
         for split in ("valid", "test"):

@@ -4,7 +4,7 @@ import json
 import tomllib
 
 from data_pipeline.prepare.synthetic import SyntheticSpec, generate
-from tests.conftest import run_trainer
+from tests.helpers.runs import run_trainer
 
 
 def test_two_ranks_reach_the_oracle_auc(tmp_path):

@@ -8,7 +8,7 @@ import json
 
 from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from data_pipeline.schema import DatasetSchema
-from tests.conftest import run_trainer
+from tests.helpers.runs import run_trainer
 
 
 def test_test_split_is_scored_with_the_best_weights(tmp_path):

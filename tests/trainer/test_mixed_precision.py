@@ -9,7 +9,8 @@ import torch
 from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from data_pipeline.reader import ParquetBatches
 from models import ModelConfig, build_model
-from tests.conftest import TINY_SPARSE, run_trainer, write_dataset
+from tests.helpers.data import TINY_SPARSE, write_dataset
+from tests.helpers.runs import run_trainer
 from trainer.train import Trainer
 
 

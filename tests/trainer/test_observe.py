@@ -2,18 +2,16 @@
 the rows both ranks looked up, and the share of each rank's lookups that hit a row it had seen."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data_pipeline.batch import Batch
 from data_pipeline.schema import DatasetSchema, SparseFeature
-from trainer.distributed import free_port
+from tests.helpers.dist import run_ranks
+from trainer.distributed import DistEnv
 from trainer.observe import TableCoverage
 
 FEATURES = [SparseFeature("a", 50), SparseFeature("m", 30, multi_hot=True), SparseFeature("huge", 1000)]
@@ -60,12 +58,10 @@ def _direct(ranks: int, upto: int) -> dict[str, float]:
     return out
 
 
-def _coverage(rank: int, world: int, port: int, out: str) -> None:
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+def _coverage(env: DistEnv, out: str) -> None:
+    rank = env.rank
     schema = DatasetSchema(root=".", label="label", dense=["d"], sparse=FEATURES, splits={})
-    coverage = TableCoverage(schema, MAX_ROWS, torch.device("cpu"))
+    coverage = TableCoverage(schema, MAX_ROWS, env.device)
     batches = [_to_batch(*b) for b in _batches(rank)]
     reports = []
     for window in (batches[:3], batches[3:]):
@@ -73,17 +69,12 @@ def _coverage(rank: int, world: int, port: int, out: str) -> None:
         reports.append(coverage.report())
     with open(f"{out}.{rank}", "w") as f:
         json.dump(reports, f)
-    if world > 1:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_coverage_and_reuse_match_a_direct_count(world, tmp_path):
     out = str(tmp_path / "reports")
-    if world == 1:
-        _coverage(0, 1, 0, out)
-    else:
-        mp.spawn(_coverage, args=(2, free_port(), out), nprocs=2)
+    run_ranks(_coverage, world, out=out)
     for rank in range(world):
         first, second = json.loads((tmp_path / f"reports.{rank}").read_text())
         assert first.keys() == {"a_coverage", "a_reuse", "m_coverage", "m_reuse"}  # "huge" is over MAX_ROWS

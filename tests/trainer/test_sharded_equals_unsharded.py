@@ -3,12 +3,9 @@ Adagrad, DDP'd MLPs, TrainPipelineSparseDist) give the same losses as one plain 
 an unsharded copy with the same initial weights on the same rows."""
 
 import json
-import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -17,24 +14,13 @@ from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DatasetSchema
 from models import ModelConfig, build_model
+from tests.helpers.dist import copy_state_dict, run_ranks
 from trainer.config import ShardingConfig
-from trainer.distributed import destroy_distributed, init_distributed, plan_sharding, shard_model
+from trainer.distributed import DistEnv, plan_sharding, shard_model
 from trainer.optim import apply_sparse_optimizer, build_optimizer
 
 STEPS, BATCH = 6, 64
 MODEL = ModelConfig(embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
-
-
-def copy_state_dict(local: dict, full: dict) -> None:
-    """Copy full (unsharded) tensors into a sharded model's state: each local shard gets its slice."""
-    for name, tensor in local.items():
-        source = full[name]
-        if isinstance(tensor, ShardedTensor):
-            for shard in tensor.local_shards():
-                (r, c), (h, w) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                shard.tensor.copy_(source[r : r + h, c : c + w])
-        else:
-            tensor.copy_(source)
 
 
 def _batches(schema, rank, world_size):
@@ -56,16 +42,8 @@ def _concat(a: Batch, b: Batch) -> Batch:
     )
 
 
-def _rank(rank, world_size, port, data, init_path, out_path, sharding_type):
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    env = init_distributed()
+def _rank(env: DistEnv, data: str, init_path: str, out_path: str, sharding_type: str) -> None:
+    rank, world_size = env.rank, env.world_size
     schema = DatasetSchema.load(data)
     model = build_model(MODEL, schema, env.device, torch.device("meta"))
     apply_sparse_optimizer(model, "rowwise_adagrad", 0.05, 1e-8)
@@ -86,7 +64,6 @@ def _rank(rank, world_size, port, data, init_path, out_path, sharding_type):
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump({"losses": losses, "types": sorted(types)}, f)
-    destroy_distributed()
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +100,13 @@ def test_two_sharded_ranks_match_one_unsharded_process(tmp_path, dataset, shardi
         optimizer.step()
         expected.append(loss.item())
 
-    from trainer.distributed import free_port
-
-    mp.spawn(
+    run_ranks(
         _rank,
-        args=(2, free_port(), str(dataset.root), str(tmp_path / "init.pt"), str(tmp_path / "out.json"), sharding_type),
-        nprocs=2,
+        2,
+        data=str(dataset.root),
+        init_path=str(tmp_path / "init.pt"),
+        out_path=str(tmp_path / "out.json"),
+        sharding_type=sharding_type,
     )
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["types"] == [sharding_type]

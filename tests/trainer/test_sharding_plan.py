@@ -9,7 +9,8 @@ import torch
 
 from data_pipeline.schema import SparseFeature
 from models import ModelConfig, build_model
-from tests.conftest import run_trainer, write_dataset
+from tests.helpers.data import write_dataset
+from tests.helpers.runs import run_trainer
 from trainer.config import ShardingConfig
 from trainer.distributed import DistEnv, table_constraints, topology
 

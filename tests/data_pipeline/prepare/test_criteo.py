@@ -3,7 +3,6 @@ lines, gzip, byte-range units), down to a dataset the trainer trains on."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -18,48 +17,13 @@ from data_pipeline.prepare import criteo
 from data_pipeline.prepare.criteo import CriteoOptions, prepare
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DataError, DatasetSchema
-from tests.conftest import ROOT, run_trainer
-
-VOCAB = 500
-
-
-def criteo_lines(n: int, seed: int = 0) -> list[str]:
-    """Criteo-shaped lines with a learnable click model: Zipf ids, skewed counts, empty fields."""
-    rng = np.random.default_rng(seed)
-    ids = rng.zipf(1.2, (n, 26)) % VOCAB
-    effect = np.random.default_rng(99).normal(0, 1.0, (26, VOCAB))
-    counts = rng.exponential(30, (n, 13)).astype(np.int64) - (rng.random((n, 13)) < 0.02) * 3
-    logit = (
-        -1.2 + effect[0, ids[:, 0]] + effect[1, ids[:, 1]] + effect[2, ids[:, 2]] + 0.3 * np.log1p(counts[:, 0].clip(0))
-    )
-    labels = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
-    empty_int = rng.random((n, 13)) < 0.1
-    empty_cat = rng.random((n, 26)) < 0.05
-    hexes = (ids * 2654435761 + np.arange(26)) & 0xFFFFFFFF
-    lines = []
-    for r in range(n):
-        ints = ["" if empty_int[r, j] else str(counts[r, j]) for j in range(13)]
-        cats = ["" if empty_cat[r, j] else f"{hexes[r, j]:08x}" for j in range(26)]
-        lines.append("\t".join([str(labels[r]), *ints, *cats]))
-    return lines
-
-
-def write_tsv(path, lines) -> str:
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "wt") as f:
-        f.write("\n".join(lines) + "\n")
-    return str(path)
+from tests.helpers.data import CRITEO_VOCAB, criteo_lines, read_split, write_tsv
+from tests.helpers.runs import ROOT, run_trainer
 
 
 def options(inputs, out, **kw) -> CriteoOptions:
     defaults = dict(num_embeddings=[1000] * 26, row_group_rows=2048, workers=1)
     return CriteoOptions(inputs=[str(i) for i in inputs], out=str(out), **{**defaults, **kw})
-
-
-def read_split(root, split):
-    return pq.read_table(os.path.join(root, split)).sort_by(
-        [("int_0", "ascending"), ("cat_0", "ascending"), ("cat_1", "ascending")]
-    )
 
 
 def test_values_exactly(tmp_path):
@@ -79,9 +43,9 @@ def test_values_exactly(tmp_path):
     assert row["int_12"] == pytest.approx(math.log1p(9))
     assert row["cat_0"] == 10 % 7 and row["cat_1"] == 0  # hex 0xa; missing -> 0 (as MLPerf)
     assert row["cat_2"] == 0xFFFFFFFF % 7
-    assert row["cat_3"] == criteo._fnv1a(b"zz") % 7  # not hex: FNV-1a
+    assert row["cat_3"] == criteo.fnv1a(b"zz") % 7  # not hex: FNV-1a
     assert (
-        row["cat_4"] == criteo._fnv1a(b"-5") % 7 and row["cat_5"] == criteo._fnv1a(b"1_a") % 7
+        row["cat_4"] == criteo.fnv1a(b"-5") % 7 and row["cat_5"] == criteo.fnv1a(b"1_a") % 7
     )  # int() would take these
     assert sum(s.rows for s in schema.splits.values()) == 10
 
@@ -264,7 +228,9 @@ def test_replicas_under_torchrun_match_one_process(tmp_path):
 
 def test_prepared_dataset_trains(tmp_path):
     src = write_tsv(tmp_path / "day_0", criteo_lines(30_000))
-    schema = prepare(options([src], tmp_path / "data", num_embeddings=[VOCAB] * 26, workers=2), log=lambda *_: None)
+    schema = prepare(
+        options([src], tmp_path / "data", num_embeddings=[CRITEO_VOCAB] * 26, workers=2), log=lambda *_: None
+    )
     batches = ParquetBatches(schema, "train", batch_size=512)
     assert len(batches) == schema.splits["train"].rows // 512
     run_dir = tmp_path / "run"

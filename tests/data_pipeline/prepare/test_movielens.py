@@ -17,7 +17,7 @@ from data_pipeline.prepare.movielens import GENRES, MovieLensOptions, featurize,
 from data_pipeline.reader import ParquetBatches, list_row_groups
 from data_pipeline.schema import DatasetSchema, check_files, check_row_group
 from launch.cli import main as recsys
-from tests.conftest import ROOT
+from tests.helpers.runs import ROOT
 
 REAL = ROOT.parent / "shared" / "data" / "movielens-100k"  # evaluation data beside the repo; skipped when absent
 

@@ -12,7 +12,7 @@ import pytest
 
 from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from data_pipeline.schema import DatasetSchema
-from tests.conftest import run_trainer
+from tests.helpers.runs import run_trainer
 from trainer.checkpoint import (
     CheckpointError,
     IncompatibleCheckpoint,

@@ -3,16 +3,14 @@
 value, dense weight and Adam moment identical; rowwise Adagrad's per-row state is converted between
 column splits (the same values when a table is split, the width-weighted mean when shards merge).
 
-Real processes (torch.multiprocessing, gloo), the real Checkpointer on torchrec's DMP."""
+Real processes (tests.helpers.dist, gloo), the real Checkpointer on torchrec's DMP."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
@@ -20,9 +18,10 @@ from data_pipeline.prepare.synthetic import SyntheticSpec, generate
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DatasetSchema
 from models import ModelConfig, build_model
+from tests.helpers.dist import run_ranks
 from trainer.checkpoint import Checkpointer, Resume, committed, read_meta
 from trainer.config import Config, ShardingConfig
-from trainer.distributed import destroy_distributed, free_port, init_distributed, plan_sharding, shard_model
+from trainer.distributed import DistEnv, plan_sharding, shard_model
 from trainer.optim import apply_sparse_optimizer, build_optimizer
 
 pytestmark = pytest.mark.slow
@@ -61,19 +60,10 @@ class Note:
         self.text = state["text"]
 
 
-def _rank(rank, world_size, port, data, jobs, out):
+def _rank(env: DistEnv, data: str, jobs: list, out: str) -> None:
     """Run `jobs` in order: (checkpoint root to load or None, sharding type, steps to train, root to
     save in after training or None); dump the state after the load, and after the save."""
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
-    env = init_distributed()
+    rank, world_size = env.rank, env.world_size
     schema = DatasetSchema.load(data)
     dumps = []
     for load_from, sharding, train_steps, save_to in jobs:
@@ -106,13 +96,12 @@ def _rank(rank, world_size, port, data, jobs, out):
             checkpointer.save(train_steps)
             dumps.append(_dump(dmp, optimizer))
     torch.save(dumps, Path(out) / f"rank{rank}.pt")
-    destroy_distributed()
 
 
 def run(world_size, data, jobs, out) -> list[dict]:
     """Each job's dumps of every rank, merged: tables as full tensors, momentum per column shard."""
     out.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_rank, args=(world_size, free_port(), str(data), jobs, str(out)), nprocs=world_size)
+    run_ranks(_rank, world_size, data=str(data), jobs=jobs, out=str(out))
     per_rank = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     merged = []
     for i in range(len(per_rank[0])):

@@ -5,16 +5,14 @@ SIGKILL under `torchrun --max-restarts`, then resumed, ends bit-identical to an 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from data_pipeline.prepare.synthetic import SyntheticSpec, generate
-from tests.conftest import ROOT
+from tests.helpers.runs import run_recsys, run_trainer
 from trainer.checkpoint import committed, locate
 from trainer.tools.export import checkpoint_tensors
 
@@ -53,27 +51,9 @@ SAME = ("steps", "valid", "test", "best_valid", "best_valid_step", "test_weights
 
 
 def torchrun(data: Path, run_dir: Path, *args: str, restarts: int = 0, fault: str = "") -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        f"--max-restarts={restarts}",
-        "-m",
-        "trainer",
-        "--data",
-        str(data),
-        "--run-dir",
-        str(run_dir),
-        *ARGS,
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RECSYS_FAULT", None)
-    if fault:
-        env["RECSYS_FAULT"] = fault
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    """The 2-rank training job of these tests, `args` appended."""
+    args = ["--data", str(data), "--run-dir", str(run_dir), *ARGS, *args]
+    return run_trainer(args, nproc=2, timeout=300, restarts=restarts, fault=fault)
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -182,13 +162,6 @@ def test_sigkilled_rank_is_restarted_by_torchrun_and_finishes_like_the_clean_run
 # ---- what else a checkpoint of a sharded run is good for -----------------------------------------
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "launch.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
 class NotData:
     """Anything a pickle could smuggle into a model file."""
 
@@ -200,7 +173,7 @@ def test_export_and_predict_reproduce_the_trainers_test_metrics(data, clean, tmp
     from trainer.tools.export import load_model_file
 
     model_file = tmp_path / "models" / "clean.pt"
-    exported = cli("export", str(clean), "--out", str(model_file))
+    exported = run_recsys("export", str(clean), "--out", str(model_file))
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "step-00000124" in exported.stdout
     blob = torch.load(model_file, weights_only=True)  # plain tensors, strings and numbers only
@@ -209,7 +182,9 @@ def test_export_and_predict_reproduce_the_trainers_test_metrics(data, clean, tmp
     assert type(table) is torch.Tensor and table.shape == (2000, 8)  # whole, not a shard
 
     preds = tmp_path / "preds.parquet"
-    scored = cli("predict", "--model", str(model_file), "--data", str(data), "--split", "test", "--out", str(preds))
+    scored = run_recsys(
+        "predict", "--model", str(model_file), "--data", str(data), "--split", "test", "--out", str(preds)
+    )
     assert scored.returncode == 0, scored.stderr[-3000:]
     import pyarrow.parquet as pq
 
@@ -223,7 +198,7 @@ def test_export_and_predict_reproduce_the_trainers_test_metrics(data, clean, tmp
     assert auc == pytest.approx(summary["test"]["auc"], abs=1e-5)  # one CPU process scores as the 2 sharded ranks did
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no temporary left
 
-    best = cli("export", str(clean), "--best", "--out", str(tmp_path / "models" / "best.pt"))
+    best = run_recsys("export", str(clean), "--best", "--out", str(tmp_path / "models" / "best.pt"))
     assert best.returncode == 0, best.stderr[-3000:]
     best_blob = torch.load(tmp_path / "models" / "best.pt", weights_only=True)
     assert best_blob["step"] == summary["best_valid_step"] and best_blob["valid"] == summary["best_valid"]
@@ -262,26 +237,9 @@ def test_init_from_copies_grown_tables_and_initialises_new_ones(data, clean, tmp
     grown = _grown_dataset(data, tmp_path / "data")
     run_dir = tmp_path / "run"
     # Learning rates 0: the weights the run saves at its end are the ones it started from.
-    cmd = [
-        sys.executable,
-        "-m",
-        "trainer",
-        "--data",
-        str(tmp_path / "data"),
-        "--run-dir",
-        str(run_dir),
-        *ARGS,
-        "--checkpoint.init_from",
-        str(clean),
-        "--optimizer.dense_lr",
-        "0",
-        "--optimizer.sparse_lr",
-        "0",
-        "--training.max_steps",
-        "1",
-    ]
-    result = subprocess.run(
-        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    args = ["--data", str(tmp_path / "data"), "--run-dir", str(run_dir), *ARGS, "--checkpoint.init_from", str(clean)]
+    result = run_trainer(
+        [*args, "--optimizer.dense_lr", "0", "--optimizer.sparse_lr", "0", "--training.max_steps", "1"]
     )
     assert result.returncode == 0, result.stderr[-4000:]
     report = result.stdout

@@ -21,7 +21,7 @@ from sklearn.metrics import log_loss, mean_absolute_error, mean_squared_error, n
 
 from data_pipeline.schema import SparseFeature
 from models import ModelConfig
-from tests.conftest import write_dataset
+from tests.helpers.data import write_dataset
 from trainer.config import Config
 from trainer.headline import headline
 from trainer.tools.evaluate import ACTIVITY_LABELS, evaluate, main, parse_segment

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline.prepare.synthetic import SyntheticSpec, generate
-from tests.conftest import run_trainer
+from tests.helpers.runs import run_trainer
 from trainer.tools import report
 
 SEGMENT_LABELS = ["new users (0 clicks)", "1-9 clicks", "10+ clicks"]

@@ -1,0 +1,49 @@
+"""Running the real entry points as a user would, in subprocesses from the repository root: the
+per-rank trainer (alone or under torchrun) and the `recsys` command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+"""The repository root."""
+
+
+def _env(fault: str = "") -> dict[str, str]:
+    """This environment with one intra-op thread per process (as torchrun gives each rank) and the
+    fault hook set only when asked (trainer/faults.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RECSYS_FAULT", None)
+    if fault:
+        env["RECSYS_FAULT"] = fault
+    return env
+
+
+def run_trainer(
+    args: list[str], nproc: int = 0, timeout: int = 600, restarts: int | None = None, fault: str = ""
+) -> subprocess.CompletedProcess:
+    """`python -m trainer ARGS`, under `torchrun --standalone --nproc-per-node NPROC` when nproc > 0
+    (with `--max-restarts RESTARTS` when given); RECSYS_FAULT=`fault` when given."""
+    launcher = [sys.executable]
+    if nproc:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        if restarts is not None:
+            launcher.append(f"--max-restarts={restarts}")
+    return subprocess.run(
+        [*launcher, "-m", "trainer", *args], cwd=ROOT, env=_env(fault), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def run_recsys(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`recsys ARGS` (`python -m launch.cli`)."""
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
