@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from data_pipeline.prepare.criteo import RAW_COLUMNS, CriteoOptions, prepare
+from data_pipeline.prepare.criteo import CriteoOptions, prepare
+from data_pipeline.prepare.criteo_parse import RAW_COLUMNS
 
 CACHE = Path("data/bench_criteo")
 
@@ -82,11 +83,9 @@ def main() -> None:
     for workers in args.workers:
         out = Path(tempfile.mkdtemp(prefix="bench_criteo_", dir=CACHE))
         shutil.rmtree(out)
-        opts = CriteoOptions(
-            inputs=[str(path)], out=str(out), num_embeddings=[1 << 20] * 26, workers=workers, chunk_bytes=64 << 20
-        )
+        opts = CriteoOptions(inputs=[str(path)], num_embeddings=[1 << 20] * 26, workers=workers, chunk_bytes=64 << 20)
         start = time.perf_counter()
-        prepare(opts, log=lambda *_: None)
+        prepare(opts, out, log=lambda *_: None)
         took = time.perf_counter() - start
         shutil.rmtree(out)
         print(

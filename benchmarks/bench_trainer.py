@@ -61,10 +61,11 @@ BIG_TABLE = "cat_0"
 
 
 def dataset(root: Path, rows: int) -> Path:
-    from data_pipeline.prepare.synthetic import SyntheticSpec, generate
+    from data_pipeline.prepare.synthetic import SyntheticSpec
+    from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 
     out = root / f"synthetic-{rows}"
-    generate(out, SyntheticSpec(rows=rows), overwrite=True, log=lambda line: print(line, flush=True))
+    prepare_synthetic(SyntheticSpec(rows=rows), out, overwrite=True, log=lambda line: print(line, flush=True))
     return out
 
 

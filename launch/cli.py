@@ -20,6 +20,9 @@ import argparse
 import os
 import sys
 
+from data_pipeline.prepare import KINDS
+from data_pipeline.prepare import main as prepare_main
+
 
 def _train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="recsys train", add_help=False)
@@ -55,25 +58,14 @@ def _train(argv: list[str]) -> int:
     return 0  # not reached
 
 
-# `recsys prepare KIND` -> the module whose `main(argv)` prepares that kind of input.
-PREPARERS = {
-    "synthetic": "data_pipeline.prepare.synthetic",
-    "criteo": "data_pipeline.prepare.criteo",
-    "tabular": "data_pipeline.prepare.tabular",
-    "movielens": "data_pipeline.prepare.movielens",
-}
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     usage = (
-        f"usage: recsys {{prepare {{{' | '.join(PREPARERS)}}} | train | export | predict | evaluate | report}} ...  "
+        f"usage: recsys {{prepare {{{' | '.join(KINDS)}}} | train | export | predict | evaluate | report}} ...  "
         "(add --help after a command)"
     )
-    if argv[:1] == ["prepare"] and len(argv) > 1 and argv[1] in PREPARERS:
-        import importlib
-
-        return importlib.import_module(PREPARERS[argv[1]]).main(argv[2:])
+    if argv[:1] == ["prepare"] and len(argv) > 1 and argv[1] in KINDS:
+        return prepare_main(argv[1], argv[2:])
     if argv[:1] == ["train"]:
         return _train(argv[1:])
     if argv[:1] in (["export"], ["predict"]):

@@ -35,46 +35,52 @@ that is not 0/1, a non-integer count) are skipped and reported with file and lin
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import glob
-import io
 import json
 import os
-import re
 import sys
-import zlib
-from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from data_pipeline.atomic import write_atomic
-from data_pipeline.prepare.output import DatasetOutput, input_identity, write_json
+from data_pipeline.prepare import main as prepare_main
+from data_pipeline.prepare.criteo_parse import (
+    DENSE,
+    LABEL,
+    MAX_REPORTED,
+    NUM_SPARSE,
+    SPARSE,
+    BadRows,
+    Parsed,
+    Unit,
+    UnitParser,
+    UnitReport,
+    line_examples,
+    plan_units,
+)
+from data_pipeline.prepare.output import (
+    FIRST_ID,
+    MISSING_ID,
+    RARE_ID,
+    DatasetOutput,
+    input_identity,
+    vocabulary_size,
+    write_json,
+)
 from data_pipeline.schema import SPLITS, DataError, DatasetSchema, SparseFeature, SplitInfo
 
-NUM_DENSE = 13
-NUM_SPARSE = 26
-LABEL = "label"
-DENSE = [f"int_{i}" for i in range(NUM_DENSE)]
-SPARSE = [f"cat_{i}" for i in range(NUM_SPARSE)]
-RAW_COLUMNS = [LABEL, *DENSE, *SPARSE]
-MISSING_ID, RARE_ID = 0, 1  # vocabulary mode; frequent values get ids from 2
 VERSION = 1  # bump when the output of the same inputs and options changes
-MAX_REPORTED = 20  # malformed lines kept (with line numbers) per unit for the report
-_INTEGER = re.compile(r"^[+-]?[0-9]{1,18}$").pattern
 
 
 @dataclass(frozen=True)
 class CriteoOptions:
     inputs: list[str]
-    out: str
     num_embeddings: list[int] = field(default_factory=lambda: [10_000_000] * NUM_SPARSE)
     """Hashing: the id space of each of the 26 features (MLPerf's max_ind_range, torchrec's
     num_embeddings_per_feature). Ignored for the id space in vocabulary mode."""
@@ -93,308 +99,9 @@ class CriteoOptions:
 
     def provenance(self) -> dict:
         settings = asdict(self)
-        for key in ("inputs", "out", "workers", "max_bad_rows"):  # not what is written
+        for key in ("inputs", "workers", "max_bad_rows"):  # not what is written
             settings.pop(key)
         return {"criteo": settings, "version": VERSION, "inputs": input_identity([Path(p) for p in self.inputs])}
-
-
-class BadRows(DataError):
-    """Too many malformed lines."""
-
-
-# ---- units of work -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Unit:
-    file_index: int
-    path: str
-    chunk: int
-    start: int
-    end: int  # -1: to the end of the file
-
-    @property
-    def key(self) -> str:
-        return f"{self.file_index:04d}-{self.chunk:04d}"
-
-    @property
-    def size(self) -> int:
-        return (os.path.getsize(self.path) if self.end < 0 else self.end) - self.start
-
-
-def _line_start_after(f, offset: int) -> int:
-    """The start of the first line that begins at or after `offset`."""
-    if offset == 0:
-        return 0
-    f.seek(offset - 1)
-    f.readline()
-    return f.tell()
-
-
-def plan_units(files: list[str], chunk_bytes: int) -> list[Unit]:
-    units = []
-    for index, path in enumerate(files):
-        size = os.path.getsize(path)
-        if path.endswith((".gz", ".bz2")) or size <= chunk_bytes:
-            units.append(Unit(index, path, 0, 0, -1))
-            continue
-        with open(path, "rb") as f:
-            starts = sorted({_line_start_after(f, k * chunk_bytes) for k in range(-(-size // chunk_bytes))})
-        starts = [s for s in starts if s < size]
-        units += [Unit(index, path, k, s, e) for k, (s, e) in enumerate(zip(starts, [*starts[1:], -1]))]
-    return units
-
-
-class _ByteRange(io.RawIOBase):
-    """A read-only view of bytes [start, end) of a file, for pyarrow's CSV reader."""
-
-    def __init__(self, path: str, start: int, end: int) -> None:
-        self.f = open(path, "rb")  # noqa: SIM115 - closed by close(), as pyarrow closes its streams
-        self.f.seek(start)
-        self.left = end - start
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        view = memoryview(buffer)[: self.left]
-        n = self.f.readinto(view)
-        self.left -= n
-        return n
-
-    def close(self) -> None:
-        self.f.close()
-        super().close()
-
-
-# ---- parsing ------------------------------------------------------------------------------------
-
-_HEX = np.full(256, 255, np.uint8)
-for _i, _c in enumerate(b"0123456789abcdef"):
-    _HEX[_c] = _i
-    _HEX[ord(chr(_c).upper())] = _i
-
-
-def fnv1a(data: bytes) -> int:
-    h = 0xCBF29CE484222325
-    for byte in data:
-        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return h
-
-
-def categorical_values(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Hex strings -> (uint64 values, missing mask); vectorised for Criteo's 8-digit values.
-
-    Fast path (every present value has 8 characters, as in Criteo): the present values lie back to
-    back in the string data buffer, so it is decoded as one [k, 8] byte matrix with no gather.
-    """
-    column = column.cast(pa.string()) if column.type != pa.string() else column
-    n = len(column)
-    offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset : column.offset + n + 1]
-    lengths = np.diff(offsets)
-    missing = lengths == 0  # null or empty
-    values = np.zeros(n, np.uint64)
-    present = n - int(missing.sum())
-    if present == 0:
-        return values, missing
-    data = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
-    if len(data) == 8 * present and (lengths[~missing] == 8).all():
-        nibbles = _HEX[data].reshape(present, 8)
-        if (nibbles != 255).all():
-            packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]  # [k, 4] bytes, most significant first
-            values[~missing] = np.ascontiguousarray(packed).view(">u4").ravel()
-            return values, missing
-    data = np.frombuffer(column.buffers()[2], np.uint8)
-    eight = np.flatnonzero(lengths == 8)  # gather the 8-character values, decode the rest one by one
-    nibbles = _HEX[data[offsets[eight, None] + np.arange(8)]]
-    hex_ok = (nibbles != 255).all(axis=1)
-    packed = (nibbles[hex_ok, 0::2] << 4) | nibbles[hex_ok, 1::2]
-    values[eight[hex_ok]] = np.ascontiguousarray(packed).view(">u4").ravel()
-    slow = np.ones(n, bool)
-    slow[eight[hex_ok]] = False
-    for row in np.flatnonzero(slow & ~missing):
-        raw = data[offsets[row] : offsets[row + 1]]
-        is_hex = len(raw) <= 16 and bool((_HEX[raw] != 255).all())
-        values[row] = int(raw.tobytes(), 16) if is_hex else fnv1a(raw.tobytes())
-    return values, missing
-
-
-@dataclass
-class Parsed:
-    """The clean rows of one CSV block."""
-
-    split: np.ndarray  # int8 index into SPLITS
-    label: np.ndarray  # int8
-    dense: np.ndarray  # [n, 13] float32, transformed
-    values: np.ndarray  # [n, 26] uint64 raw categorical values
-    missing: np.ndarray  # [n, 26] bool
-
-
-@dataclass
-class UnitReport:
-    lines: int = 0
-    rows: dict = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
-    bad: int = 0
-    examples: list = field(default_factory=list)  # (line in unit, reason)
-
-
-class _Parser:
-    """Streams one unit's clean rows; records malformed lines with their line numbers."""
-
-    def __init__(self, unit: Unit, opts: CriteoOptions) -> None:
-        self.unit = unit
-        self.opts = opts
-        self.report = UnitReport()
-        self.skipped_lines: list[int] = []  # physical lines (1-based, in unit) with a wrong field count
-        self.bad_good_rows: list[tuple[int, str]] = []  # (index among well-formed lines, reason)
-        name = os.path.basename(unit.path)
-        self.fixed_split = None
-        if opts.test_files and fnmatch.fnmatch(name, opts.test_files):
-            self.fixed_split = "test"
-        elif opts.valid_files and fnmatch.fnmatch(name, opts.valid_files):
-            self.fixed_split = "valid"
-        self.rng = np.random.default_rng([opts.seed, zlib.crc32(name.encode()), unit.chunk])
-
-    def _field_count(self, row) -> str:
-        """pyarrow's invalid-row handler (its exceptions are swallowed, so it answers "error")."""
-        self.skipped_lines.append(row.number)
-        return "error" if self._over_limit() else "skip"
-
-    def _over_limit(self) -> bool:
-        return len(self.skipped_lines) + len(self.bad_good_rows) > self.opts.max_bad_rows
-
-    def _check_limit(self) -> None:
-        if self._over_limit():
-            raise BadRows(self.message())
-
-    def _assign_splits(self, n: int) -> np.ndarray:
-        u = self.rng.random(n)
-        if self.fixed_split == "valid":
-            return np.full(n, 1, np.int8)
-        if self.fixed_split == "test":
-            return np.where(u < 0.5, 1, 2).astype(np.int8) if not self.opts.valid_files else np.full(n, 2, np.int8)
-        if self.opts.test_files or self.opts.valid_files:
-            return np.zeros(n, np.int8)
-        edges = np.cumsum(self.opts.split_fractions)[:-1]
-        return np.searchsorted(edges, u, side="right").astype(np.int8)
-
-    def _open(self):
-        if self.unit.end < 0 and self.unit.start == 0:
-            return self.unit.path  # pyarrow decompresses .gz / .bz2 by extension
-        end = self.unit.end if self.unit.end >= 0 else os.path.getsize(self.unit.path)
-        return io.BufferedReader(_ByteRange(self.unit.path, self.unit.start, end), 1 << 20)
-
-    def _reader(self) -> pacsv.CSVStreamingReader:
-        return pacsv.open_csv(
-            self._open(),
-            read_options=pacsv.ReadOptions(column_names=RAW_COLUMNS, block_size=8 << 20, use_threads=False),
-            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, invalid_row_handler=self._field_count),
-            convert_options=pacsv.ConvertOptions(
-                column_types={c: pa.string() for c in RAW_COLUMNS}, strings_can_be_null=True, null_values=[""]
-            ),
-        )
-
-    def __iter__(self) -> Iterator[Parsed]:
-        seen = 0
-        reader = None
-        while True:
-            try:
-                if reader is None:  # opening reads (and parses) the first block already
-                    reader = self._reader()
-                block = reader.read_next_batch()
-            except StopIteration:
-                break
-            except pa.ArrowInvalid as e:
-                self._check_limit()  # the handler stopped the reader: too many malformed lines
-                raise DataError(f"{self.unit.path}: cannot be parsed as Criteo TSV ({e})") from None
-            yield self._clean(block, seen)
-            seen += block.num_rows
-        self.report.lines = seen + len(self.skipped_lines)
-
-    def _clean(self, block: pa.RecordBatch, first: int) -> Parsed:
-        n = block.num_rows
-        ok = np.ones(n, bool)
-        label = block.column(LABEL)
-        is_label = pc.fill_null(pc.is_in(label, pa.array(["0", "1"])), False).to_numpy(zero_copy_only=False)
-        self._bad(~is_label & ok, first, lambda r: f"label {label[r].as_py()!r} is not 0 or 1")
-        ok &= is_label
-        dense = np.zeros((n, NUM_DENSE), np.float64)
-        for j, name in enumerate(DENSE):
-            column = block.column(name)
-            try:
-                numbers = pc.cast(column, pa.int64())
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                well_formed = pc.fill_null(pc.match_substring_regex(column, _INTEGER), True).to_numpy(
-                    zero_copy_only=False
-                )
-                self._bad(
-                    ~well_formed & ok,
-                    first,
-                    lambda r, name=name, column=column: f"{name} {column[r].as_py()!r} is not an integer",
-                )
-                ok &= well_formed
-                numbers = pc.cast(pc.if_else(pa.array(well_formed), column, pa.scalar(None, pa.string())), pa.int64())
-            dense[:, j] = pc.fill_null(numbers, 0).to_numpy()
-        if self.opts.dense_transform == "log1p":
-            dense = np.log1p(np.maximum(dense, 0))
-        values = np.empty((n, NUM_SPARSE), np.uint64)
-        missing = np.empty((n, NUM_SPARSE), bool)
-        for j, name in enumerate(SPARSE):
-            values[:, j], missing[:, j] = categorical_values(block.column(name))
-        split = self._assign_splits(n)
-        keep = np.flatnonzero(ok)
-        labels = (label.to_numpy(zero_copy_only=False) == "1").astype(np.int8)
-        return Parsed(split[keep], labels[keep], dense[keep].astype(np.float32), values[keep], missing[keep])
-
-    def _bad(self, mask: np.ndarray, first: int, reason) -> None:
-        for row in np.flatnonzero(mask):
-            self.bad_good_rows.append(
-                (first + int(row), reason(int(row)) if len(self.bad_good_rows) < MAX_REPORTED else "")
-            )
-        if mask.any():
-            self._check_limit()
-
-    def line_of(self, good_row: int) -> int:
-        """Physical line (1-based, in the unit) of the `good_row`-th well-formed line."""
-        line = good_row + 1
-        for skipped in sorted(self.skipped_lines):
-            if skipped <= line:
-                line += 1
-        return line
-
-    def finish(self) -> UnitReport:
-        report = self.report
-        report.bad = len(self.skipped_lines) + len(self.bad_good_rows)
-        examples = [
-            (n, f"wrong number of fields (expected {len(RAW_COLUMNS)})") for n in self.skipped_lines[:MAX_REPORTED]
-        ]
-        examples += [(self.line_of(r), why) for r, why in self.bad_good_rows[:MAX_REPORTED]]
-        report.examples = sorted(examples)[:MAX_REPORTED]
-        return report
-
-    def message(self) -> str:
-        report = self.finish()
-        return (
-            f"{report.bad} malformed lines in {self.unit.path} (more than --max-bad-rows {self.opts.max_bad_rows}): "
-            + "; ".join(_examples(self.unit, report.examples))
-        )
-
-
-def _lines_before(path: str, offset: int) -> int:
-    """Newlines in the first `offset` bytes (to turn a unit's line numbers into the file's)."""
-    count = 0
-    with open(path, "rb") as f:
-        while offset > 0:
-            block = f.read(min(offset, 16 << 20))
-            count += block.count(b"\n")
-            offset -= len(block)
-    return count
-
-
-def _examples(unit: Unit, examples: list, limit: int = 5) -> list[str]:
-    """ "file line N: reason" for a unit's malformed lines, with line numbers counted in the file."""
-    first = _lines_before(unit.path, unit.start) if unit.start and examples else 0
-    return [f"{unit.path} line {first + n}: {why}" for n, why in examples[:limit]]
 
 
 # ---- the two passes over one unit (run in worker processes) --------------------------------------
@@ -402,7 +109,7 @@ def _examples(unit: Unit, examples: list, limit: int = 5) -> list[str]:
 
 def count_unit(unit: Unit, opts: CriteoOptions, out: str) -> UnitReport:
     """Pass 1 (vocabulary mode): distinct values and their counts on the train rows of one unit."""
-    parser = _Parser(unit, opts)
+    parser = UnitParser(unit, opts)
     counts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(NUM_SPARSE)]
     for parsed in parser:
         train = parsed.split == 0
@@ -442,7 +149,7 @@ def _ids(parsed: Parsed, vocab: list[np.ndarray] | None, sizes: list[int]) -> np
             known = vocab[j]
             index = np.searchsorted(known, values).clip(max=max(len(known) - 1, 0))
             found = known[index] == values if len(known) else np.zeros(len(values), bool)
-            ids[:, j] = np.where(parsed.missing[:, j], MISSING_ID, np.where(found, index + 2, RARE_ID))
+            ids[:, j] = np.where(parsed.missing[:, j], MISSING_ID, np.where(found, index + FIRST_ID, RARE_ID))
     return ids
 
 
@@ -459,7 +166,7 @@ def write_unit(unit: Unit, opts: CriteoOptions, out: str, sizes: list[int]) -> U
     if opts.min_count:
         with np.load(Path(out) / "vocabulary.npz") as saved:
             vocab = [saved[name] for name in SPARSE]
-    parser = _Parser(unit, opts)
+    parser = UnitParser(unit, opts)
     finals = {s: Path(out) / s / f"part-{unit.key}.parquet" for s in SPLITS}
     temps = {s: p.with_name(f".{p.name}.tmp-{os.getpid()}") for s, p in finals.items()}
     writers: dict[str, pq.ParquetWriter] = {}
@@ -569,7 +276,7 @@ def _collect(running: dict, bar, opts: CriteoOptions) -> None:
             if bad > opts.max_bad_rows:
                 raise BadRows(
                     f"{bad} malformed lines so far (more than --max-bad-rows {opts.max_bad_rows}): "
-                    + "; ".join(_examples(unit, report.examples))
+                    + "; ".join(line_examples(unit, report.examples))
                 )
 
 
@@ -588,27 +295,30 @@ def _inputs(patterns: list[str]) -> list[str]:
     return list(dict.fromkeys(os.path.abspath(f) for f in files))
 
 
-def prepare(opts: CriteoOptions, overwrite: bool = False, log=print) -> DatasetSchema:
+def prepare(opts: CriteoOptions, out: str | Path, overwrite: bool = False, log=print) -> DatasetSchema:
+    """Convert `opts.inputs` into the dataset at `out` (on every replica under torchrun; see the
+    module docstring)."""
+    out = str(out)
     files = _inputs(opts.inputs)
     opts = CriteoOptions(**{**asdict(opts), "inputs": files})
     if len(opts.num_embeddings) != NUM_SPARSE or min(opts.num_embeddings) <= 0:
         raise DataError(f"--num-embeddings-per-feature needs {NUM_SPARSE} positive sizes")
-    output = DatasetOutput(opts.out, opts.provenance(), overwrite)
+    output = DatasetOutput(out, opts.provenance(), overwrite)
     replicas = _Replicas()
     main = replicas.rank == 0
     try:
         existing = output.up_to_date()
         if existing is not None:
             if main:
-                log(f"{opts.out}: up to date; not prepared again")
+                log(f"{out}: up to date; not prepared again")
             return existing
         error: BaseException | None = None
         if main:
             try:
                 resuming = output.start()
                 for sub in (*SPLITS, "_units", "_counts"):
-                    (Path(opts.out) / sub).mkdir(exist_ok=True)
-                log(f"criteo: {len(files)} input files -> {opts.out}{' (resuming)' if resuming else ''}")
+                    (Path(out) / sub).mkdir(exist_ok=True)
+                log(f"criteo: {len(files)} input files -> {out}{' (resuming)' if resuming else ''}")
             except BaseException as e:
                 error = e
         if not replicas.agree(error is None):
@@ -616,17 +326,16 @@ def prepare(opts: CriteoOptions, overwrite: bool = False, log=print) -> DatasetS
         units = plan_units(files, opts.chunk_bytes)
         mine = units[replicas.rank :: replicas.world]
         sizes = list(opts.num_embeddings)
-        out = opts.out
         if opts.min_count:
             error = _guard(lambda: _run_units(count_unit, mine, opts, out, "_counts/{}.npz", "count values", main))
             if not replicas.agree(error is None):
                 raise error or DataError("another replica failed while counting values")
             if main:
-                error = _guard(lambda: _build_vocabulary(units, opts, log))
+                error = _guard(lambda: _build_vocabulary(units, opts, out, log))
             if not replicas.agree(error is None):
                 raise error or DataError("replica 0 failed to build the vocabulary")
             with np.load(Path(out) / "vocabulary.npz") as saved:
-                sizes = [len(saved[name]) + 2 for name in SPARSE]
+                sizes = [vocabulary_size(len(saved[name])) for name in SPARSE]
         error = _guard(lambda: _run_units(write_unit, mine, opts, out, "_units/{}.json", "write parquet", main, sizes))
         if not replicas.agree(error is None):
             raise error or DataError("another replica failed while writing")
@@ -634,7 +343,7 @@ def prepare(opts: CriteoOptions, overwrite: bool = False, log=print) -> DatasetS
             error = _guard(lambda: _finish(output, units, opts, sizes, log))
         if not replicas.agree(error is None):
             raise error or DataError("replica 0 failed to finish the dataset")
-        return DatasetSchema.load(opts.out)
+        return DatasetSchema.load(out)
     finally:
         replicas.close()
 
@@ -647,20 +356,20 @@ def _guard(fn) -> BaseException | None:
     return None
 
 
-def _build_vocabulary(units: list[Unit], opts: CriteoOptions, log) -> None:
+def _build_vocabulary(units: list[Unit], opts: CriteoOptions, out: str, log) -> None:
     """Merge the units' counts one feature at a time (peak memory: one feature's counts)."""
     vocab = {}
     for j, name in enumerate(SPARSE):
         parts = []
         for unit in units:
-            with np.load(Path(opts.out) / "_counts" / f"{unit.key}.npz") as saved:
+            with np.load(Path(out) / "_counts" / f"{unit.key}.npz") as saved:
                 parts.append((saved[f"v{j}"], saved[f"c{j}"]))
         values, totals = _merge_counts(parts)
         vocab[name] = values[totals >= opts.min_count]
-    write_atomic(Path(opts.out) / "vocabulary.npz", lambda tmp: _savez(tmp, vocab))
+    write_atomic(Path(out) / "vocabulary.npz", lambda tmp: _savez(tmp, vocab))
     log(
         f"  vocabulary (ids = values seen >= {opts.min_count} times, + missing, + rare): "
-        + ", ".join(f"{n} {len(v) + 2:,}" for n, v in vocab.items())
+        + ", ".join(f"{n} {vocabulary_size(len(v)):,}" for n, v in vocab.items())
     )
 
 
@@ -668,13 +377,13 @@ def _finish(output: DatasetOutput, units: list[Unit], opts: CriteoOptions, sizes
     rows = dict.fromkeys(SPLITS, 0)
     bad, lines, examples = 0, 0, []
     for unit in units:
-        report = json.loads((Path(opts.out) / "_units" / f"{unit.key}.json").read_text())
+        report = json.loads((output.root / "_units" / f"{unit.key}.json").read_text())
         for split in SPLITS:
             rows[split] += report["rows"][split]
         bad += report["bad"]
         lines += report["lines"]
         if len(examples) < MAX_REPORTED:
-            examples += _examples(unit, report["examples"], MAX_REPORTED)
+            examples += line_examples(unit, report["examples"], MAX_REPORTED)
     for split in SPLITS:
         if rows[split] == 0:
             raise DataError(f"split '{split}' would be empty: check --split-fractions / --valid-files / --test-files")
@@ -695,10 +404,10 @@ def _finish(output: DatasetOutput, units: list[Unit], opts: CriteoOptions, sizes
     )
     schema = output.finish(schema)
     for sub in ("_units", "_counts"):
-        for path in (Path(opts.out) / sub).glob("*"):
+        for path in (output.root / sub).glob("*"):
             path.unlink()
-        (Path(opts.out) / sub).rmdir()
-    for leftover in Path(opts.out).glob("*/.*.tmp-*"):  # from workers killed mid-write (SIGKILL, OOM)
+        (output.root / sub).rmdir()
+    for leftover in output.root.glob("*/.*.tmp-*"):  # from workers killed mid-write (SIGKILL, OOM)
         leftover.unlink()
     log(f"  {lines:,} lines: " + ", ".join(f"{s} {rows[s]:,}" for s in SPLITS) + f"; {bad} malformed lines skipped")
     for example in examples[:5]:
@@ -713,7 +422,8 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str]) -> tuple[CriteoOptions, str, bool]:
+    """`recsys prepare criteo` flags -> (options, out, overwrite)."""
     parser = argparse.ArgumentParser(
         prog="recsys prepare criteo",
         description=__doc__.split("\n\n")[0],
@@ -747,7 +457,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--split-fractions needs three non-negative fractions that sum to 1")
     opts = CriteoOptions(
         inputs=args.input,
-        out=args.out,
         num_embeddings=args.num_embeddings_per_feature or [args.num_embeddings] * NUM_SPARSE,
         min_count=args.min_count,
         dense_transform=args.dense_transform,
@@ -760,13 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         chunk_bytes=max(1, int(args.chunk_mb * (1 << 20))),
         workers=args.workers,
     )
-    try:
-        prepare(opts, overwrite=args.overwrite)
-    except (DataError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return opts, args.out, args.overwrite
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(prepare_main("criteo", sys.argv[1:]))

@@ -53,7 +53,6 @@ negatives follow it in valid/test; train rows are shuffled (seeded) as a whole.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,33 +63,25 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from data_pipeline.prepare import main as prepare_main
+from data_pipeline.prepare.movielens_features import (
+    AGE_LABELS,
+    DENSE,
+    GENRES,
+    SPARSE,
+    TRANSFORMS_FILE,
+    VERSION,
+    featurize,
+    fit_stats,
+    fit_vocabularies,
+    item_columns,
+    item_features,
+    lookup,
+    user_columns,
+    user_features,
+)
 from data_pipeline.prepare.output import DatasetOutput, input_identity, row_group_size, write_json, write_parquet
 from data_pipeline.schema import SPLITS, DataError, DatasetSchema, SparseFeature, SplitInfo
-
-VERSION = 2  # bump when features or layout change, so stale datasets are not reported up to date
-GENRES = (
-    "unknown",
-    "Action",
-    "Adventure",
-    "Animation",
-    "Children's",
-    "Comedy",
-    "Crime",
-    "Documentary",
-    "Drama",
-    "Fantasy",
-    "Film-Noir",
-    "Horror",
-    "Musical",
-    "Mystery",
-    "Romance",
-    "Sci-Fi",
-    "Thriller",
-    "War",
-    "Western",
-)
-AGE_BOUNDARIES = (18, 25, 35, 45, 50, 56)  # bucket i holds ages in [boundary[i-1], boundary[i])
-AGE_LABELS = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
 
 RATING_COLUMNS = ("user_id", "movie_id", "rating", "timestamp")
 USER_COLUMNS = ("user_id", "age", "gender", "occupation", "zip_code")
@@ -100,9 +91,6 @@ FILES = {
     "parquet": {"ratings": "ratings.parquet", "users": "users.parquet", "items": "items.parquet"},
 }
 
-SPARSE = ("user_id", "movie_id", "age_bucket", "gender", "occupation", "zip_prefix", "release_year", "genres")
-DENSE = ("age_z", "release_year_z", "user_log_count_z", "movie_log_count_z")
-TRANSFORMS_FILE = "transforms.json"
 # Which columns describe the user and which the item (for two-tower models).
 TOWERS = {
     "user": ["user_id", "age_bucket", "gender", "occupation", "zip_prefix", "age_z", "user_log_count_z"],
@@ -112,6 +100,10 @@ TOWERS = {
 
 @dataclass(frozen=True)
 class MovieLensOptions:
+    input: str = ""
+    """The directory of u.data/u.user/u.item, or of ratings/users/items.parquet."""
+    format: str = "auto"
+    """The input layout: auto (the one present), official or parquet."""
     split: str = "random"
     """"random" (seeded 80/10/10) or "leave-last-out" (per user, by timestamp)."""
     seed: int = 0
@@ -292,146 +284,6 @@ def read_inputs(input_dir: str | Path, fmt: str = "auto", explicit: bool = True)
     return Inputs(ratings, users, items, fmt, paths)
 
 
-# ---- transforms: learned from the data, saved, and applied the same way to new rows ---------------
-
-
-def _clean(values: pa.Array) -> pa.Array:
-    """Trimmed strings, with empty ones as null (missing)."""
-    values = pc.utf8_trim_whitespace(values)
-    return pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
-
-
-def _zip_prefix(zip_code: pa.Array, chars: int) -> pa.Array:
-    return pc.utf8_upper(pc.utf8_slice_codeunits(_clean(zip_code), 0, chars))
-
-
-def _release_year(release_date: pa.Array) -> pa.Array:
-    """The 4-digit year ending a date like '01-Jan-1995' or '4-Feb-1971'; null if absent."""
-    match = pc.extract_regex(_clean(release_date), r"(?P<year>\d{4})\s*$")
-    year = pc.struct_field(match, [0])
-    return pc.cast(pc.if_else(pc.is_valid(match), year, pa.scalar(None, pa.string())), pa.int64())
-
-
-def _vocab(values: pa.Array) -> list:
-    return pc.unique(values.drop_null()).sort().to_pylist()
-
-
-def _lookup(values: pa.Array, vocab: list) -> pa.Array:
-    """Index of each value in `vocab` (its position), null where absent."""
-    value_type = pa.string() if pa.types.is_string(values.type) else pa.int64()
-    return pc.cast(pc.index_in(values, value_set=pa.array(vocab, value_type)), pa.int64())
-
-
-def fit_vocabularies(users: pa.Table, items: pa.Table, zip_prefix_chars: int) -> dict:
-    """The id spaces. `vocab[feature][i]` is the raw value of id i (so raw -> id is its position)."""
-    return {
-        "version": VERSION,
-        "vocab": {
-            "user_id": _vocab(users["user_id"]),
-            "movie_id": _vocab(items["movie_id"]),
-            "gender": _vocab(_clean(users["gender"])),
-            "occupation": _vocab(_clean(users["occupation"])),
-            "zip_prefix": _vocab(_zip_prefix(users["zip_code"], zip_prefix_chars)),
-            "release_year": _vocab(_release_year(items["release_date"])),
-        },
-        "zip_prefix_chars": zip_prefix_chars,
-        "age_bucket": {"boundaries": list(AGE_BOUNDARIES), "labels": list(AGE_LABELS)},
-        "genres": list(GENRES),
-    }
-
-
-def _train_count(index: pa.Array, counts: list[int]) -> np.ndarray:
-    """Train-split interactions of each id (0 for a null id)."""
-    ids = pc.fill_null(index, -1).to_numpy(zero_copy_only=False)
-    return np.where(ids >= 0, np.asarray(counts, np.float64)[np.maximum(ids, 0)], 0.0)
-
-
-def _floats(values: pa.Array) -> np.ndarray:
-    return pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False)  # null -> NaN
-
-
-def _user_columns(users: pa.Table, t: dict) -> tuple[dict[str, pa.Array], dict[str, np.ndarray]]:
-    """Sparse ids and raw (not yet standardised) dense values of each row of `users`."""
-    vocab = t["vocab"]
-    index = _lookup(users["user_id"].combine_chunks(), vocab["user_id"])
-    age = _floats(users["age"])
-    bucket = np.searchsorted(np.asarray(t["age_bucket"]["boundaries"], np.float64), np.nan_to_num(age), side="right")
-    sparse = {
-        "user_id": index,
-        "age_bucket": pa.array(bucket, pa.int64(), mask=np.isnan(age)),
-        "gender": _lookup(_clean(users["gender"]), vocab["gender"]),
-        "occupation": _lookup(_clean(users["occupation"]), vocab["occupation"]),
-        "zip_prefix": _lookup(_zip_prefix(users["zip_code"], t["zip_prefix_chars"]), vocab["zip_prefix"]),
-    }
-    dense = {"age_z": age, "user_log_count_z": np.log1p(_train_count(index, t["train_counts"]["user_id"]))}
-    return sparse, dense
-
-
-def _item_columns(items: pa.Table, t: dict) -> tuple[dict[str, pa.Array], dict[str, np.ndarray]]:
-    """Sparse ids and raw dense values of each row of `items`."""
-    index = _lookup(items["movie_id"].combine_chunks(), t["vocab"]["movie_id"])
-    year = _release_year(items["release_date"])
-    flags = np.stack([pc.fill_null(items[g], 0).to_numpy(zero_copy_only=False) != 0 for g in t["genres"]], axis=1)
-    rows, genre = np.nonzero(flags)  # row-major: each row's genres in order
-    offsets = np.r_[0, np.cumsum(np.bincount(rows, minlength=len(flags)))].astype(np.int32)
-    sparse = {
-        "movie_id": index,
-        "release_year": _lookup(year, t["vocab"]["release_year"]),
-        "genres": pa.ListArray.from_arrays(pa.array(offsets), pa.array(genre, pa.int64())),
-    }
-    dense = {
-        "release_year_z": _floats(year),
-        "movie_log_count_z": np.log1p(_train_count(index, t["train_counts"]["movie_id"])),
-    }
-    return sparse, dense
-
-
-def _standardise(values: np.ndarray, stats: dict) -> pa.Array:
-    z = (values - stats["mean"]) / stats["std"]
-    return pa.array(np.nan_to_num(z, nan=0.0).astype(np.float32))
-
-
-def _fit_stats(values: np.ndarray, weights: np.ndarray) -> dict:
-    """Mean and std of `values` over rows, entity i counting `weights[i]` times; NaN left out."""
-    ok = ~np.isnan(values) & (weights > 0)
-    if not ok.any():
-        return {"mean": 0.0, "std": 1.0}
-    mean = float(np.average(values[ok], weights=weights[ok]))
-    std = float(np.sqrt(np.average((values[ok] - mean) ** 2, weights=weights[ok])))
-    return {"mean": mean, "std": std if std > 0 else 1.0}
-
-
-def user_features(users: pa.Table, t: dict) -> pa.Table:
-    """One row per row of `users`: its sparse ids and standardised dense features."""
-    sparse, dense = _user_columns(users, t)
-    return pa.table({**sparse, **{name: _standardise(x, t["dense"][name]) for name, x in dense.items()}})
-
-
-def item_features(items: pa.Table, t: dict) -> pa.Table:
-    """One row per row of `items`: its sparse ids and standardised dense features."""
-    sparse, dense = _item_columns(items, t)
-    return pa.table({**sparse, **{name: _standardise(x, t["dense"][name]) for name, x in dense.items()}})
-
-
-def featurize(user_ids, movie_ids, users: pa.Table, items: pa.Table, t: dict) -> pa.Table:
-    """Feature columns (DENSE then SPARSE) for pairs of raw (user id, movie id), transformed exactly
-    as the training rows were. `users`/`items` hold the input columns and may include entities
-    unseen in training (their ids become null; their other features still apply). Pairs whose
-    user or movie is not in `users`/`items` get null features (missing ids, dense 0)."""
-    user_rows = pc.index_in(pa.array(user_ids, pa.int64()), value_set=users["user_id"].combine_chunks())
-    item_rows = pc.index_in(pa.array(movie_ids, pa.int64()), value_set=items["movie_id"].combine_chunks())
-    u = user_features(users, t).take(user_rows)
-    i = item_features(items, t).take(item_rows)
-    columns = {**{c: u[c] for c in u.column_names}, **{c: i[c] for c in i.column_names}}
-    return pa.table({name: columns[name] for name in (*DENSE, *SPARSE)})
-
-
-def load_transforms(root: str | Path) -> dict:
-    """The transforms a dataset was made with (`schema.extra["transforms"]` names the file)."""
-    schema = DatasetSchema.load(root)
-    return json.loads((schema.root / schema.extra["transforms"]).read_text())
-
-
 # ---- splits and negatives ----------------------------------------------------------------------
 
 
@@ -477,36 +329,32 @@ def sample_negatives(
 
 
 def _provenance(inputs_fmt: str, paths: dict[str, Path], opts: MovieLensOptions) -> dict:
+    settings = {k: v for k, v in asdict(opts).items() if k not in ("input", "format")}
     return {
-        "movielens": {"format": inputs_fmt, **asdict(opts)},
+        "movielens": {"format": inputs_fmt, **settings},
         "version": VERSION,
         "inputs": input_identity(list(paths.values())),
     }
 
 
-def prepare(
-    input_dir: str | Path,
-    out: str | Path,
-    opts: MovieLensOptions = MovieLensOptions(),
-    fmt: str = "auto",
-    overwrite: bool = False,
-    log=print,
-) -> DatasetSchema:
+def prepare(opts: MovieLensOptions, out: str | Path, overwrite: bool = False, log=print) -> DatasetSchema:
     """Build the dataset at `out` (see the module docstring); an identical existing one is kept."""
-    fmt, paths = find_inputs(input_dir, fmt)
+    input_dir = opts.input
+    fmt, paths = find_inputs(input_dir, opts.format)
     output = DatasetOutput(out, _provenance(fmt, paths, opts), overwrite)
     existing = output.up_to_date()
     if existing is not None:
         log(f"{out}: up to date (same inputs and options); not rebuilt")
         return existing
+    log(f"movielens {input_dir} -> {out}")
     data = read_inputs(input_dir, fmt, explicit=not opts.implicit)
     t = fit_vocabularies(data.users, data.items, opts.zip_prefix_chars)
     n_users, n_items = len(t["vocab"]["user_id"]), len(t["vocab"]["movie_id"])
 
     # Interactions as ids, sorted by (user, timestamp, movie): the order both split schemes start from.
     ratings = data.ratings
-    user = _lookup(ratings["user_id"].combine_chunks(), t["vocab"]["user_id"]).to_numpy()
-    movie = _lookup(ratings["movie_id"].combine_chunks(), t["vocab"]["movie_id"]).to_numpy()
+    user = lookup(ratings["user_id"].combine_chunks(), t["vocab"]["user_id"]).to_numpy()
+    movie = lookup(ratings["movie_id"].combine_chunks(), t["vocab"]["movie_id"]).to_numpy()
     rating = ratings["rating"].to_numpy()
     order = np.lexsort((movie, ratings["timestamp"].to_numpy(), user))
     user, movie, rating = user[order], movie[order], rating[order]
@@ -552,13 +400,13 @@ def prepare(
     users_sorted = data.users.sort_by("user_id")  # row i <-> user id i
     items_sorted = data.items.sort_by("movie_id")
     train_u, train_m, _ = rows["train"]
-    _, user_dense = _user_columns(users_sorted, t)
-    _, item_dense = _item_columns(items_sorted, t)
+    _, user_dense = user_columns(users_sorted, t)
+    _, item_dense = item_columns(items_sorted, t)
     weights_u = np.bincount(train_u, minlength=n_users)
     weights_m = np.bincount(train_m, minlength=n_items)
     t["dense"] = {
-        **{name: _fit_stats(x, weights_u) for name, x in user_dense.items()},
-        **{name: _fit_stats(x, weights_m) for name, x in item_dense.items()},
+        **{name: fit_stats(x, weights_u) for name, x in user_dense.items()},
+        **{name: fit_stats(x, weights_m) for name, x in item_dense.items()},
     }
 
     label_name = "label" if opts.implicit else "rating"
@@ -609,10 +457,26 @@ def prepare(
             "towers": TOWERS,
         },
     )
-    return output.finish(schema)
+    schema = output.finish(schema)
+    for line in _summary(schema, opts):
+        log(line)
+    return schema
 
 
-def main(argv: list[str] | None = None) -> int:
+def _summary(schema: DatasetSchema, opts: MovieLensOptions) -> list[str]:
+    label = f"'{schema.label}' ({schema.task}" + (f", {schema.label_range})" if schema.label_range else ")")
+    negatives = f"; {opts.negatives} negatives per positive" if opts.implicit else ""
+    sparse = (f"{f.name} {f.num_embeddings:,}" + (" multi-hot" if f.multi_hot else "") for f in schema.sparse)
+    return [
+        f"  label {label}; split {opts.split}{negatives}",
+        "  rows: " + ", ".join(f"{name} {info.rows:,}" for name, info in schema.splits.items()),
+        "  sparse (ids): " + ", ".join(sparse),
+        "  dense: " + ", ".join(schema.dense),
+    ]
+
+
+def parse(argv: list[str]) -> tuple[MovieLensOptions, str, bool]:
+    """`recsys prepare movielens` flags -> (options, out, overwrite)."""
     parser = argparse.ArgumentParser(
         prog="recsys prepare movielens",
         description=__doc__.split("\n\n")[0],
@@ -655,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--min-rating and --negatives need --implicit")
     try:
         opts = MovieLensOptions(
+            input=args.input,
+            format=args.format,
             split=args.split,
             seed=args.seed,
             implicit=args.implicit,
@@ -665,20 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as e:
         parser.error(str(e))
-    print(f"movielens {args.input} -> {args.out}")
-    try:
-        schema = prepare(args.input, args.out, opts, fmt=args.format, overwrite=args.overwrite)
-    except (DataError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    label = f"'{schema.label}' ({schema.task}" + (f", {schema.label_range})" if schema.label_range else ")")
-    print(
-        f"  label {label}; split {opts.split}" + (f"; {opts.negatives} negatives per positive" if opts.implicit else "")
-    )
-    print("  rows: " + ", ".join(f"{name} {info.rows:,}" for name, info in schema.splits.items()))
-    print(
-        "  sparse (ids): "
-        + ", ".join(f"{f.name} {f.num_embeddings:,}" + (" multi-hot" if f.multi_hot else "") for f in schema.sparse)
-    )
-    print("  dense: " + ", ".join(schema.dense))
-    return 0
+    return opts, args.out, args.overwrite
+
+
+if __name__ == "__main__":
+    sys.exit(prepare_main("movielens", sys.argv[1:]))

@@ -24,6 +24,15 @@ from data_pipeline.schema import SCHEMA_FILE, DataError, DatasetSchema
 
 IN_PROGRESS_FILE = ".prepare.json"
 
+MISSING_ID, RARE_ID, FIRST_ID = 0, 1, 2
+"""The id layout of every vocabulary the preparers build: 0 = missing (null or empty), 1 = a value
+seen too rarely on train or not at all, 2.. = the vocabulary's values in order."""
+
+
+def vocabulary_size(values: int) -> int:
+    """The id space of a feature whose vocabulary holds `values` values (missing and rare included)."""
+    return FIRST_ID + values
+
 
 MIN_ROW_GROUPS = 64
 

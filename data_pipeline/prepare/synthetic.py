@@ -19,10 +19,8 @@ seed; rows are generated file by file, so memory stays flat for any row count.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
+import functools
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +30,10 @@ import pyarrow.parquet as pq
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from data_pipeline.schema import SCHEMA_FILE, SPLITS, DatasetSchema, SparseFeature, SplitInfo
+from data_pipeline.atomic import write_atomic
+from data_pipeline.prepare import main as prepare_main
+from data_pipeline.prepare.output import DatasetOutput
+from data_pipeline.schema import SPLITS, DatasetSchema, SparseFeature, SplitInfo
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -137,65 +138,56 @@ def _to_table(dense, ids, lengths, labels) -> pa.Table:
     return pa.table(columns)
 
 
-def generate(out: str | Path, spec: SyntheticSpec, overwrite: bool = False, log=print) -> DatasetSchema:
-    """Write the dataset to `out` (atomically: into a temporary directory, then renamed).
-
-    If `out` already holds a dataset made with the same spec, it is kept and returned as is.
-    """
-    out = Path(out)
-    if (out / SCHEMA_FILE).is_file():
-        existing = DatasetSchema.load(out)
-        if existing.extra.get("generator") == _provenance(spec):
-            log(f"{out}: up to date ({spec.rows:,} rows, seed {spec.seed}); not regenerated")
-            return existing
-        if not overwrite:
-            raise FileExistsError(f"{out} holds a different dataset; pass --overwrite to replace it")
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-
+def prepare(spec: SyntheticSpec, out: str | Path, overwrite: bool = False, log=print) -> DatasetSchema:
+    """Write the dataset to `out` through `DatasetOutput` (refuse another dataset unless
+    `overwrite`, "up to date" for the same spec, atomic files, dataset.json last)."""
+    output = DatasetOutput(out, _provenance(spec), overwrite)
+    existing = output.up_to_date()
+    if existing is not None:
+        log(f"{out}: up to date ({spec.rows:,} rows, seed {spec.seed}); not regenerated")
+        return existing
+    output.start()  # an interrupted run is redone whole: every file is cheap and deterministic
+    log(f"synthetic dataset -> {out}")
     model = ClickModel(spec)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is meant to be shared
-    try:
-        splits = {}
-        for split_index, (split, share) in enumerate(zip(SPLITS, SHARES)):
-            split_rows = int(spec.rows * share)
-            n_files = spec.files if split == "train" else max(1, spec.files // 2)
-            probs, labels = [], []
-            (tmp / split).mkdir()
-            for file_index, rows in enumerate(np.array_split(np.arange(split_rows), n_files)):
-                rng = np.random.default_rng([spec.seed, 2, split_index, file_index])
-                with pq.ParquetWriter(tmp / split / f"part-{file_index:05d}.parquet", _schema()) as writer:
-                    for chunk in np.array_split(rows, max(1, -(-len(rows) // spec.row_group_rows))):
-                        dense, ids, lengths, logit = model.sample(rng, len(chunk))
-                        p = 1 / (1 + np.exp(-logit))
-                        y = (rng.random(len(chunk)) < p).astype(np.int8)
-                        writer.write_table(_to_table(dense, ids, lengths, y), row_group_size=len(chunk))
-                        probs.append(p)
-                        labels.append(y)
-            oracle = binary_auroc(
-                torch.from_numpy(np.concatenate(probs)), torch.from_numpy(np.concatenate(labels))
-            ).item()
-            splits[split] = SplitInfo(path=split, rows=split_rows, oracle_auc=round(oracle, 5))
-            log(f"  {split}: {split_rows:,} rows in {n_files} files, oracle AUC {oracle:.4f}")
-        schema = DatasetSchema(
-            root=tmp,
-            name="synthetic",
-            label="label",
-            dense=[f"int_{j}" for j in range(NUM_DENSE)],
-            sparse=[SparseFeature(f"cat_{f}", int(model.vocab[f]), f in MULTI_HOT) for f in range(NUM_SPARSE)],
-            splits=splits,
-            extra={"generator": _provenance(spec)},
-        )
-        schema.save()
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return DatasetSchema.load(out)
+    splits = {}
+    for split_index, (split, share) in enumerate(zip(SPLITS, SHARES)):
+        split_rows = int(spec.rows * share)
+        n_files = spec.files if split == "train" else max(1, spec.files // 2)
+        probs, labels = [], []
+        directory = output.split_dir(split)
+        for file_index, rows in enumerate(np.array_split(np.arange(split_rows), n_files)):
+            rng = np.random.default_rng([spec.seed, 2, split_index, file_index])
+            write = functools.partial(
+                _write_part, model=model, rng=rng, rows=len(rows), spec=spec, probs=probs, labels=labels
+            )
+            write_atomic(directory / f"part-{file_index:05d}.parquet", write)
+        oracle = binary_auroc(torch.from_numpy(np.concatenate(probs)), torch.from_numpy(np.concatenate(labels))).item()
+        splits[split] = SplitInfo(path=split, rows=split_rows, oracle_auc=round(oracle, 5))
+        log(f"  {split}: {split_rows:,} rows in {n_files} files, oracle AUC {oracle:.4f}")
+    schema = DatasetSchema(
+        root=output.root,
+        name="synthetic",
+        label="label",
+        dense=[f"int_{j}" for j in range(NUM_DENSE)],
+        sparse=[SparseFeature(f"cat_{f}", int(model.vocab[f]), f in MULTI_HOT) for f in range(NUM_SPARSE)],
+        splits=splits,
+    )
+    return output.finish(schema)
+
+
+def _write_part(
+    path: Path, model: ClickModel, rng: np.random.Generator, rows: int, spec: SyntheticSpec, probs: list, labels: list
+) -> None:
+    """One Parquet file of `rows` rows in row groups of spec.row_group_rows; each row group's true
+    click probabilities and drawn labels are appended to `probs` and `labels` (the oracle AUC)."""
+    with pq.ParquetWriter(path, _schema()) as writer:
+        for chunk in np.array_split(np.arange(rows), max(1, -(-rows // spec.row_group_rows))):
+            dense, ids, lengths, logit = model.sample(rng, len(chunk))
+            p = 1 / (1 + np.exp(-logit))
+            y = (rng.random(len(chunk)) < p).astype(np.int8)
+            writer.write_table(_to_table(dense, ids, lengths, y), row_group_size=len(chunk))
+            probs.append(p)
+            labels.append(y)
 
 
 def _provenance(spec: SyntheticSpec) -> dict:
@@ -209,7 +201,8 @@ def _schema() -> pa.Schema:
     return pa.schema(fields)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str]) -> tuple[SyntheticSpec, str, bool]:
+    """`recsys prepare synthetic` flags -> (spec, out, overwrite)."""
     parser = argparse.ArgumentParser(prog="recsys prepare synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=SyntheticSpec.rows)
     parser.add_argument("--out", required=True, help="output dataset directory")
@@ -219,11 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a different dataset at --out")
     args = parser.parse_args(argv)
     spec = SyntheticSpec(rows=args.rows, seed=args.seed, files=args.files, row_group_rows=args.row_group_rows)
-    print(f"synthetic dataset -> {args.out}")
-    try:
-        generate(args.out, spec, overwrite=args.overwrite)
-    except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: asdict(v) for k, v in DatasetSchema.load(args.out).splits.items()}))
-    return 0
+    return spec, args.out, args.overwrite
+
+
+if __name__ == "__main__":
+    sys.exit(prepare_main("synthetic", sys.argv[1:]))

@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipeline.prepare.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec
+from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from data_pipeline.schema import DatasetSchema, SparseFeature, SplitInfo
 
 TINY_SPARSE = [SparseFeature("a", 10), SparseFeature("m", 8, multi_hot=True)]
@@ -54,7 +55,7 @@ def write_dataset(
 def synthetic(root: Path, rows: int = 8000, **spec) -> DatasetSchema:
     """A small synthetic click dataset (`recsys prepare synthetic`), written quietly."""
     defaults = dict(files=2, row_group_rows=500, max_vocab=2000)
-    return generate(root, SyntheticSpec(rows=rows, **{**defaults, **spec}), log=lambda *_: None)
+    return prepare_synthetic(SyntheticSpec(rows=rows, **{**defaults, **spec}), root, log=lambda *_: None)
 
 
 CRITEO_VOCAB = 500

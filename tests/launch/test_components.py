@@ -18,7 +18,8 @@ from torchx.specs import BindMount, VolumeMount
 from torchx.specs.builders import materialize_appdef
 from torchx.specs.finder import get_component
 
-from data_pipeline.prepare.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec
+from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from data_pipeline.schema import DatasetSchema
 from launch.components import prepare, train
 from tests.helpers.data import criteo_lines, read_split, write_tsv
@@ -65,9 +66,9 @@ def flag(words: list[str], name: str) -> str:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return generate(
-        tmp_path_factory.mktemp("data") / "synthetic",
+    return prepare_synthetic(
         SyntheticSpec(rows=30_000, row_group_rows=2048),
+        tmp_path_factory.mktemp("data") / "synthetic",
         log=lambda *_: None,
     )
 

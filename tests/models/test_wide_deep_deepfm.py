@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from data_pipeline.prepare.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec
+from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DatasetSchema, SparseFeature
 from models import ModelConfig, build_model
@@ -128,9 +129,9 @@ def test_config_checks_apply_to_their_model_only():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return generate(
-        tmp_path_factory.mktemp("syn") / "d",
+    return prepare_synthetic(
         SyntheticSpec(rows=20000, files=2, row_group_rows=2048),
+        tmp_path_factory.mktemp("syn") / "d",
         log=lambda *_: None,
     )
 

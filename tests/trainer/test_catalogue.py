@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from data_pipeline.batch import Batch
-from data_pipeline.prepare.movielens import GENRES, MovieLensOptions, prepare
+from data_pipeline.prepare.movielens import MovieLensOptions, prepare
+from data_pipeline.prepare.movielens_features import GENRES
 from data_pipeline.schema import DatasetSchema
 from models.losses import entity_ids
 from tests.helpers.dist import run_ranks
@@ -132,7 +133,9 @@ def clustered(tmp_path_factory):
     root = tmp_path_factory.mktemp("clustered")
     source = write_clustered_movielens(root / "input")
     return prepare(
-        source, root / "data", MovieLensOptions(implicit=True, split="leave-last-out", negatives=4), log=lambda *_: None
+        MovieLensOptions(input=str(source), implicit=True, split="leave-last-out", negatives=4),
+        root / "data",
+        log=lambda *_: None,
     )
 
 

@@ -3,12 +3,13 @@
 import json
 import tomllib
 
-from data_pipeline.prepare.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec
+from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from tests.helpers.runs import run_trainer
 
 
 def test_two_ranks_reach_the_oracle_auc(tmp_path):
-    data = generate(tmp_path / "data", SyntheticSpec(rows=500_000), log=lambda *_: None)
+    data = prepare_synthetic(SyntheticSpec(rows=500_000), tmp_path / "data", log=lambda *_: None)
     run_dir = tmp_path / "run"
     result = run_trainer(
         [

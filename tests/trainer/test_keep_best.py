@@ -6,13 +6,16 @@ last) validation metrics exactly."""
 
 import json
 
-from data_pipeline.prepare.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec
+from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from data_pipeline.schema import DatasetSchema
 from tests.helpers.runs import run_trainer
 
 
 def test_test_split_is_scored_with_the_best_weights(tmp_path):
-    schema = generate(tmp_path / "data", SyntheticSpec(rows=20_000, files=2, row_group_rows=1024), log=lambda *_: None)
+    schema = prepare_synthetic(
+        SyntheticSpec(rows=20_000, files=2, row_group_rows=1024), tmp_path / "data", log=lambda *_: None
+    )
     raw = json.loads((schema.root / "dataset.json").read_text())
     raw["splits"]["test"] = raw["splits"]["valid"]
     (schema.root / "dataset.json").write_text(json.dumps(raw))

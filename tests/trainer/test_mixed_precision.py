@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import torch
 
-from data_pipeline.prepare.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec
+from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from data_pipeline.reader import ParquetBatches
 from models import ModelConfig, build_model
 from tests.helpers.data import TINY_SPARSE, write_dataset
@@ -33,7 +34,7 @@ def test_bf16_forward_runs_the_mlps_in_bfloat16_and_returns_fp32(tmp_path, tiny_
 
 
 def test_bf16_training_on_two_ranks_learns(tmp_path):
-    data = generate(tmp_path / "data", SyntheticSpec(rows=60_000), log=lambda *_: None)
+    data = prepare_synthetic(SyntheticSpec(rows=60_000), tmp_path / "data", log=lambda *_: None)
     result = run_trainer(
         [
             "--config",

@@ -10,7 +10,8 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data_pipeline.batch import Batch
-from data_pipeline.prepare.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec
+from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DatasetSchema
 from models import ModelConfig, build_model
@@ -68,9 +69,9 @@ def _rank(env: DistEnv, data: str, init_path: str, out_path: str, sharding_type:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return generate(
-        tmp_path_factory.mktemp("syn") / "d",
+    return prepare_synthetic(
         SyntheticSpec(rows=8000, files=2, row_group_rows=500, max_vocab=2000),
+        tmp_path_factory.mktemp("syn") / "d",
         log=lambda *_: None,
     )
 

@@ -15,15 +15,16 @@ import pytest
 
 from data_pipeline.prepare import criteo
 from data_pipeline.prepare.criteo import CriteoOptions, prepare
+from data_pipeline.prepare.criteo_parse import fnv1a
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DataError, DatasetSchema
 from tests.helpers.data import CRITEO_VOCAB, criteo_lines, read_split, write_tsv
 from tests.helpers.runs import ROOT, run_trainer
 
 
-def options(inputs, out, **kw) -> CriteoOptions:
+def options(inputs, **kw) -> CriteoOptions:
     defaults = dict(num_embeddings=[1000] * 26, row_group_rows=2048, workers=1)
-    return CriteoOptions(inputs=[str(i) for i in inputs], out=str(out), **{**defaults, **kw})
+    return CriteoOptions(inputs=[str(i) for i in inputs], **{**defaults, **kw})
 
 
 def test_values_exactly(tmp_path):
@@ -33,7 +34,8 @@ def test_values_exactly(tmp_path):
     ] * 10
     src = write_tsv(tmp_path / "day_0", lines)
     schema = prepare(
-        options([src], tmp_path / "out", num_embeddings=[7] * 26, split_fractions=(1 / 3, 1 / 3, 1 / 3)),
+        options([src], num_embeddings=[7] * 26, split_fractions=(1 / 3, 1 / 3, 1 / 3)),
+        tmp_path / "out",
         log=lambda *_: None,
     )
     row = pq.read_table(tmp_path / "out" / "train").slice(0, 1).to_pylist()[0]
@@ -43,10 +45,8 @@ def test_values_exactly(tmp_path):
     assert row["int_12"] == pytest.approx(math.log1p(9))
     assert row["cat_0"] == 10 % 7 and row["cat_1"] == 0  # hex 0xa; missing -> 0 (as MLPerf)
     assert row["cat_2"] == 0xFFFFFFFF % 7
-    assert row["cat_3"] == criteo.fnv1a(b"zz") % 7  # not hex: FNV-1a
-    assert (
-        row["cat_4"] == criteo.fnv1a(b"-5") % 7 and row["cat_5"] == criteo.fnv1a(b"1_a") % 7
-    )  # int() would take these
+    assert row["cat_3"] == fnv1a(b"zz") % 7  # not hex: FNV-1a
+    assert row["cat_4"] == fnv1a(b"-5") % 7 and row["cat_5"] == fnv1a(b"1_a") % 7  # int() would take these
     assert sum(s.rows for s in schema.splits.values()) == 10
 
 
@@ -58,11 +58,11 @@ def test_malformed_lines_are_reported_with_file_and_line(tmp_path):
     src = write_tsv(tmp_path / "day_0", lines)
     # Small units: lines 2000 and 2500 are found by workers reading byte ranges mid-file.
     with pytest.raises(criteo.BadRows, match=r"day_0 line 100: wrong number of fields"):
-        prepare(options([src], tmp_path / "strict", chunk_bytes=100_000), log=lambda *_: None)
+        prepare(options([src], chunk_bytes=100_000), tmp_path / "strict", log=lambda *_: None)
     assert not (tmp_path / "strict" / "dataset.json").exists()
 
     schema = prepare(
-        options([src], tmp_path / "lenient", chunk_bytes=100_000, max_bad_rows=3, workers=2), log=lambda *_: None
+        options([src], chunk_bytes=100_000, max_bad_rows=3, workers=2), tmp_path / "lenient", log=lambda *_: None
     )
     extra = schema.extra
     assert extra["lines"] == 3000 and extra["malformed_lines"] == 3
@@ -102,8 +102,8 @@ def test_cli_error_is_one_line(tmp_path):
 def test_units_and_workers_do_not_change_the_output(tmp_path):
     src = write_tsv(tmp_path / "day_0", criteo_lines(4000))
     gz = write_tsv(tmp_path / "day_1.gz", criteo_lines(1000, seed=1))
-    one = prepare(options([src, gz], tmp_path / "one", chunk_bytes=50_000, workers=1), log=lambda *_: None)
-    two = prepare(options([src, gz], tmp_path / "two", chunk_bytes=50_000, workers=2), log=lambda *_: None)
+    one = prepare(options([src, gz], chunk_bytes=50_000, workers=1), tmp_path / "one", log=lambda *_: None)
+    two = prepare(options([src, gz], chunk_bytes=50_000, workers=2), tmp_path / "two", log=lambda *_: None)
     assert len(os.listdir(tmp_path / "one" / "train")) > 5  # really cut into byte-range units
     for split in ("train", "valid", "test"):
         assert read_split(one.root, split).equals(read_split(two.root, split))
@@ -123,10 +123,11 @@ def _crash_on_third_unit(unit, *args):
 
 def test_interrupted_run_resumes_without_redoing_finished_units(tmp_path, monkeypatch):
     src = write_tsv(tmp_path / "day_0", criteo_lines(4000))
-    opts = options([src], tmp_path / "out", chunk_bytes=50_000)
+    opts = options([src], chunk_bytes=50_000)
+    out = tmp_path / "out"
     monkeypatch.setattr(criteo, "write_unit", _crash_on_third_unit)
     with pytest.raises(RuntimeError, match="simulated kill"):
-        prepare(opts, log=lambda *_: None)
+        prepare(opts, out, log=lambda *_: None)
     monkeypatch.setattr(criteo, "write_unit", _REAL_WRITE_UNIT)
     assert not (tmp_path / "out" / "dataset.json").exists()
     done = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "train").glob("part-*.parquet")}
@@ -134,18 +135,18 @@ def test_interrupted_run_resumes_without_redoing_finished_units(tmp_path, monkey
         p.name.startswith(".") for p in (tmp_path / "out" / "train").iterdir()
     )  # no temp files left
     messages = []
-    schema = prepare(opts, log=messages.append)
+    schema = prepare(opts, out, log=messages.append)
     assert any("resuming" in m for m in messages)
     for name, mtime in done.items():
         assert (tmp_path / "out" / "train" / name).stat().st_mtime_ns == mtime  # finished units kept as they were
-    clean = prepare(options([src], tmp_path / "clean", chunk_bytes=50_000), log=lambda *_: None)
+    clean = prepare(options([src], chunk_bytes=50_000), tmp_path / "clean", log=lambda *_: None)
     for split in ("train", "valid", "test"):
         assert read_split(schema.root, split).equals(read_split(clean.root, split))
     # Same inputs and options again: up to date. Different options: refused without overwrite.
-    assert prepare(opts, log=messages.append).root == schema.root and "up to date" in messages[-1]
+    assert prepare(opts, out, log=messages.append).root == schema.root and "up to date" in messages[-1]
     with pytest.raises(FileExistsError, match="different dataset"):
-        prepare(options([src], tmp_path / "out", chunk_bytes=50_000, seed=1), log=lambda *_: None)
-    prepare(options([src], tmp_path / "out", chunk_bytes=50_000, seed=1), overwrite=True, log=lambda *_: None)
+        prepare(options([src], chunk_bytes=50_000, seed=1), tmp_path / "out", log=lambda *_: None)
+    prepare(options([src], chunk_bytes=50_000, seed=1), tmp_path / "out", overwrite=True, log=lambda *_: None)
 
 
 def test_vocabulary_mode_on_train_only(tmp_path):
@@ -154,7 +155,7 @@ def test_vocabulary_mode_on_train_only(tmp_path):
     only_in_test = "\t".join(["1"] + ["1"] * 13 + ["12345678"] * 26)
     train = write_tsv(tmp_path / "day_0", lines + [common] * 5)
     test = write_tsv(tmp_path / "day_23", [only_in_test] * 4 + lines[:100])
-    schema = prepare(options([train, test], tmp_path / "out", min_count=3, test_files="day_23"), log=lambda *_: None)
+    schema = prepare(options([train, test], min_count=3, test_files="day_23"), tmp_path / "out", log=lambda *_: None)
     vocab = np.load(tmp_path / "out" / "vocabulary.npz")
     assert 0xABCD in vocab["cat_0"] and 0x12345678 not in vocab["cat_0"]
     assert schema.sparse[0].num_embeddings == len(vocab["cat_0"]) + 2
@@ -229,7 +230,7 @@ def test_replicas_under_torchrun_match_one_process(tmp_path):
 def test_prepared_dataset_trains(tmp_path):
     src = write_tsv(tmp_path / "day_0", criteo_lines(30_000))
     schema = prepare(
-        options([src], tmp_path / "data", num_embeddings=[CRITEO_VOCAB] * 26, workers=2), log=lambda *_: None
+        options([src], num_embeddings=[CRITEO_VOCAB] * 26, workers=2), tmp_path / "data", log=lambda *_: None
     )
     batches = ParquetBatches(schema, "train", batch_size=512)
     assert len(batches) == schema.splits["train"].rows // 512
@@ -263,4 +264,4 @@ def test_prepared_dataset_trains(tmp_path):
 def test_empty_split_is_an_error(tmp_path):
     src = write_tsv(tmp_path / "day_0", criteo_lines(100))
     with pytest.raises(DataError, match="split 'valid' would be empty"):
-        prepare(options([src], tmp_path / "out", split_fractions=(1.0, 0.0, 0.0)), log=lambda *_: None)
+        prepare(options([src], split_fractions=(1.0, 0.0, 0.0)), tmp_path / "out", log=lambda *_: None)

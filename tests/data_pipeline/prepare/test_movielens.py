@@ -4,6 +4,7 @@ run on the real MovieLens-100K when it is present (skipped otherwise)."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.prepare import movielens
-from data_pipeline.prepare.movielens import GENRES, MovieLensOptions, featurize, load_transforms, prepare, read_inputs
+from data_pipeline.prepare import main as prepare_main
+from data_pipeline.prepare.movielens import MovieLensOptions, prepare, read_inputs
+from data_pipeline.prepare.movielens_features import GENRES, featurize, load_transforms
 from data_pipeline.reader import ParquetBatches, list_row_groups
 from data_pipeline.schema import DatasetSchema, check_files, check_row_group
 from launch.cli import main as recsys
@@ -159,8 +161,8 @@ def test_official_and_parquet_inputs_give_the_same_dataset(tmp_path, parquet_inp
     official = write_official(tmp_path / "in_official")
     for implicit in (False, True):
         opts = MovieLensOptions(implicit=implicit, negatives=2)
-        a = prepare(official, tmp_path / f"a{implicit}", opts, log=lambda *_: None)
-        b = prepare(parquet_input, tmp_path / f"b{implicit}", opts, log=lambda *_: None)
+        a = prepare(replace(opts, input=str(official)), tmp_path / f"a{implicit}", log=lambda *_: None)
+        b = prepare(replace(opts, input=str(parquet_input)), tmp_path / f"b{implicit}", log=lambda *_: None)
         assert a.extra["provenance"]["movielens"]["format"] == "official"
         assert b.extra["provenance"]["movielens"]["format"] == "parquet"
         for split in ("train", "valid", "test"):
@@ -172,7 +174,7 @@ def test_official_and_parquet_inputs_give_the_same_dataset(tmp_path, parquet_inp
 
 
 def test_id_maps_and_features_are_exact(tmp_path, parquet_input):
-    schema = prepare(parquet_input, tmp_path / "out", log=lambda *_: None)
+    schema = prepare(MovieLensOptions(input=str(parquet_input)), tmp_path / "out", log=lambda *_: None)
     t = load_transforms(schema.root)
     assert t["vocab"]["user_id"] == [10, 20, 30, 40, 50, 60]
     assert t["vocab"]["movie_id"] == [101, 102, 103, 105, 107, 110, 111, 120]
@@ -234,7 +236,7 @@ def test_id_maps_and_features_are_exact(tmp_path, parquet_input):
 
 
 def test_transforms_featurize_new_rows_like_the_training_rows(tmp_path, parquet_input):
-    schema = prepare(parquet_input, tmp_path / "out", log=lambda *_: None)
+    schema = prepare(MovieLensOptions(input=str(parquet_input)), tmp_path / "out", log=lambda *_: None)
     t = load_transforms(schema.root)
     data = read_inputs(parquet_input)
     again = featurize([u for u, *_ in RATINGS], [m for _, m, *_ in RATINGS], data.users, data.items, t)
@@ -262,19 +264,21 @@ def test_transforms_featurize_new_rows_like_the_training_rows(tmp_path, parquet_
 
 
 def test_random_split_partitions_the_ratings(tmp_path, parquet_input):
-    schema = prepare(parquet_input, tmp_path / "out", MovieLensOptions(seed=3), log=lambda *_: None)
+    schema = prepare(MovieLensOptions(input=str(parquet_input), seed=3), tmp_path / "out", log=lambda *_: None)
     assert {s: i.rows for s, i in schema.splits.items()} == {"train": 24, "valid": 3, "test": 3}
     seen = []
     for split in ("train", "valid", "test"):
         table = read_split(schema.root, split)
         seen += [(u, m, r) for (u, m), r in zip(raw_pairs(schema.root, table), table["rating"].to_pylist())]
     assert sorted(seen) == sorted((u, m, float(r)) for u, m, r, _ in RATINGS)
-    other = prepare(parquet_input, tmp_path / "seed4", MovieLensOptions(seed=4), log=lambda *_: None)
+    other = prepare(MovieLensOptions(input=str(parquet_input), seed=4), tmp_path / "seed4", log=lambda *_: None)
     assert not read_split(other.root, "test").equals(read_split(schema.root, "test"))
 
 
 def test_leave_last_out_puts_each_users_latest_in_test(tmp_path, parquet_input):
-    schema = prepare(parquet_input, tmp_path / "out", MovieLensOptions(split="leave-last-out"), log=lambda *_: None)
+    schema = prepare(
+        MovieLensOptions(input=str(parquet_input), split="leave-last-out"), tmp_path / "out", log=lambda *_: None
+    )
     pairs = {s: raw_pairs(schema.root, read_split(schema.root, s)) for s in ("train", "valid", "test")}
     assert sorted(p for s in pairs.values() for p in s) == sorted((u, m) for u, m, *_ in RATINGS)
     for user, *_ in USERS:
@@ -289,7 +293,7 @@ def test_leave_last_out_puts_each_users_latest_in_test(tmp_path, parquet_input):
 def test_implicit_negatives_are_unrated_items_k_per_positive(tmp_path, parquet_input, split):
     k = 3
     opts = MovieLensOptions(split=split, implicit=True, negatives=k, seed=1)
-    schema = prepare(parquet_input, tmp_path / "out", opts, log=lambda *_: None)
+    schema = prepare(replace(opts, input=str(parquet_input)), tmp_path / "out", log=lambda *_: None)
     assert schema.task == "binary" and schema.label == "label" and schema.label_range is None
     rated = {(u, m) for u, m, *_ in RATINGS}
     positives = []
@@ -308,13 +312,13 @@ def test_implicit_negatives_are_unrated_items_k_per_positive(tmp_path, parquet_i
         positives += pos
     assert sorted(positives) == sorted(rated)
     # Deterministic: the same options give the same rows.
-    again = prepare(parquet_input, tmp_path / "again", opts, log=lambda *_: None)
+    again = prepare(replace(opts, input=str(parquet_input)), tmp_path / "again", log=lambda *_: None)
     assert all(read_split(again.root, s).equals(read_split(schema.root, s)) for s in ("train", "valid", "test"))
 
 
 def test_min_rating_keeps_only_high_ratings_as_positives(tmp_path, parquet_input):
     opts = MovieLensOptions(implicit=True, min_rating=4, negatives=1)
-    schema = prepare(parquet_input, tmp_path / "out", opts, log=lambda *_: None)
+    schema = prepare(replace(opts, input=str(parquet_input)), tmp_path / "out", log=lambda *_: None)
     rows = all_rows(schema.root)
     pairs = raw_pairs(schema.root, rows)
     pos = sorted(p for p, y in zip(pairs, rows["label"].to_pylist()) if y == 1)
@@ -331,7 +335,7 @@ def test_min_rating_keeps_only_high_ratings_as_positives(tmp_path, parquet_input
 @pytest.mark.parametrize("implicit", [False, True])
 def test_dataset_passes_checks_and_loads_into_batches(tmp_path, parquet_input, implicit):
     opts = MovieLensOptions(implicit=implicit, negatives=2, row_group_rows=8)
-    prepare(parquet_input, tmp_path / "out", opts, log=lambda *_: None)
+    prepare(replace(opts, input=str(parquet_input)), tmp_path / "out", log=lambda *_: None)
     schema = DatasetSchema.load(tmp_path / "out")
     for split in ("train", "valid", "test"):
         groups = list_row_groups(check_files(schema, split))
@@ -378,7 +382,7 @@ def test_cli_rerun_is_up_to_date_and_a_different_dataset_is_refused(tmp_path, pa
 )
 def test_bad_input_is_a_clear_error(tmp_path, capsys, setup, expected):
     setup(tmp_path / "in")
-    assert movielens.main(["--input", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 2
+    assert prepare_main("movielens", ["--input", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     for text in expected:
@@ -393,14 +397,16 @@ def test_ratings_of_unknown_users_and_out_of_range_are_errors(tmp_path, capsys):
         pa.concat_tables([ratings, pa.table({"user_id": [77], "movie_id": [101], "rating": [3], "timestamp": [1]})]),
         root / "ratings.parquet",
     )
-    assert movielens.main(["--input", str(root), "--out", str(tmp_path / "out")]) == 2
+    assert prepare_main("movielens", ["--input", str(root), "--out", str(tmp_path / "out")]) == 2
     assert "column 'user_id' has 1 rows whose id is not in users.parquet (e.g. 77)" in capsys.readouterr().err
     pq.write_table(
         ratings.set_column(2, "rating", pa.array([0] + [3] * (ratings.num_rows - 1))), root / "ratings.parquet"
     )
-    assert movielens.main(["--input", str(root), "--out", str(tmp_path / "out")]) == 2
+    assert prepare_main("movielens", ["--input", str(root), "--out", str(tmp_path / "out")]) == 2
     assert "'rating' must lie in [1, 5]" in capsys.readouterr().err
-    assert movielens.main(["--input", str(root), "--out", str(tmp_path / "out"), "--implicit"]) == 0  # fine as implicit
+    assert (
+        prepare_main("movielens", ["--input", str(root), "--out", str(tmp_path / "out"), "--implicit"]) == 0
+    )  # fine as implicit
 
 
 # ---- the real MovieLens-100K ----------------------------------------------------------------------
@@ -411,7 +417,7 @@ def test_ratings_of_unknown_users_and_out_of_range_are_errors(tmp_path, capsys):
 )
 @pytest.mark.parametrize("split", ["random", "leave-last-out"])
 def test_real_movielens_100k_ends_up_in_the_splits(tmp_path, split):
-    schema = prepare(REAL, tmp_path / "ml100k", MovieLensOptions(split=split), log=lambda *_: None)
+    schema = prepare(MovieLensOptions(input=str(REAL), split=split), tmp_path / "ml100k", log=lambda *_: None)
     rows = all_rows(schema.root)
     assert rows.num_rows == 100_000
     assert pc.count_distinct(rows["user_id"]).as_py() == 943 and pc.count_distinct(rows["movie_id"]).as_py() == 1682

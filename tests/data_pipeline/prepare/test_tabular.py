@@ -12,16 +12,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.prepare import tabular
-from data_pipeline.prepare.tabular import (
-    FIRST_ID,
-    NULL_ID,
-    OOV_ID,
-    apply_transforms,
-    assign_splits,
-    load_transforms,
-    read_table,
-)
+from data_pipeline.prepare import main as prepare_main
+from data_pipeline.prepare.output import FIRST_ID, MISSING_ID, RARE_ID
+from data_pipeline.prepare.tabular import assign_splits, read_table
+from data_pipeline.prepare.tabular_transforms import apply_transforms, load_transforms
 from data_pipeline.reader import ParquetBatches, list_row_groups
 from data_pipeline.schema import DatasetSchema, check_files, check_row_group
 
@@ -116,7 +110,7 @@ def run(input_path, out, *extra: str, positive: str = ">50K") -> int:
         "1000",
         *extra,
     ]
-    return tabular.main(argv)
+    return prepare_main("tabular", argv)
 
 
 @pytest.fixture(scope="module")
@@ -198,14 +192,14 @@ def test_vocabulary_from_train_only_with_oov_and_null_ids(prepared):
     raw_occ = test_raw["occupation"].to_pylist()
     ids = test["occupation"].to_numpy()
     only_test = np.array([v == TEST_ONLY for v in raw_occ])
-    assert only_test.sum() == 20 and (ids[only_test] == OOV_ID).all()
-    assert (ids[pc.is_null(test_raw["occupation"]).to_numpy(zero_copy_only=False)] == NULL_ID).all()
+    assert only_test.sum() == 20 and (ids[only_test] == RARE_ID).all()
+    assert (ids[pc.is_null(test_raw["occupation"]).to_numpy(zero_copy_only=False)] == MISSING_ID).all()
     known = np.array([v in occupation.vocabulary for v in raw_occ])
     assert (ids[known] == [occupation.vocabulary.index(v) + FIRST_ID for v in np.array(raw_occ, object)[known]]).all()
     # workclass values were written padded (" Private"): trimmed, and their nulls get id 1
     workclass = next(f for f in load_transforms(out).categorical if f.source == "workclass")
     assert workclass.vocabulary[0] == "Private" and workclass.num_embeddings == 2 + 6
-    assert (test["workclass"].to_numpy() == NULL_ID).sum() == test_raw["workclass"].null_count > 0
+    assert (test["workclass"].to_numpy() == MISSING_ID).sum() == test_raw["workclass"].null_count > 0
 
 
 def test_numerics_standardised_with_train_stats_and_missing_indicators(prepared):
@@ -243,13 +237,13 @@ def test_crosses_follow_component_ids_with_train_vocabulary(prepared):
     occ, edu, ids = (train[c].to_numpy() for c in ("occupation", "education_num", cross.name))
     pairs, inverse, counts = np.unique(np.stack([occ, edu], 1), axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
-    assert ((ids != OOV_ID) == (counts[inverse] >= 5)).all()  # frequent pairs, and only those, get ids
+    assert ((ids != RARE_ID) == (counts[inverse] >= 5)).all()  # frequent pairs, and only those, get ids
     assert cross.num_embeddings == FIRST_ID + (counts >= 5).sum()
     # one id per pair, different pairs different ids (on the test split too)
     table = pa.table({"o": test["occupation"], "e": test["education_num"], "x": test[cross.name]})
     per_pair = table.group_by(["o", "e"]).aggregate([("x", "count_distinct")])
     assert (per_pair["x_count_distinct"].to_numpy() == 1).all()
-    known = table.filter(pc.not_equal(table["x"], OOV_ID))
+    known = table.filter(pc.not_equal(table["x"], RARE_ID))
     assert len(known.group_by(["o", "e"]).aggregate([])) == len(pc.unique(known["x"]))
     three = next(f for f in load_transforms(out).crosses if f.name == "workclass_x_occupation_x_married")
     assert len(three.vocabulary[0]) == 3 and read(out, "valid")[three.name].to_numpy().max() < three.num_embeddings
@@ -328,7 +322,7 @@ def test_regression_task(files, tmp_path, capsys):
         "--seed",
         "3",
     ]
-    assert tabular.main(argv) == 0
+    assert prepare_main("tabular", argv) == 0
     schema = DatasetSchema.load(out)
     assert schema.task == "regression" and "wage" not in schema.dense
     parts = {s: read(out, s) for s in ("train", "valid", "test")}

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.prepare.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec
+from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from data_pipeline.schema import DatasetSchema
 from tests.helpers.runs import run_trainer
 from trainer.checkpoint import (
@@ -50,8 +51,8 @@ ARGS = [
 def run(tmp_path_factory) -> tuple[Path, Path]:
     """(dataset, run directory with checkpoints step-3 and step-6) of a one-process run."""
     root = tmp_path_factory.mktemp("errors")
-    data = generate(
-        root / "data", SyntheticSpec(rows=8000, files=2, row_group_rows=500, max_vocab=2000), log=lambda *_: None
+    data = prepare_synthetic(
+        SyntheticSpec(rows=8000, files=2, row_group_rows=500, max_vocab=2000), root / "data", log=lambda *_: None
     ).root
     result = run_trainer(["--data", str(data), "--run-dir", str(root / "run"), *ARGS])
     assert result.returncode == 0, result.stderr[-3000:]

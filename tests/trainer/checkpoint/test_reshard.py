@@ -14,7 +14,8 @@ import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from data_pipeline.prepare.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec
+from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DatasetSchema
 from models import ModelConfig, build_model
@@ -138,8 +139,8 @@ def assert_equal(a: dict, b: dict) -> None:
 
 
 def test_two_rank_checkpoint_loads_on_one_rank_and_on_other_plans(tmp_path):
-    data = generate(
-        tmp_path / "data", SyntheticSpec(rows=8000, files=2, row_group_rows=500, max_vocab=2000), log=lambda *_: None
+    data = prepare_synthetic(
+        SyntheticSpec(rows=8000, files=2, row_group_rows=500, max_vocab=2000), tmp_path / "data", log=lambda *_: None
     ).root
     tw, cw = tmp_path / "tw", tmp_path / "cw"
     # 2 ranks: table-wise: train 4 steps, save; then column-wise (every table cut in two 4-column

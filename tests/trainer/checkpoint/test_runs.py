@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.prepare.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec
+from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from tests.helpers.runs import run_recsys, run_trainer
 from trainer.checkpoint import committed, locate
 from trainer.tools.export import checkpoint_tensors
@@ -92,7 +93,7 @@ def assert_same_run(clean: Path, other: Path) -> None:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     spec = SyntheticSpec(rows=20_000, files=2, row_group_rows=1024, max_vocab=2000)
-    return generate(tmp_path_factory.mktemp("ckpt") / "data", spec, log=lambda *_: None).root
+    return prepare_synthetic(spec, tmp_path_factory.mktemp("ckpt") / "data", log=lambda *_: None).root
 
 
 @pytest.fixture(scope="module")

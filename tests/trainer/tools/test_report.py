@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.prepare.synthetic import SyntheticSpec, generate
+from data_pipeline.prepare.synthetic import SyntheticSpec
+from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from tests.helpers.runs import run_trainer
 from trainer.tools import report
 
@@ -27,7 +28,7 @@ def trained(tmp_path_factory) -> Path:
     """A real run: 2 epochs of 63 steps on 8,000 synthetic rows, stopped at step 60 and resumed,
     so the log holds train, valid, resume and test records."""
     root = tmp_path_factory.mktemp("report")
-    data = generate(root / "data", SyntheticSpec(rows=10_000), log=lambda *_: None)
+    data = prepare_synthetic(SyntheticSpec(rows=10_000), root / "data", log=lambda *_: None)
     args = [
         "--data",
         str(data.root),
