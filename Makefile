@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 NPROC   ?= 2
 
-.PHONY: install lint format demo test bench clean
+.PHONY: install lint format docs demo test bench clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# docs/config.md is generated from the config dataclasses (a test checks it is current).
+docs: install
+	$(BIN)/python -m trainer.config_reference > docs/config.md
 
 test: install
 	$(BIN)/python -m pytest -q tests

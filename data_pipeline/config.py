@@ -8,7 +8,7 @@ from dataclasses import dataclass
 @dataclass
 class DataConfig:
     path: str = "data/synthetic"
-    """Dataset directory: Parquet files per split plus dataset.json (see README, "Your own data")."""
+    """Dataset directory: Parquet files per split plus dataset.json (docs/data.md, "Your own data")."""
     batch_size: int = 2048
     """Training rows per rank per step (the global batch is batch_size x world_size)."""
     eval_batch_size: int = 8192

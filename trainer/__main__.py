@@ -5,7 +5,7 @@
     # N ranks on this machine (what `recsys train --nproc-per-node N` runs)
     torchrun --standalone --nproc-per-node 2 -m trainer --config configs/demo.toml --data.batch_size 4096
     # several machines: the same on every node, with --nnodes, --node-rank and --rdzv-endpoint
-    # (or let TorchX do it: launch/components.py, README "Run on a cluster")
+    # (or let TorchX do it: launch/components.py, docs/cluster.md)
 
 Flags: --config FILE, then any `--section.key VALUE` override; `--help` lists them all.
 

@@ -4,7 +4,8 @@
 
 Every knob has one name, `section.key`, used in TOML (`[section] key = ...`), on the command
 line (`--section.key`), in the resolved `config.toml` written to the run directory, and in the
-README's reference. Short aliases: `--model` (model.name), `--data` (data.path), `--run-dir`.
+reference, docs/config.md (generated from these dataclasses). Short aliases: `--model`
+(model.name), `--data` (data.path), `--run-dir`.
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ class OptimizerConfig:
     dense: str = "adam"
     """Optimizer of the dense (data-parallel) MLPs: adam, adamw, adagrad or sgd."""
     dense_lr: float = 1e-3
+    """Learning rate of the dense optimizer."""
     sparse: str = "rowwise_adagrad"
     """Optimizer fused into the embedding tables' backward: rowwise_adagrad, adagrad or sgd."""
     sparse_lr: float = 0.05
+    """Learning rate of the fused sparse optimizer (every table, unless table_lr or a model's own
+    rate, e.g. wide_deep's model.wide_lr, says otherwise)."""
     table_lr: list[str] = field(default_factory=list)
     """Per-table sparse learning rates overriding sparse_lr, as "table=lr" (e.g. "t_user_id=0.1")."""
     eps: float = 1e-8
@@ -169,6 +173,7 @@ class ShardingConfig:
 @dataclass
 class TrainingConfig:
     epochs: int = 1
+    """Passes over the train split."""
     max_steps: int = 0
     """Stop after this many steps in all (0: run every epoch to the end)."""
     eval_every: int = 0
@@ -181,6 +186,7 @@ class TrainingConfig:
     """Use TrainPipelineSparseDist (overlaps input all-to-all with compute); false runs the
     plain, non-overlapped step, for debugging."""
     progress_bar: bool = True
+    """Show a progress bar (rank 0, tqdm) while training."""
     mixed_precision: str = "fp32"
     """fp32, or bf16: the forward pass runs under torch.autocast in bfloat16 (the MLPs and
     interactions; embedding lookups and the loss stay fp32). No fp16: its loss scaling cannot
@@ -312,19 +318,20 @@ class Config:
         """The resolved config as TOML (what `--config` reads back)."""
         top = {k: v for k, v in dataclasses.asdict(self).items() if not isinstance(v, dict)}
         sections = {k: v for k, v in dataclasses.asdict(self).items() if isinstance(v, dict)}
-        lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
+        lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
         for name, values in sections.items():
-            lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+            lines += ["", f"[{name}]"] + [f"{k} = {toml_value(v)}" for k, v in values.items()]
         return "\n".join(lines) + "\n"
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A value as TOML writes it (strings quoted, booleans lower case, lists in brackets)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return repr(value)
 
 
