@@ -37,22 +37,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 EDUCATION = (
-    "Preschool",
-    "1st-4th",
-    "5th-6th",
-    "7th-8th",
-    "9th",
-    "10th",
-    "11th",
-    "12th",
-    "HS-grad",
-    "Some-college",
-    "Assoc-voc",
-    "Assoc-acdm",
-    "Bachelors",
-    "Masters",
-    "Prof-school",
-    "Doctorate",
+    *"Preschool 1st-4th 5th-6th 7th-8th 9th 10th 11th 12th HS-grad Some-college Assoc-voc Assoc-acdm".split(),
+    *"Bachelors Masters Prof-school Doctorate".split(),
 )
 EDUCATION_P = (
     0.002,
@@ -72,25 +58,10 @@ EDUCATION_P = (
     0.018,
     0.017,
 )
-WORKCLASS = (
-    "Private",
-    "Self-emp-not-inc",
-    "Local-gov",
-    "State-gov",
-    "Self-emp-inc",
-    "Federal-gov",
-    "Without-pay",
-    "Never-worked",
-)
+WORKCLASS = (*"Private Self-emp-not-inc Local-gov State-gov Self-emp-inc Federal-gov Without-pay Never-worked".split(),)
 WORKCLASS_P = (0.73, 0.08, 0.065, 0.04, 0.035, 0.03, 0.012, 0.008)
 MARITAL = (
-    "Married-civ-spouse",
-    "Never-married",
-    "Divorced",
-    "Separated",
-    "Widowed",
-    "Married-spouse-absent",
-    "Married-AF-spouse",
+    *"Married-civ-spouse Never-married Divorced Separated Widowed Married-spouse-absent Married-AF-spouse".split(),
 )
 MARITAL_P = (0.46, 0.33, 0.135, 0.03, 0.03, 0.013, 0.002)
 RACE = ("White", "Black", "Asian-Pac-Islander", "Amer-Indian-Eskimo", "Other")

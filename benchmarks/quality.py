@@ -200,6 +200,16 @@ def prepare(args: list[str]) -> None:
         sys.exit(f"error: prepare failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
 
 
+def trained(section: str, config: str, data: Path, runs, opts, commands: list[str]):
+    """(summary, the first two table cells: label and settings) of every selected run, trained (or reused);
+    each run's command is appended to `commands`."""
+    for run in selected(runs, opts.only):
+        args = train_args(section, config, data, run)
+        summary = train(args, opts.rerun)
+        commands.append(shown(args))
+        yield summary, [run.label, run.note or _settings(run)]
+
+
 def train_args(section: str, config: str, data: Path, run: Run) -> list[str]:
     return [
         "train",
@@ -273,15 +283,11 @@ def synthetic(opts) -> None:
     prep = ["prepare", "synthetic", "--rows", str(SYNTHETIC_ROWS), "--out", str(data)]
     prepare(prep)
     rows, commands = [], [shown(prep)]
-    for run in selected(SYNTHETIC_RUNS, opts.only):
-        args = train_args("synthetic", SYNTHETIC_CONFIG, data, run)
-        s = train(args, opts.rerun)
-        commands.append(shown(args))
+    for s, head in trained("synthetic", SYNTHETIC_CONFIG, data, SYNTHETIC_RUNS, opts, commands):
         auc, oracle = s["test"]["auc"], s["oracle_auc"]
         rows.append(
             [
-                run.label,
-                run.note or _settings(run),
+                *head,
                 f"{auc:.4f}",
                 f"{oracle:.4f}",
                 f"{oracle - auc:+.4f}",
@@ -340,49 +346,19 @@ def movielens(opts) -> None:
         print(f"movielens: skipped, {MOVIELENS_INPUT} (relative to the repository root) is not there")
         return
     data = DATA / "movielens"
-    prep = [
-        "prepare",
-        "movielens",
-        "--input",
-        str(MOVIELENS_INPUT),
-        "--out",
-        str(data),
-        "--split",
-        "random",
-        "--seed",
-        "0",
-    ]
+    prep = ["prepare", "movielens", "--input", str(MOVIELENS_INPUT), "--out", str(data), *"--split random".split()]
     prepare(prep)
     base = bias_baseline(*(_ratings(data, s) for s in ("train", "valid", "test")))
+    als = f"ALS, 10 sweeps, L2 {base['bias_lambda']} (picked on valid)"
     rows = [
-        [
-            "global mean",
-            "train mean rating",
-            f"{base['global_mean'][0]:.4f}",
-            f"{base['global_mean'][1]:.4f}",
-            "",
-            "",
-            "",
-        ],
-        [
-            "user + item bias",
-            f"ALS, 10 sweeps, L2 {base['bias_lambda']} (picked on valid)",
-            f"{base['bias'][0]:.4f}",
-            f"{base['bias'][1]:.4f}",
-            "",
-            "",
-            "",
-        ],
+        ["global mean", "train mean rating", *(f"{x:.4f}" for x in base["global_mean"]), "", "", ""],
+        ["user + item bias", als, *(f"{x:.4f}" for x in base["bias"]), "", "", ""],
     ]
     commands = [shown(prep)]
-    for run in selected(MOVIELENS_RUNS, opts.only):
-        args = train_args("movielens", MOVIELENS_CONFIG, data, run)
-        s = train(args, opts.rerun)
-        commands.append(shown(args))
+    for s, head in trained("movielens", MOVIELENS_CONFIG, data, MOVIELENS_RUNS, opts, commands):
         rows.append(
             [
-                run.label,
-                run.note or _settings(run),
+                *head,
                 f"{s['test']['rmse']:.4f}",
                 f"{s['test']['mae']:.4f}",
                 f"{s['best_valid'].get('rmse', float('nan')):.4f}",
@@ -406,29 +382,16 @@ def retrieval(opts) -> None:
         print(f"retrieval: skipped, {MOVIELENS_INPUT} (relative to the repository root) is not there")
         return
     data = DATA / "movielens-implicit-llo"
-    prep = [
-        "prepare",
-        "movielens",
-        "--input",
-        str(MOVIELENS_INPUT),
-        "--out",
-        str(data),
-        "--implicit",
-        "--split",
-        "leave-last-out",
-    ]
+    prep = ["prepare", "movielens", "--input", str(MOVIELENS_INPUT), "--out", str(data), "--implicit"]
+    prep += ["--split", "leave-last-out"]
     prepare(prep)
     rows, commands, popular = [], [shown(prep)], None
-    for run in selected(RETRIEVAL_RUNS, opts.only):
-        args = train_args("retrieval", RETRIEVAL_CONFIG, data, run)
-        s = train(args, opts.rerun)
-        commands.append(shown(args))
+    for s, head in trained("retrieval", RETRIEVAL_CONFIG, data, RETRIEVAL_RUNS, opts, commands):
         popular = s["most_popular"]["test"]
         t = s["test"]
         rows.append(
             [
-                run.label,
-                run.note or _settings(run),
+                *head,
                 f"{t['recall@10']:.4f}",
                 f"{t['ndcg@10']:.4f}",
                 f"{t['recall@50']:.4f}",
@@ -557,14 +520,10 @@ def census(opts) -> None:
         for name, value in baselines.items()
     ]
     commands = [f"python benchmarks/census_like.py --rows {CENSUS_ROWS} --out {csv}", shown(prep)]
-    for run in selected(CENSUS_RUNS, opts.only):
-        args = train_args("census", CENSUS_CONFIG, data, run)
-        s = train(args, opts.rerun)
-        commands.append(shown(args))
+    for s, head in trained("census", CENSUS_CONFIG, data, CENSUS_RUNS, opts, commands):
         rows.append(
             [
-                run.label,
-                run.note or _settings(run),
+                *head,
                 f"{s['test']['auc']:.4f}",
                 f"{s['test']['logloss']:.4f}",
                 f"{s['best_valid'].get('auc', float('nan')):.4f}",

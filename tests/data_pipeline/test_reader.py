@@ -155,13 +155,7 @@ def test_every_row_exact_through_worker_rings(tmp_path, monkeypatch, shuffle):
 
 
 MIXED_KEYS = [
-    "s0",
-    "s1",
-    "m",
-    "s2",
-    "n3",
-    "s4",
-    "s5",
+    *"s0 s1 m s2 n3 s4 s5".split(),
 ]  # runs of complete scalar ids, split by a list and a null-able id
 
 

@@ -3,6 +3,7 @@ per-rank trainer (alone or under torchrun) and the `recsys` command line."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,3 +48,12 @@ def run_recsys(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+def train(data, run_dir, *flags: str, nproc: int = 2, timeout: int = 600) -> dict:
+    """A training run as `recsys train --data DATA --run-dir RUN_DIR FLAGS --nproc-per-node NPROC`
+    runs it (torchrun, no progress bar); asserts it exits 0 and returns its summary.json."""
+    args = ["--data", str(data), "--run-dir", str(run_dir), "--training.progress_bar", "false", *flags]
+    result = run_trainer(args, nproc=nproc, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((Path(run_dir) / "summary.json").read_text())

@@ -145,25 +145,10 @@ def test_prepare_component_on_two_replicas_matches_one_process(tmp_path):
     args = [
         "--input",
         src,
-        "--num-embeddings",
-        "1000",
-        "--row-group-rows",
-        "2048",
-        "--chunk-mb",
-        "0.05",
-        "--min-count",
-        "2",
-        "--workers",
-        "1",
+        *"--num-embeddings 1000 --row-group-rows 2048 --chunk-mb 0.05 --min-count 2 --workers 1".split(),
     ]
     result = torchx(
-        "run",
-        "-s",
-        "local_cwd",
-        "launch/components.py:prepare",
-        "-j",
-        "2x1",
-        "--rdzv_port",
+        *"run -s local_cwd launch/components.py:prepare -j 2x1 --rdzv_port".split(),
         str(free_port()),
         "--",
         *args,
@@ -255,19 +240,7 @@ def test_component_cli_parsing():
     app = materialize_appdef(
         fn,
         [
-            "-j",
-            "2x1",
-            "--gpu",
-            "1",
-            "--env",
-            "A=1,B=2",
-            "--config",
-            "c.toml",
-            "--",
-            "--data.path",
-            "/d",
-            "--training.epochs",
-            "2",
+            *"-j 2x1 --gpu 1 --env A=1,B=2 --config c.toml -- --data.path /d --training.epochs 2".split(),
         ],
     )
     (role,) = app.roles
@@ -294,18 +267,9 @@ def test_slurm_dryrun():
 
 def test_slurm_and_kubernetes_dryrun_from_the_command_line():
     result = torchx(
-        "run",
-        "--dryrun",
-        "-s",
-        "slurm",
-        "-cfg",
-        "partition=gpu,time=2:00:00",
+        *"run --dryrun -s slurm -cfg partition=gpu,time=2:00:00".split(),
         COMPONENT,
-        "-j",
-        "2x8",
-        "--gpu",
-        "8",
-        "--",
+        *"-j 2x8 --gpu 8 --".split(),
         *OVERRIDES,
         timeout=60,
     )
@@ -321,18 +285,9 @@ def test_slurm_and_kubernetes_dryrun_from_the_command_line():
     # kubernetes: the request is a Volcano job built with the `kubernetes` package (not a dependency
     # here); without it the dry run fails in torchx's pod builder, after our component ran
     result = torchx(
-        "run",
-        "--dryrun",
-        "-s",
-        "kubernetes",
+        *"run --dryrun -s kubernetes".split(),
         COMPONENT,
-        "-j",
-        "2x8",
-        "--gpu",
-        "8",
-        "--image",
-        "img:1",
-        "--",
+        *"-j 2x8 --gpu 8 --image img:1 --".split(),
         *OVERRIDES,
         timeout=60,
     )

@@ -17,7 +17,7 @@ from models.deepfm import second_order
 from models.embeddings import LINEAR_WIDTH
 from tests.helpers.data import TINY_SPARSE, write_dataset
 from tests.helpers.dist import run_ranks
-from tests.helpers.runs import run_trainer
+from tests.helpers.runs import train
 from trainer.config import ShardingConfig
 from trainer.distributed import DistEnv, plan_sharding, shard_model
 from trainer.optim import apply_sparse_optimizer
@@ -175,24 +175,7 @@ TOWERS = [
 )
 def test_two_sharded_ranks_train(tmp_path, dataset, name, table_prefix, extra):
     run_dir = tmp_path / "run"
-    result = run_trainer(
-        [
-            "--data.path",
-            str(dataset.root),
-            "--model",
-            name,
-            "--run-dir",
-            str(run_dir),
-            "--data.batch_size",
-            "256",
-            "--training.progress_bar",
-            "false",
-            *extra,
-        ],
-        nproc=2,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = train(dataset.root, run_dir, "--model", name, "--data.batch_size", "256", *extra)
     assert summary["model"] == name and summary["world_size"] == 2
     assert summary["test"]["auc"] > 0.6, summary
     plan = [line.split() for line in (run_dir / "plan.txt").read_text().splitlines()[1:]]

@@ -17,7 +17,7 @@ from data_pipeline.prepare.movielens_features import GENRES
 from data_pipeline.schema import DatasetSchema
 from models.losses import entity_ids
 from tests.helpers.dist import run_ranks
-from tests.helpers.runs import run_trainer
+from tests.helpers.runs import train
 from trainer.catalogue import CatalogueRetrieval
 from trainer.distributed import DistEnv
 from trainer.metrics import top_k_metrics
@@ -51,19 +51,8 @@ def test_top_k_metrics_match_a_direct_computation():
     scores = scores.masked_fill(hidden, -math.inf)
     metrics = top_k_metrics(scores, relevant, KS)
     assert list(metrics) == [
-        "recall@1",
-        "ndcg@1",
-        "recall@3",
-        "ndcg@3",
-        "recall@10",
-        "ndcg@10",
-        "precision@1",
-        "hit_rate@1",
-        "precision@3",
-        "hit_rate@3",
-        "precision@10",
-        "hit_rate@10",
-        "mrr",
+        *"recall@1 ndcg@1 recall@3 ndcg@3 recall@10 ndcg@10 precision@1 hit_rate@1 precision@3 hit_rate@3".split(),
+        *"precision@10 hit_rate@10 mrr".split(),
     ]
     for u in range(40):
         rel = set(torch.nonzero(relevant[u]).squeeze(1).tolist())
@@ -232,31 +221,8 @@ def test_catalogue_metrics_match_brute_force_on_one_and_two_ranks(clustered, tmp
 @pytest.mark.slow
 def test_two_tower_in_batch_softmax_beats_most_popular(clustered, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_trainer(
-        [
-            "--data",
-            str(clustered.root),
-            "--model",
-            "two_tower",
-            "--run-dir",
-            str(run_dir),
-            "--model.loss",
-            "in_batch_softmax",
-            "--model.embedding_dim",
-            "16",
-            "--data.batch_size",
-            "128",
-            "--optimizer.dense_lr",
-            "0.003",
-            "--training.epochs",
-            "4",
-            "--training.progress_bar",
-            "false",
-        ],
-        nproc=2,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    flags = "--model two_tower --model.loss in_batch_softmax --model.embedding_dim 16 --data.batch_size 128"
+    summary = train(clustered.root, run_dir, *flags.split(), *"--optimizer.dense_lr 0.003 --training.epochs 4".split())
     test, popular = summary["test"], summary["most_popular"]["test"]
     assert list(test)[:2] == ["recall@10", "ndcg@10"] and "auc" in test
     # the towers learn the clusters (measured: recall@10 0.75 vs 0.05); popularity alone cannot

@@ -11,22 +11,8 @@ from tests.helpers.runs import run_trainer
 def test_two_ranks_reach_the_oracle_auc(tmp_path):
     data = prepare_synthetic(SyntheticSpec(rows=500_000), tmp_path / "data", log=lambda *_: None)
     run_dir = tmp_path / "run"
-    result = run_trainer(
-        [
-            "--config",
-            "configs/demo.toml",
-            "--data",
-            str(data.root),
-            "--run-dir",
-            str(run_dir),
-            "--training.progress_bar",
-            "false",
-            "--training.profile_steps",
-            "50",
-            "52",
-        ],
-        nproc=2,
-    )
+    flags = "--config configs/demo.toml --training.progress_bar false --training.profile_steps 50 52".split()
+    result = run_trainer(["--data", str(data.root), "--run-dir", str(run_dir), *flags], nproc=2)
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2

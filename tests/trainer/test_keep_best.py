@@ -9,7 +9,7 @@ import json
 from data_pipeline.prepare.synthetic import SyntheticSpec
 from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from data_pipeline.schema import DatasetSchema
-from tests.helpers.runs import run_trainer
+from tests.helpers.runs import train
 
 
 def test_test_split_is_scored_with_the_best_weights(tmp_path):
@@ -21,31 +21,10 @@ def test_test_split_is_scored_with_the_best_weights(tmp_path):
     (schema.root / "dataset.json").write_text(json.dumps(raw))
     DatasetSchema.load(schema.root)
     run_dir = tmp_path / "run"
-    result = run_trainer(
-        [
-            "--data",
-            str(schema.root),
-            "--run-dir",
-            str(run_dir),
-            "--data.batch_size",
-            "128",
-            "--training.epochs",
-            "3",
-            "--training.eval_every",
-            "20",
-            "--training.keep_best",
-            "true",
-            "--optimizer.dense_lr",
-            "0.05",
-            "--optimizer.sparse_lr",
-            "0.3",
-            "--training.progress_bar",
-            "false",
-        ],
-        nproc=2,
+    flags = "--data.batch_size 128 --training.epochs 3 --training.eval_every 20 --training.keep_best true"
+    summary = train(
+        schema.root, run_dir, *flags.split(), *"--optimizer.dense_lr 0.05 --optimizer.sparse_lr 0.3".split()
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best_valid_step"] < summary["steps"], summary  # the last weights are not the best ones
     assert summary["test_weights_step"] == summary["best_valid_step"]
     assert abs(summary["test"]["auc"] - summary["best_valid"]["auc"]) < 1e-6, summary

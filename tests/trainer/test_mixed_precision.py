@@ -1,7 +1,6 @@
 """training.mixed_precision = bf16: the MLPs run in bfloat16, the loss and outputs come back fp32,
 and a real 2-rank run still learns."""
 
-import json
 from types import SimpleNamespace
 
 import torch
@@ -11,7 +10,7 @@ from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from data_pipeline.reader import ParquetBatches
 from models import ModelConfig, build_model
 from tests.helpers.data import TINY_SPARSE, write_dataset
-from tests.helpers.runs import run_trainer
+from tests.helpers.runs import train
 from trainer.train import Trainer
 
 
@@ -35,21 +34,5 @@ def test_bf16_forward_runs_the_mlps_in_bfloat16_and_returns_fp32(tmp_path, tiny_
 
 def test_bf16_training_on_two_ranks_learns(tmp_path):
     data = prepare_synthetic(SyntheticSpec(rows=60_000), tmp_path / "data", log=lambda *_: None)
-    result = run_trainer(
-        [
-            "--config",
-            "configs/demo.toml",
-            "--data",
-            str(data.root),
-            "--run-dir",
-            str(tmp_path / "run"),
-            "--training.mixed_precision",
-            "bf16",
-            "--training.progress_bar",
-            "false",
-        ],
-        nproc=2,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = train(data.root, tmp_path / "run", *"--config configs/demo.toml --training.mixed_precision bf16".split())
     assert summary["test"]["auc"] > summary["oracle_auc"] - 0.1, summary

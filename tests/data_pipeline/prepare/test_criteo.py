@@ -3,7 +3,6 @@ lines, gzip, byte-range units), down to a dataset the trainer trains on."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -19,7 +18,7 @@ from data_pipeline.prepare.criteo_parse import fnv1a
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DataError, DatasetSchema
 from tests.helpers.data import CRITEO_VOCAB, criteo_lines, read_split, write_tsv
-from tests.helpers.runs import ROOT, run_trainer
+from tests.helpers.runs import ROOT, train
 
 
 def options(inputs, **kw) -> CriteoOptions:
@@ -180,47 +179,14 @@ def test_replicas_under_torchrun_match_one_process(tmp_path):
         "--input",
         src,
         gz,
-        "--num-embeddings",
-        "1000",
-        "--row-group-rows",
-        "2048",
-        "--chunk-mb",
-        "0.05",
-        "--min-count",
-        "2",
-        "--workers",
-        "1",
+        *"--num-embeddings 1000 --row-group-rows 2048 --chunk-mb 0.05 --min-count 2 --workers 1".split(),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "-m",
-            "data_pipeline.prepare.criteo",
-            *args,
-            "--out",
-            str(tmp_path / "replicas"),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    single = subprocess.run(
-        [sys.executable, "-m", "data_pipeline.prepare.criteo", *args, "--out", str(tmp_path / "single")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = [sys.executable, *"-m torch.distributed.run --standalone --nproc-per-node=2".split()]
+    for launcher, out in ((torchrun, "replicas"), ([sys.executable], "single")):
+        command = [*launcher, "-m", "data_pipeline.prepare.criteo", *args, "--out", str(tmp_path / out)]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (out, done.stderr[-3000:])
     a, b = DatasetSchema.load(tmp_path / "replicas"), DatasetSchema.load(tmp_path / "single")
     assert [f.num_embeddings for f in a.sparse] == [f.num_embeddings for f in b.sparse]
     for split in ("train", "valid", "test"):
@@ -235,29 +201,8 @@ def test_prepared_dataset_trains(tmp_path):
     batches = ParquetBatches(schema, "train", batch_size=512)
     assert len(batches) == schema.splits["train"].rows // 512
     run_dir = tmp_path / "run"
-    result = run_trainer(
-        [
-            "--data.path",
-            str(schema.root),
-            "--run-dir",
-            str(run_dir),
-            "--data.batch_size",
-            "256",
-            "--model.embedding_dim",
-            "8",
-            "--model.dense_arch_layer_sizes",
-            "32",
-            "8",
-            "--training.epochs",
-            "2",
-            "--optimizer.dense_lr",
-            "0.003",
-            "--training.progress_bar",
-            "false",
-        ]
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    flags = "--data.batch_size 256 --model.embedding_dim 8 --model.dense_arch_layer_sizes 32 8 --training.epochs 2"
+    summary = train(schema.root, run_dir, *flags.split(), "--optimizer.dense_lr", "0.003", nproc=0)
     assert summary["test"]["auc"] > 0.70, summary["test"]  # the click model is learnable from 3 features
 
 

@@ -23,20 +23,8 @@ ROWS = 6000
 SEED = 0
 TEST_ONLY = "Astronaut"  # an occupation written into test rows only: must map to OOV
 OCCUPATIONS = [
-    "Prof-specialty",
-    "Exec-managerial",
-    "Craft-repair",
-    "Sales",
-    "Adm-clerical",
-    "Other-service",
-    "Machine-op",
-    "Transport",
-    "Handlers",
-    "Farming",
-    "Tech-support",
-    "Protective",
-    "Priv-house",
-    "Armed",
+    *"Prof-specialty Exec-managerial Craft-repair Sales Adm-clerical Other-service Machine-op Transport".split(),
+    *"Handlers Farming Tech-support Protective Priv-house Armed".split(),
 ]
 WORKCLASS = [" Private", " Self-emp", " Local-gov", " State-gov", " Federal-gov", " Without-pay"]
 
@@ -154,21 +142,11 @@ def test_column_kinds_names_and_schema(prepared):
     assert not num["hours_per_week"].log and num["hours_per_week"].missing == "hours_per_week_missing"
     assert not num["age"].log and num["age"].missing is None
     assert schema.dense == [
-        "age",
-        "fnlwgt",
-        "capital_gain",
-        "capital_gain_missing",
-        "hours_per_week",
-        "hours_per_week_missing",
-        "wage",
+        *"age fnlwgt capital_gain capital_gain_missing hours_per_week hours_per_week_missing wage".split(),
     ]
     assert schema.sparse_names == [
-        "workclass",
-        "education_num",
-        "occupation",
-        "married",
-        "occupation_x_education_num",
-        "workclass_x_occupation_x_married",
+        *"workclass education_num occupation married occupation_x_education_num".split(),
+        *"workclass_x_occupation_x_married".split(),
     ]
     assert schema.label == "label" and schema.task == "binary" and schema.extra["transforms"] == "transforms.json"
     assert schema.extra["rows_dropped_null_label"] == ROWS - sum(s.rows for s in schema.splits.values()) > 0
@@ -311,13 +289,7 @@ def test_regression_task(files, tmp_path, capsys):
     argv = [
         "--input",
         str(files / "census.parquet"),
-        "--label",
-        "wage",
-        "--task",
-        "regression",
-        "--drop",
-        "income",
-        "--out",
+        *"--label wage --task regression --drop income --out".split(),
         str(out),
         "--seed",
         "3",
@@ -363,12 +335,7 @@ def test_overrides(files, tmp_path):
             "age",
             "--numeric",
             "education num",
-            "--drop",
-            "fnlwgt,wage",
-            "--log",
-            "hours_per_week",
-            "--min-frequency",
-            "1",
+            *"--drop fnlwgt,wage --log hours_per_week --min-frequency 1".split(),
         )
         == 0
     )

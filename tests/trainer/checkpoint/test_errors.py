@@ -26,24 +26,9 @@ from trainer.checkpoint import (
 from trainer.config import load_config
 
 ARGS = [
-    "--data.batch_size",
-    "256",
-    "--training.max_steps",
-    "6",
-    "--checkpoint.every_steps",
-    "3",
-    "--training.eval_every",
-    "3",
-    "--model.embedding_dim",
-    "8",
-    "--model.dense_arch_layer_sizes",
-    "16",
-    "8",
-    "--model.over_arch_layer_sizes",
-    "16",
-    "1",
-    "--training.progress_bar",
-    "false",
+    *"--data.batch_size 256 --training.max_steps 6 --checkpoint.every_steps 3 --training.eval_every 3".split(),
+    *"--model.embedding_dim 8 --model.dense_arch_layer_sizes 16 8 --model.over_arch_layer_sizes 16 1".split(),
+    *"--training.progress_bar false".split(),
 ]
 
 
@@ -121,15 +106,8 @@ def test_another_model_or_dataset_is_named(run, tmp_path):
             "--data",
             str(data),
             *ARGS,
-            "--model",
-            "dlrm_dcn",
-            "--model.embedding_dim",
-            "16",
-            "--model.dense_arch_layer_sizes",
-            "16",
-            "16",
-            "--optimizer.sparse",
-            "adagrad",
+            *"--model dlrm_dcn --model.embedding_dim 16 --model.dense_arch_layer_sizes 16 16".split(),
+            *"--optimizer.sparse adagrad".split(),
         ]
     )
     with pytest.raises(IncompatibleCheckpoint) as error:

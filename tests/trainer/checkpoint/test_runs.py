@@ -23,30 +23,10 @@ pytestmark = pytest.mark.slow
 # epoch and at its end; a checkpoint every 10 steps (+ the better evaluations, + the end); a
 # cosine schedule with warmup; a loss record every 5 steps.
 ARGS = [
-    "--data.batch_size",
-    "128",
-    "--training.epochs",
-    "2",
-    "--training.eval_every",
-    "20",
-    "--checkpoint.every_steps",
-    "10",
-    "--model.embedding_dim",
-    "8",
-    "--model.dense_arch_layer_sizes",
-    "16",
-    "8",
-    "--model.over_arch_layer_sizes",
-    "16",
-    "1",
-    "--optimizer.lr_schedule",
-    "cosine",
-    "--optimizer.warmup_steps",
-    "10",
-    "--training.log_every",
-    "5",
-    "--training.progress_bar",
-    "false",
+    *"--data.batch_size 128 --training.epochs 2 --training.eval_every 20 --checkpoint.every_steps 10".split(),
+    *"--model.embedding_dim 8 --model.dense_arch_layer_sizes 16 8 --model.over_arch_layer_sizes 16 1".split(),
+    *"--optimizer.lr_schedule cosine --optimizer.warmup_steps 10 --training.log_every 5".split(),
+    *"--training.progress_bar false".split(),
 ]
 SAME = ("steps", "valid", "test", "best_valid", "best_valid_step", "test_weights_step")
 

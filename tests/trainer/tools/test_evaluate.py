@@ -226,15 +226,7 @@ def test_binary_metrics_overall_and_per_segment_match_references(tmp_path, capsy
 
     preds = pq.read_table(tmp_path / "eval" / "predictions.parquet")
     assert preds.column_names == [
-        "row",
-        "label",
-        "weight",
-        "prediction",
-        "logit",
-        "user_id",
-        "country",
-        "age",
-        "item_id",
+        *"row label weight prediction logit user_id country age item_id".split(),
     ]
     for column in ("label", "weight", "user_id", "country", "age", "item_id"):  # rows in file order, columns aligned
         assert preds.column(column).to_pylist() == test.column(column).to_pylist(), column
