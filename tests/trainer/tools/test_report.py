@@ -18,7 +18,7 @@ import pytest
 from data_pipeline.prepare.synthetic import SyntheticSpec
 from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from tests.helpers.runs import run_trainer
-from trainer.tools import report
+from trainer.tools import report, report_plots
 
 SEGMENT_LABELS = ["new users (0 clicks)", "1-9 clicks", "10+ clicks"]
 
@@ -34,16 +34,8 @@ def trained(tmp_path_factory) -> Path:
         str(data.root),
         "--run-dir",
         str(root / "run"),
-        "--data.batch_size",
-        "128",
-        "--training.epochs",
-        "2",
-        "--training.eval_every",
-        "30",
-        "--training.log_every",
-        "5",
-        "--training.progress_bar",
-        "false",
+        *"--data.batch_size 128 --training.epochs 2 --training.eval_every 30 --training.log_every 5".split(),
+        *"--training.progress_bar false".split(),
     ]
     for extra in (["--training.stop_at_step", "60"], []):
         result = run_trainer([*args, *extra])
@@ -112,7 +104,7 @@ def image_size(path: Path) -> tuple[int, int]:
 
 
 def pixels(size: tuple[float, float]) -> tuple[int, int]:
-    return round(size[0] * report.DPI), round(size[1] * report.DPI)
+    return round(size[0] * report_plots.DPI), round(size[1] * report_plots.DPI)
 
 
 def test_report_of_an_evaluated_run(trained, tmp_path):
@@ -122,10 +114,10 @@ def test_report_of_an_evaluated_run(trained, tmp_path):
     assert report.main([str(run_dir)]) == 0
     out = run_dir / "report"
     sizes = {
-        "training_curves.png": pixels(report.CURVES_SIZE),
-        "throughput.png": pixels(report.THROUGHPUT_SIZE),
-        "calibration_test.png": pixels(report.CALIBRATION_SIZE),
-        "segments_test_activity.png": pixels(report.segment_figsize(len(SEGMENT_LABELS))),
+        "training_curves.png": pixels(report_plots.CURVES_SIZE),
+        "throughput.png": pixels(report_plots.THROUGHPUT_SIZE),
+        "calibration_test.png": pixels(report_plots.CALIBRATION_SIZE),
+        "segments_test_activity.png": pixels(report_plots.segment_figsize(len(SEGMENT_LABELS))),
     }
     assert {p.name for p in out.glob("*.png")} == set(sizes)
     for name, size in sizes.items():
