@@ -17,7 +17,7 @@ the shared machine's speed during the job hits every side alike):
             memory logging, TensorBoard, progress bar, and at the end the valid and test
             evaluations (outside the timed steps, as in the summary's samples/s). Checkpoints off.
   minimal   the loop torchrec's examples use: the same DMP model and optimizer
-            (`trainer.train.build_sharded`), the same batches read into memory beforehand, then
+            (`trainer.build.build_sharded`), the same batches read into memory beforehand, then
             `pipeline.progress(batches)` and nothing else.
   streamed  the minimal loop fed live by the trainer's train loader: what reading Parquet costs.
   minimal, trainer   again.
