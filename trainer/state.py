@@ -96,6 +96,8 @@ class BestValidation:
         self.metrics: dict[str, float] = {}
         self.step: int | None = None
         self.evals_since_best = 0
+        self.note: str | None = None
+        """Set by load_state_dict when the saved best could not be kept."""
 
     def update(self, metrics: dict[str, float], step: int) -> bool:
         """Record one evaluation; True if it is the best so far."""
@@ -119,6 +121,17 @@ class BestValidation:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The saved best; or none, with `self.note` saying why, when it was chosen by another
+        metric (training.top_k changed, say): a best by one metric cannot be beaten by another."""
+        saved = state.get("metric") or next(iter(state["metrics"]), None)  # format 1: the first metric was it
+        self.note = None
+        if state["metrics"] and saved != self.headline.name:
+            self.metrics, self.step, self.evals_since_best = {}, None, 0
+            self.note = (
+                f"the checkpoint's best validation was chosen by {saved}, this run chooses by "
+                f"{self.headline.name}: the best starts afresh"
+            )
+            return
         self.metrics, self.step, self.evals_since_best = state["metrics"], state["step"], state["evals_since_best"]
 
 

@@ -256,6 +256,7 @@ class Trainer:
     def _restore(self) -> dict | None:
         start = time.perf_counter()
         rng, notes = self.checkpoints.load(self.resume)
+        notes += [self.best.note] if self.best.note else []
         epoch, position, order_note = self.state.resume_position(self.steps_per_epoch)
         if order_note:  # another data order: the saved RNG states belong to another stream
             notes.append(order_note)

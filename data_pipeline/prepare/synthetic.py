@@ -33,7 +33,7 @@ from torchmetrics.functional.classification import binary_auroc
 from data_pipeline.atomic import write_atomic
 from data_pipeline.prepare import main as prepare_main
 from data_pipeline.prepare.output import DatasetOutput
-from data_pipeline.schema import SPLITS, DatasetSchema, SparseFeature, SplitInfo
+from data_pipeline.schema import SPLITS, DataError, DatasetSchema, SparseFeature, SplitInfo
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
@@ -142,7 +142,7 @@ def prepare(spec: SyntheticSpec, out: str | Path, overwrite: bool = False, log=p
     """Write the dataset to `out` through `DatasetOutput` (refuse another dataset unless
     `overwrite`, "up to date" for the same spec, atomic files, dataset.json last)."""
     output = DatasetOutput(out, _provenance(spec), overwrite)
-    existing = output.up_to_date()
+    existing = output.up_to_date() or _made_earlier(Path(out), spec)
     if existing is not None:
         log(f"{out}: up to date ({spec.rows:,} rows, seed {spec.seed}); not regenerated")
         return existing
@@ -173,6 +173,16 @@ def prepare(spec: SyntheticSpec, out: str | Path, overwrite: bool = False, log=p
         splits=splits,
     )
     return output.finish(schema)
+
+
+def _made_earlier(out: Path, spec: SyntheticSpec) -> DatasetSchema | None:
+    """The same dataset as written before this preparer used DatasetOutput (its provenance under
+    `extra.generator`; the files are the same), so that it stays up to date."""
+    try:
+        existing = DatasetSchema.load(out)
+    except DataError:
+        return None
+    return existing if existing.extra.get("generator") == _provenance(spec) else None
 
 
 def _write_part(

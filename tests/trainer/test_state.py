@@ -102,3 +102,20 @@ def test_learning_rates_round_trip(schedule):
     assert again.current() == lr.current() and again.steps == 12
     lr.after_step(), again.after_step()
     assert again.current() == lr.current()
+
+
+def test_a_best_chosen_by_another_metric_starts_afresh():
+    """training.top_k may change on resume (an allowed change): a best by recall@10 cannot be
+    compared with recall@20, so the best starts afresh, with a note."""
+    before = BestValidation(headline("binary", recall_k=10))
+    before.update({"recall@10": 0.3, "auc": 0.8}, 5)
+    after = BestValidation(headline("binary", recall_k=20))
+    after.load_state_dict(json.loads(json.dumps(before.state_dict())))
+    assert after.metrics == {} and after.step is None and "recall@10" in after.note
+    assert after.update({"recall@20": 0.1, "auc": 0.7}, 6)  # and the next validation is the best
+    same = BestValidation(headline("binary", recall_k=10))
+    same.load_state_dict(before.state_dict())
+    assert same.step == 5 and same.note is None
+    legacy = BestValidation(headline("binary"))  # format 1 saved no "metric": its first metric was it
+    legacy.load_state_dict({"metrics": {"auc": 0.8, "logloss": 0.4}, "step": 5, "evals_since_best": 1})
+    assert legacy.step == 5 and legacy.note is None

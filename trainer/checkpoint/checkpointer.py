@@ -97,7 +97,8 @@ class Checkpointer:
     def should_save(self, step: int, improved: bool, stopping: bool) -> bool:
         """Save now: a periodic step, a better validation (keep_best), or a stop."""
         every = self.settings.every_steps
-        return bool((every and step % every == 0) or (improved and self.settings.keep_best) or stopping)
+        due = (every and step % every == 0) or (improved and self.settings.keep_best) or stopping
+        return bool(self.settings.enabled and due)
 
     # ---- save -----------------------------------------------------------------------------------
     def cleanup(self) -> None:
@@ -201,6 +202,9 @@ class Checkpointer:
         notes: list[str] = []
 
         def check() -> dict:
+            missing = sorted(set(self.parts) - set(resume.meta["state"]))
+            if missing:
+                raise CheckpointError(f"{path / store.META}: malformed: no state of {', '.join(missing)}")
             reshard.check_shapes(tensors, metadata, path)
             return reshard.convertible_states(tensors, metadata)
 

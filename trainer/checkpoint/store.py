@@ -105,6 +105,8 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(
             f"{path}: checkpoint format version {meta.get('version')}, this trainer reads versions 1 and {VERSION}"
         )
+    if not isinstance(meta.get("state"), dict):
+        raise CheckpointError(f"{file}: malformed: no `state` of the run's parts")
     return meta
 
 

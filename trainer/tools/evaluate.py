@@ -133,7 +133,7 @@ def load_model(checkpoint: Path) -> Trained:
     meta = read_meta(path)
     model, _ = checkpoint_model(path, meta)
     schema = DatasetSchema.from_json(meta["dataset"], ".", f"{path}/checkpoint.json dataset")
-    return Trained(model, schema, path, int(meta["step"]), meta["state"]["best"].get("metric"))
+    return Trained(model, schema, path, int(meta["step"]), meta["state"].get("best", {}).get("metric"))
 
 
 def default_out(source: Path, split: str) -> Path:

@@ -98,7 +98,7 @@ def export(checkpoint: str | Path, out: Path, best: bool = False) -> dict:
     path = locate(checkpoint)
     meta = read_meta(path)
     if best:
-        step = meta["state"]["best"]["step"]
+        step = meta["state"].get("best", {}).get("step")
         if step is None:
             raise CheckpointError(f"{path}: no validation has been recorded, so there is no best checkpoint")
         path = path.parent / step_dir_name(step)
@@ -108,7 +108,7 @@ def export(checkpoint: str | Path, out: Path, best: bool = False) -> dict:
             )
         meta = read_meta(path)
     _, state = checkpoint_model(path, meta)  # the file will load: every name and shape fits the model code
-    train, best = meta["state"]["train"], meta["state"]["best"]
+    train, best = meta["state"].get("train", {}), meta["state"].get("best", {})
     blob = {
         "format": MODEL_FORMAT,
         "version": MODEL_VERSION,
@@ -117,7 +117,7 @@ def export(checkpoint: str | Path, out: Path, best: bool = False) -> dict:
         "dataset": meta["dataset"],
         "step": meta["step"],
         "checkpoint": str(path),
-        "valid": train["valid"] if train["valid_step"] == meta["step"] else {},
+        "valid": train.get("valid") if train.get("valid_step") == meta["step"] else {},
         "headline": best.get("metric"),  # the run's "better" metric (checkpoints before it was saved: None)
     }
     out.parent.mkdir(parents=True, exist_ok=True)
