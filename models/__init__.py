@@ -34,6 +34,7 @@ def build_model(
     `sparse_device` (`meta` to shard)."""
     if cfg.name not in MODELS:
         raise ValueError(f"model.name '{cfg.name}' is not one of: {', '.join(sorted(MODELS))}")
+    cfg.check()
     if cfg.loss == "in_batch_softmax":
         if schema.task != "binary":
             raise ValueError(

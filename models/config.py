@@ -54,14 +54,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         # Each check only for the models that read the field, so every model works with the defaults.
-        if self.name in DLRM_MODELS:
-            if self.dense_arch_layer_sizes[-1] != self.embedding_dim:
-                raise ValueError(
-                    f"model.dense_arch_layer_sizes must end in model.embedding_dim ({self.embedding_dim}), "
-                    f"got {self.dense_arch_layer_sizes}"
-                )
-            if self.over_arch_layer_sizes[-1] != 1:
-                raise ValueError(f"model.over_arch_layer_sizes must end in 1, got {self.over_arch_layer_sizes}")
+        # (The checks across fields are in `check`: derived defaults may still change those fields.)
         if self.name in DEEP_MODELS:
             if any(size <= 0 for size in self.deep_layer_sizes):
                 raise ValueError(f"model.deep_layer_sizes must be positive, got {self.deep_layer_sizes}")
@@ -77,3 +70,14 @@ class ModelConfig:
             raise ValueError(f"model.temperature must be positive, got {self.temperature}")
         if self.name == "wide_deep" and self.wide_lr <= 0:
             raise ValueError(f"model.wide_lr must be positive, got {self.wide_lr}")
+
+    def check(self) -> None:
+        """The rules across fields, once every value is final (after trainer.defaults.derive)."""
+        if self.name in DLRM_MODELS:
+            if self.dense_arch_layer_sizes[-1] != self.embedding_dim:
+                raise ValueError(
+                    f"model.dense_arch_layer_sizes must end in model.embedding_dim ({self.embedding_dim}), "
+                    f"got {self.dense_arch_layer_sizes}"
+                )
+            if self.over_arch_layer_sizes[-1] != 1:
+                raise ValueError(f"model.over_arch_layer_sizes must end in 1, got {self.over_arch_layer_sizes}")

@@ -26,6 +26,7 @@ from data_pipeline.schema import DataError
 from trainer.build import preflight
 from trainer.checkpoint import CheckpointError, find_resume
 from trainer.config import load_config
+from trainer.defaults import resolve
 from trainer.distributed import PlanError, destroy_distributed, init_distributed
 from trainer.train import Trainer
 
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")
     try:
         schema = preflight(cfg)
-    except DataError as e:
+        resolve(cfg, schema, int(os.environ.get("WORLD_SIZE", "1")))
+    except (DataError, ValueError) as e:
         if rank == "0":  # every rank finds the same problem; say it once
             print(f"error: {_message(e)}", file=sys.stderr)
         return 2

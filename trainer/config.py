@@ -303,12 +303,23 @@ class Config:
     """TOML file the defaults come from (its stem names the run)."""
     run_dir: Annotated[str, tyro.conf.arg(aliases=("--run-dir",))] = ""
     """Output directory (default: runs/<config file stem>)."""
+    derive_defaults: bool = True
+    """Derive the knobs that neither the config file nor the command line sets from the dataset and
+    the world size (batch size, learning rates, epochs, validation cadence, early stopping,
+    keep-best, embedding dimension, MLP widths: rules in trainer/defaults.py), each printed at
+    start with its reason and written into the resolved config.toml; false: the fixed defaults
+    listed here."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    explicit: tyro.conf.Suppress[frozenset[str]] = field(default_factory=frozenset, compare=False, repr=False)
+    """(Not a knob.) The `section.key` names the config file or the command line set: derived
+    defaults never replace them."""
+    derived: tyro.conf.Suppress[dict[str, str]] = field(default_factory=dict, compare=False, repr=False)
+    """(Not a knob.) The knobs set by `trainer.defaults.derive`, with their reasons."""
 
     def __post_init__(self) -> None:
         if not self.run_dir:
@@ -316,12 +327,17 @@ class Config:
 
     def to_toml(self) -> str:
         """The resolved config as TOML (what `--config` reads back)."""
-        top = {k: v for k, v in dataclasses.asdict(self).items() if not isinstance(v, dict)}
-        sections = {k: v for k, v in dataclasses.asdict(self).items() if isinstance(v, dict)}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in NOT_KNOBS}
+        top = {k: v for k, v in values.items() if not dataclasses.is_dataclass(v)}
+        sections = {k: dataclasses.asdict(v) for k, v in values.items() if dataclasses.is_dataclass(v)}
         lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
         for name, values in sections.items():
             lines += ["", f"[{name}]"] + [f"{k} = {toml_value(v)}" for k, v in values.items()]
         return "\n".join(lines) + "\n"
+
+
+NOT_KNOBS = ("explicit", "derived")
+"""Config fields that record where values came from; not read from or written to TOML."""
 
 
 def toml_value(value: Any) -> str:
@@ -333,6 +349,12 @@ def toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return repr(value)
+
+
+def getattr_path(cfg: Config, key: str) -> Any:
+    """The value of knob `section.key`."""
+    section, _, name = key.rpartition(".")
+    return getattr(getattr(cfg, section) if section else cfg, name)
 
 
 def from_dict(cls: type, values: dict, where: str) -> Any:
@@ -372,15 +394,19 @@ def load_config(argv: list[str] | None = None) -> Config:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", "-c", default="")
     known, _ = pre.parse_known_args(argv)
-    default = Config()
+    default, toml = Config(), {}
     if known.config:
         path = Path(known.config)
         if not path.is_file():
             raise SystemExit(f"error: config file {path} not found")
         with path.open("rb") as f:
-            default = from_dict(Config, {**tomllib.load(f), "config": str(path)}, str(path))
+            toml = tomllib.load(f)
+        unknown = set(toml) & set(NOT_KNOBS)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
+        default = from_dict(Config, {**toml, "config": str(path)}, str(path))
     description = __doc__.split("\n\n")[0] + " Aliases: " + ", ".join(f"{a} = {k}" for a, k in ALIASES.items())
-    return tyro.cli(
+    cfg = tyro.cli(
         Config,
         default=default,
         args=argv,
@@ -388,3 +414,13 @@ def load_config(argv: list[str] | None = None) -> Config:
         description=description,
         config=(tyro.conf.FlagConversionOff,),  # booleans take a value, as in TOML: --data.shuffle false
     )
+    cfg.explicit = explicit_keys(toml, argv)
+    return cfg
+
+
+def explicit_keys(toml: dict, argv: list[str]) -> frozenset[str]:
+    """The `section.key` names a TOML document and a normalised command line set."""
+    keys = {f"{s}.{k}" for s, table in toml.items() if isinstance(table, dict) for k in table}
+    keys |= {s for s, v in toml.items() if not isinstance(v, dict)}
+    keys |= {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return frozenset(keys)

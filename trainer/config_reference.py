@@ -15,7 +15,7 @@ import re
 import textwrap
 import typing
 
-from trainer.config import ALIASES, Config, toml_value
+from trainer.config import ALIASES, NOT_KNOBS, Config, toml_value
 
 HEADER = """# Config reference
 
@@ -64,6 +64,8 @@ def rows(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
     docs = field_docs(cls)
     out = []
     for field in dataclasses.fields(cls):
+        if field.name in NOT_KNOBS:
+            continue
         kind = hints[field.name]
         if typing.get_origin(kind) is typing.Annotated:
             kind = typing.get_args(kind)[0]

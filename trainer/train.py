@@ -31,7 +31,8 @@ from data_pipeline.batch import Batch
 from data_pipeline.schema import DataError, DatasetSchema
 from trainer.build import build_sharded, train_loader
 from trainer.checkpoint import Checkpointer, Resume, find_init
-from trainer.config import Config
+from trainer.config import Config, getattr_path, toml_value
+from trainer.defaults import as_record, few_steps_warning
 from trainer.distributed import DistEnv, describe_plan, local_state_tensors
 from trainer.evaluator import Evaluator
 from trainer.faults import fault
@@ -233,6 +234,11 @@ class Trainer:
                 f"{self.train_data.dataset.num_workers}; "
                 f"{torch.get_num_threads()} intra-op threads per rank"
             )
+            for key, why in self.cfg.derived.items():
+                print(f"derived {key} = {toml_value(getattr_path(self.cfg, key))} ({why})")
+            warning = few_steps_warning(self.total_steps)
+            if warning:
+                print(warning)
             print("sharding plan:\n" + plan_text, flush=True)
             if self.memory_estimate:
                 estimates = ", ".join(
@@ -379,6 +385,7 @@ class Trainer:
             "steps": s.step,
             "epochs": self.cfg.training.epochs,
             "global_batch_size": self.global_batch,
+            "derived": as_record(self.cfg, self.cfg.derived),
             "train_time_s": round(s.train_time, 2),
             "samples_per_s": round(s.step * self.global_batch / max(s.train_time, 1e-9), 1),
             "headline": {"metric": self.best.headline.name, "higher_is_better": self.best.headline.higher_is_better},

@@ -24,10 +24,19 @@ def _env(fault: str = "") -> dict[str, str]:
 
 
 def run_trainer(
-    args: list[str], nproc: int = 0, timeout: int = 600, restarts: int | None = None, fault: str = ""
+    args: list[str],
+    nproc: int = 0,
+    timeout: int = 600,
+    restarts: int | None = None,
+    fault: str = "",
+    derive: bool = False,
 ) -> subprocess.CompletedProcess:
     """`python -m trainer ARGS`, under `torchrun --standalone --nproc-per-node NPROC` when nproc > 0
-    (with `--max-restarts RESTARTS` when given); RECSYS_FAULT=`fault` when given."""
+    (with `--max-restarts RESTARTS` when given); RECSYS_FAULT=`fault` when given. With the fixed
+    defaults (`--derive_defaults false`) unless `derive`: most tests pin what they exercise; the
+    derived defaults have tests of their own."""
+    if not derive and "--derive_defaults" not in args:
+        args = ["--derive_defaults", "false", *args]
     launcher = [sys.executable]
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
@@ -50,10 +59,10 @@ def run_recsys(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     )
 
 
-def train(data, run_dir, *flags: str, nproc: int = 2, timeout: int = 600) -> dict:
+def train(data, run_dir, *flags: str, nproc: int = 2, timeout: int = 600, derive: bool = False) -> dict:
     """A training run as `recsys train --data DATA --run-dir RUN_DIR FLAGS --nproc-per-node NPROC`
     runs it (torchrun, no progress bar); asserts it exits 0 and returns its summary.json."""
     args = ["--data", str(data), "--run-dir", str(run_dir), "--training.progress_bar", "false", *flags]
-    result = run_trainer(args, nproc=nproc, timeout=timeout)
+    result = run_trainer(args, nproc=nproc, timeout=timeout, derive=derive)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((Path(run_dir) / "summary.json").read_text())

@@ -21,6 +21,6 @@ def test_unknown_key_and_bad_values_are_errors(tmp_path):
     with pytest.raises(ValueError, match="batch_sise"):
         load_config(["--config", str(path)])
     with pytest.raises(ValueError, match="embedding_dim"):
-        from_dict(Config, {"model": {"embedding_dim": 8}}, "x")  # dense arch must end in 8
+        from_dict(Config, {"model": {"embedding_dim": 8}}, "x").model.check()  # dense arch must end in 8
     with pytest.raises(ValueError, match="training.threads"):
         from_dict(Config, {"training": {"threads": -1}}, "x")
