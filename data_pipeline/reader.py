@@ -1,22 +1,31 @@
-"""Parquet -> Batch stream for one rank, split by row group across ranks and DataLoader workers.
+"""Parquet -> Batch stream for one rank, split by rows across ranks and DataLoader workers.
 
-How work is split (the same on every rank, computed from Parquet footers, no collective needed):
+How work is split (`plan_shares`: the same on every rank, from Parquet footers, no collective):
   - the split's row groups are listed in file order and, when shuffling, permuted by (seed, epoch);
-  - rank r of W takes every W-th row group, and DataLoader worker w of K every K-th of those;
-  - each worker streams its row groups, one at a time, into batches of exactly `batch_size` rows.
-Shuffling also mixes rows across row groups, in a bounded buffer: a worker reads row groups until
-it holds at least `shuffle_buffer_rows` rows (never more than that plus one row group), emits all
-the full batches of a random permutation of those rows, and carries the rest (less than a batch)
-into the next window. Inside a batch, rows come grouped by the row group they were drawn from (a
-batch's loss is a mean: only which rows share a batch matters). Everything is seeded by (seed,
-epoch, rank, worker), so a run can be repeated exactly with the same number of ranks and workers.
+    concatenated in that order they are one sequence of N rows;
+  - rank r of W takes the contiguous rows [r*N//W, (r+1)*N//W) of it (equal shares, +-1 row), as
+    pieces: whole row groups, except that its first and last piece may be part of one;
+  - a rank's pieces are dealt, in order, each to its least-loaded worker (by rows; a piece is never
+    split, so with fewer pieces than workers some workers are idle); each worker streams its pieces
+    into batches of exactly `batch_size` rows.
+Decoding: a whole row group is read with `read_row_group`; a piece that ends before its row group's
+end stops decoding there (`iter_batches`); a piece that starts inside a row group decodes it from its
+first row and drops the rows before. Only a rank's first piece can start inside a row group, so a
+rank decodes at most its share plus one row group per epoch (`Piece.decoded`).
+Shuffling also mixes rows across pieces, in a bounded buffer: a worker reads pieces until it holds
+at least `shuffle_buffer_rows` rows (never more than that plus one row group), emits all the full
+batches of a random permutation of those rows, and carries the rest (less than a batch) into the
+next window. Inside a batch, rows come grouped by the piece they were drawn from (a batch's loss is
+a mean: only which rows share a batch matters). Everything is seeded by (seed, epoch, rank,
+worker), so a run can be repeated exactly with the same number of ranks and workers.
 
 Every rank yields the same number of batches, because sharded embedding lookups are collectives
 and one rank with an extra batch would hang the others:
   - training (`drop_last=True`) drops each worker's final partial batch and stops every rank at the
-    smallest per-rank count, so up to about (batch_size x workers) rows per rank are skipped per epoch;
-  - evaluation (`drop_last=False`) pads the final partial batch, and ranks with fewer batches
-    add all-padding batches, with weight-0 rows, so every row is scored exactly once.
+    smallest per-rank count: fewer than W x (batch_size x workers + 1) rows are skipped per epoch;
+  - evaluation (`drop_last=False`) pads each worker's final partial batch, and ranks with fewer
+    batches add all-padding batches, with weight-0 rows, so every row is scored exactly once.
+`SPLIT_RULE` numbers this rule; checkpoints record it (`trainer.state.DataOrder`).
 
 Workers hand batches to the training process through a small ring of shared-memory slots per
 worker instead of a fresh shared-memory segment per batch (see `RankLoader`). They are started by
@@ -50,6 +59,10 @@ from data_pipeline.schema import DataError, DatasetSchema, check_files, check_ro
 
 DEFAULT_SHUFFLE_BUFFER_ROWS = DataConfig.shuffle_buffer_rows
 
+SPLIT_RULE = 2
+"""The rule splitting a split's rows across ranks and workers, recorded in checkpoints: 1 (before)
+gave rank r every W-th row group; 2 (`plan_shares`) gives it a contiguous range of rows."""
+
 
 @dataclass(frozen=True)
 class RowGroup:
@@ -69,8 +82,72 @@ def list_row_groups(files: list[Path]) -> list[RowGroup]:
     return groups
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, stop) of row group `group` (an index into the split's list of row groups)."""
+
+    group: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def decoded(self) -> int:
+        """Rows decoded to read it: decoding starts at the row group's first row and stops at `stop`."""
+        return self.stop
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One epoch's split (see `plan_shares`)."""
+
+    shares: list[list[list[Piece]]]
+    """[rank][worker] -> the pieces that worker reads, in reading order."""
+    batches: list[int]
+    """Batches each rank produces, before equalisation."""
+    length: int
+    """Batches every rank yields: the smallest count when training, the largest when evaluating."""
+
+
+def plan_shares(
+    group_rows: list[int], order: list[int], world_size: int, workers: int, batch_size: int, drop_last: bool
+) -> Plan:
+    """Split the rows of row groups `order` (indices into `group_rows`, the reading order) into
+    `world_size` contiguous, equal (+-1 row) ranges, one per rank, and deal each rank's pieces to
+    its `workers` (each to the least-loaded worker by rows, ties to the lowest). A rank's batches:
+    the sum over its workers of rows // batch_size (`drop_last`) or of ceil(rows / batch_size)."""
+    if world_size < 1 or workers < 1 or batch_size < 1:
+        raise ValueError(f"need world_size, workers and batch_size >= 1, got {world_size}, {workers}, {batch_size}")
+    total = sum(group_rows[g] for g in order)
+    shares, batches = [], []
+    k, before = 0, 0  # the row group order[k] being cut, and the rows of the groups before it
+    for rank in range(world_size):
+        lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+        pieces = []
+        while lo < hi:
+            while before + group_rows[order[k]] <= lo:  # (also steps over empty row groups)
+                before += group_rows[order[k]]
+                k += 1
+            group = order[k]
+            stop = min(hi - before, group_rows[group])
+            pieces.append(Piece(group, lo - before, stop))
+            lo = before + stop
+        dealt: list[list[Piece]] = [[] for _ in range(workers)]
+        loads = [0] * workers
+        for piece in pieces:
+            w = loads.index(min(loads))
+            dealt[w].append(piece)
+            loads[w] += piece.rows
+        shares.append(dealt)
+        batches.append(sum(r // batch_size if drop_last else -(-r // batch_size) for r in loads))
+    return Plan(shares, batches, min(batches) if drop_last else max(batches))
+
+
 class ParquetBatches(IterableDataset):
-    """The batches of one rank's (and, inside a DataLoader worker, one worker's) row groups."""
+    """The batches of one rank's (and, inside a DataLoader worker, one worker's) share of a split."""
 
     def __init__(
         self,
@@ -103,63 +180,82 @@ class ParquetBatches(IterableDataset):
         self.epoch = 0
         self.row_groups = list_row_groups(check_files(schema, split))
         self.transport: _Transport | None = None  # set by RankLoader for the workers it starts
+        self._plan: tuple[tuple, Plan] | None = None  # (what it was planned for, the plan)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for a new epoch (call before iterating; same value on every rank)."""
         self.epoch = epoch
 
-    def assignment(self, rank: int, worker: int) -> list[int]:
-        """Indices into `self.row_groups` read by this rank's worker, in reading order."""
-        order = np.arange(len(self.row_groups))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
-        return order[rank :: self.world_size][worker :: self.shares].tolist()
+    def plan(self) -> Plan:
+        """This epoch's split across ranks and workers (computed once per epoch)."""
+        key = (self.epoch, self.shuffle, self.seed, self.world_size, self.shares, self.batch_size, self.drop_last)
+        if self._plan is None or self._plan[0] != key:
+            order = np.arange(len(self.row_groups))
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
+            rows = [group.rows for group in self.row_groups]
+            plan = plan_shares(rows, order.tolist(), self.world_size, self.shares, self.batch_size, self.drop_last)
+            self._plan = (key, plan)
+        return self._plan[1]
+
+    def assignment(self, rank: int, worker: int) -> list[Piece]:
+        """The pieces of `self.row_groups` read by this rank's worker, in reading order."""
+        return self.plan().shares[rank][worker]
 
     def batches_of(self, rank: int) -> int:
         """How many batches `rank` produces this epoch, before equalisation across ranks."""
-        count = 0
-        for worker in range(self.shares):
-            rows = sum(self.row_groups[i].rows for i in self.assignment(rank, worker))
-            count += rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
-        return count
+        return self.plan().batches[rank]
 
     def __len__(self) -> int:
         """Batches per rank this epoch: the same on every rank (see module docstring)."""
-        counts = [self.batches_of(r) for r in range(self.world_size)]
-        return min(counts) if self.drop_last else max(counts)
+        return self.plan().length
 
     def window_rows(self) -> int:
         """Rows a worker gathers before it emits batches: the shuffle buffer, at least one batch."""
         return max(self.shuffle_buffer_rows, self.batch_size) if self.shuffle else self.batch_size
 
-    def _read(self, index: int) -> pa.Table:
-        group = self.row_groups[index]
+    def _read(self, piece: Piece) -> pa.Table:
+        group = self.row_groups[piece.group]
+        columns = self.schema.columns()
         try:
-            # Opened per row group: a kept-open file holds on to its last pre-buffered row group, so
+            # Opened per piece: a kept-open file holds on to its last pre-buffered row group, so
             # memory would grow with the number of files. pre_buffer: one coalesced read per row
             # group (also pyarrow.parquet.read_table's default). use_threads=False: one core per
             # worker; parallelism comes from the workers, not Arrow's thread pool.
             with pq.ParquetFile(group.file, pre_buffer=True) as file:
-                table = file.read_row_group(group.index, columns=self.schema.columns(), use_threads=False)
+                if piece.stop == group.rows:
+                    table = file.read_row_group(group.index, columns=columns, use_threads=False)
+                else:  # decode no further than the piece's last row
+                    parts, rows = [], 0
+                    for part in file.iter_batches(
+                        batch_size=piece.stop, row_groups=[group.index], columns=columns, use_threads=False
+                    ):
+                        parts.append(part)
+                        rows += part.num_rows
+                        if rows >= piece.stop:
+                            break
+                    table = pa.Table.from_batches(parts) if parts else None
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{group}: cannot be read ({e})") from None
-        check_row_group(self.schema, table, str(group))
-        return table
+        if table is None or table.num_rows < piece.stop:
+            raise DataError(f"{group}: holds fewer rows than the {group.rows} its footer lists")
+        check_row_group(self.schema, table, str(group))  # before slicing: rows counted from the group's start
+        return table.slice(piece.start, piece.rows) if piece.rows < table.num_rows else table
 
     def row_batches(self, worker: int) -> Iterator[tuple[RowStore, Runs]]:
         """(store, rows) for each batch of this rank's `worker`: full batches, then, if `drop_last`
         is off, the last partial one. The rows are valid until the next item is asked for."""
-        indices = self.assignment(self.rank, worker)
+        pieces = self.assignment(self.rank, worker)
         target = self.window_rows()
-        largest = max((self.row_groups[i].rows for i in indices), default=0)
+        largest = max((piece.rows for piece in pieces), default=0)
         store = RowStore(self.schema, capacity=target - 1 + largest)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        blocks: list[list[int]] = []  # [next, end) of each row group in the store
-        for n, index in enumerate(indices):
-            table = self._read(index)
+        blocks: list[list[int]] = []  # [next, end) of each piece in the store
+        for n, piece in enumerate(pieces):
+            table = self._read(piece)
             blocks.append([store.rows, store.rows + table.num_rows])
             store.append(table, rng.permutation(table.num_rows) if self.shuffle else None)
-            if store.rows >= target or n == len(indices) - 1:
+            if store.rows >= target or n == len(pieces) - 1:
                 yield from self._drain(store, blocks, rng)
         if store.rows and not self.drop_last:
             yield store, [(0, store.rows)]
@@ -169,7 +265,7 @@ class ParquetBatches(IterableDataset):
     ) -> Iterator[tuple[RowStore, Runs]]:
         """Emit every full batch the store holds; keep the rest (less than a batch) for later.
 
-        Shuffled, each block (row group) was stored in random order, so drawing a batch's count
+        Shuffled, each block (piece) was stored in random order, so drawing a batch's count
         from each block by sampling rows without replacement (multivariate hypergeometric) and
         taking that many rows from the block's front gives batches distributed exactly as those of
         a random permutation of all the rows, while reading contiguous runs of memory.

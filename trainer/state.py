@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipeline.reader import SPLIT_RULE
 from trainer.headline import Headline
 
 
@@ -28,11 +29,17 @@ class DataOrder:
     batch_size: int
     num_workers: int
     seed: int
+    split_rule: int = SPLIT_RULE
+    """The reader's rule for splitting rows across ranks and workers (`data_pipeline.reader.SPLIT_RULE`);
+    a checkpoint that does not record one was written under rule 1."""
 
     def same_as(self, other: DataOrder) -> bool:
-        # 0 and 1 workers read the same order (one share of the rank's row groups)
-        def key(order: DataOrder) -> tuple[int, int, int, int]:
-            return order.world_size, order.batch_size, max(order.num_workers, 1), order.seed
+        # 0 and 1 workers read the same order (one share of the rank's rows); and one rank with one
+        # share reads every row group whole, in the epoch's order, under every split rule
+        def key(order: DataOrder) -> tuple[int, int, int, int, int]:
+            shares = max(order.num_workers, 1)
+            rule = order.split_rule if order.world_size * shares > 1 else SPLIT_RULE
+            return order.world_size, order.batch_size, shares, order.seed, rule
 
         return key(self) == key(other)
 
@@ -63,8 +70,8 @@ class TrainState:
         return {**state, **asdict(self.order)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        order = {name: state[name] for name in DataOrder.__dataclass_fields__}
-        self.saved_order = DataOrder(**order)
+        order = {name: state[name] for name in ("world_size", "batch_size", "num_workers", "seed")}
+        self.saved_order = DataOrder(**order, split_rule=state.get("split_rule", 1))
         for name in ("step", "epoch", "epoch_batches", "complete", "valid", "valid_step", "train_time", "most_popular"):
             setattr(self, name, state[name])
 
@@ -78,8 +85,9 @@ class TrainState:
             size = steps_per_epoch[epoch] if epoch < len(steps_per_epoch) else 0
             position = min(rows // (self.order.batch_size * self.order.world_size), size)
             note = (
-                "world size, batch size, loader workers or seed changed: the data order differs from the "
-                f"original run's; resuming epoch {epoch} at batch {position} (the same share of its rows)"
+                "world size, batch size, loader workers, seed or the reader's split rule changed: the data "
+                f"order differs from the original run's; resuming epoch {epoch} at batch {position} (the same "
+                "share of its rows)"
             )
         if epoch < len(steps_per_epoch) and position >= steps_per_epoch[epoch]:
             epoch, position = epoch + 1, 0
