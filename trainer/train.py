@@ -56,8 +56,8 @@ class Trainer:
         if len(self.train_data) == 0:
             raise DataError(
                 f"split 'train' yields no full batch of {cfg.data.batch_size} rows on some rank: "
-                f"{len(self.train_data.dataset.row_groups)} row groups for {env.world_size} ranks x "
-                f"{self.train_data.dataset.shares} workers; lower data.batch_size or write smaller row groups"
+                f"{sum(g.rows for g in self.train_data.dataset.row_groups):,} rows for {env.world_size} ranks x "
+                f"{self.train_data.dataset.shares} loader workers; lower data.batch_size or use fewer ranks"
             )
         self.model, self.optimizer, self.plan, self.memory_estimate = build_sharded(cfg, env, schema)
         pipeline = TrainPipelineSparseDist if t.pipelined else TrainPipelineBase
