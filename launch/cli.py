@@ -9,6 +9,7 @@
     recsys predict --model models/demo.pt --data data/synthetic --split test --out preds.parquet
     recsys evaluate --checkpoint runs/demo --data data/synthetic --segment-by cat_0 --k 10,50   # metrics, per segment
     recsys report runs/demo                                    # plots + report.md/html of a run
+    recsys tune --model deepfm --data data/criteo --nproc-per-node 8 --trials 40   # Optuna search (docs/tuning.md)
 
 `recsys train` checks the dataset once (a clear error before any process starts), then runs
 `torchrun --standalone --nproc-per-node N -m trainer ...` with the same flags, like `tune run`.
@@ -61,13 +62,17 @@ def _train(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     usage = (
-        f"usage: recsys {{prepare {{{' | '.join(KINDS)}}} | train | export | predict | evaluate | report}} ...  "
+        f"usage: recsys {{prepare {{{' | '.join(KINDS)}}} | train | tune | export | predict | evaluate | report}} ...  "
         "(add --help after a command)"
     )
     if argv[:1] == ["prepare"] and len(argv) > 1 and argv[1] in KINDS:
         return prepare_main(argv[1], argv[2:])
     if argv[:1] == ["train"]:
         return _train(argv[1:])
+    if argv[:1] == ["tune"]:
+        from launch import tune
+
+        return tune.main(argv[1:])
     if argv[:1] in (["export"], ["predict"]):
         from trainer.tools import export
 
