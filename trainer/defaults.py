@@ -6,7 +6,8 @@ Why: fixed defaults fit one size of data. A batch of 2048 rows per rank trains 9
 a 37k-row census table and a model worse than logistic regression; 16.6 GB of tables for 10k rows
 overfit. The rules scale what matters with the data:
 
-  batch       rows per rank / 100 (>= 100 steps an epoch), a power of two in [32, 2048];
+  batch       sqrt(rows per rank) down to a power of two in [32, 2048]: as many steps an epoch as rows
+              in a batch (~125 on 4k rows a rank, ~780 on 200k), 2048 from 4.2M rows a rank;
   lr          dense `3e-3 x sqrt(global batch / 512)` in [3e-4, 1e-2] (Adam's square-root rule:
               gradient noise falls with the square root of the batch), sparse (Adagrad family)
               `5e-2 x sqrt(global batch / 512)` in [1e-2, 0.2];
@@ -37,7 +38,6 @@ REFERENCE_GLOBAL_BATCH = 512
 """The global batch the reference learning rates below were tuned at (MovieLens, census, demo data)."""
 DENSE_LR, DENSE_LR_RANGE = 3e-3, (3e-4, 1e-2)
 SPARSE_LR, SPARSE_LR_RANGE = 5e-2, (1e-2, 0.2)
-MIN_STEPS_PER_EPOCH = 100
 BATCH_RANGE = (32, 2048)
 BIG_DATA_ROWS = 4_000_000
 """Train rows from which one epoch is the default (and, from BIG_DATA_ROWS / 2, fewer passes)."""
@@ -86,10 +86,10 @@ def _clamp(x, low, high):
 # ---- the rules: (value, reason) -----------------------------------------------------------------
 def batch_size(shape: DataShape) -> tuple[int, str]:
     per_rank = shape.rows_per_rank
-    size = _clamp(_pow2_floor(per_rank / MIN_STEPS_PER_EPOCH), *BATCH_RANGE)
+    size = _clamp(_pow2_floor(math.sqrt(per_rank)), *BATCH_RANGE)
     return size, (
         f"train has {shape.train_rows:,} rows, {per_rank:,} per rank: ~{per_rank // size:,} steps an epoch; "
-        f"rows per rank / {MIN_STEPS_PER_EPOCH}, a power of two in [{BATCH_RANGE[0]}, {BATCH_RANGE[1]}]"
+        f"sqrt(rows per rank) down to a power of two in [{BATCH_RANGE[0]}, {BATCH_RANGE[1]}]"
     )
 
 

@@ -24,17 +24,19 @@ def shape(rows: int, world: int = 2, dense: int = 13, tables: tuple[int, ...] = 
     [
         (2_000, 2, 32),
         (8_000, 2, 32),
-        (80_000, 2, 256),
-        (400_000, 2, 1024),
-        (500_000, 1, 2048),
-        (36_600_000, 64, 2048),
-        (50_000, 8, 32),
+        (80_000, 2, 128),
+        (400_000, 2, 256),
+        (4_000_000, 2, 1024),
+        (9_000_000, 2, 2048),
+        (36_600_000, 64, 512),
+        (50_000, 8, 64),
     ],
 )
-def test_batch_gives_enough_steps_an_epoch_up_to_2048(rows, world, batch):
+def test_batch_grows_with_the_square_root_of_the_rows_per_rank_up_to_2048(rows, world, batch):
     size, why = defaults.batch_size(shape(rows, world))
     assert size == batch and f"{rows:,} rows" in why
-    assert size == 2048 or size == 32 or rows // world // size >= defaults.MIN_STEPS_PER_EPOCH
+    per_rank = rows // world
+    assert size in defaults.BATCH_RANGE or size <= per_rank**0.5 < 2 * size
 
 
 def test_learning_rates_scale_with_the_square_root_of_the_global_batch():
