@@ -10,7 +10,7 @@ overfit. The rules scale what matters with the data:
               in a batch (~125 on 4k rows a rank, ~780 on 200k), 2048 from 4.2M rows a rank;
   lr          dense `3e-3 x sqrt(global batch / 512)` in [3e-4, 1e-2] (Adam's square-root rule:
               gradient noise falls with the square root of the batch), sparse (Adagrad family)
-              `5e-2 x sqrt(global batch / 512)` in [1e-2, 0.2];
+              `3e-2 x sqrt(global batch / 512)` in [1e-2, 0.2];
   epochs      one pass on big data (>= 4M train rows), else floor(4M / rows) capped at 30, with
               validation 4 times an epoch, early stopping after 6 evaluations without a better
               validation headline, and the best weights kept for the test;
@@ -37,7 +37,7 @@ from trainer.config import getattr_path
 REFERENCE_GLOBAL_BATCH = 512
 """The global batch the reference learning rates below were tuned at (MovieLens, census, demo data)."""
 DENSE_LR, DENSE_LR_RANGE = 3e-3, (3e-4, 1e-2)
-SPARSE_LR, SPARSE_LR_RANGE = 5e-2, (1e-2, 0.2)
+SPARSE_LR, SPARSE_LR_RANGE = 3e-2, (1e-2, 0.2)
 BATCH_RANGE = (32, 2048)
 BIG_DATA_ROWS = 4_000_000
 """Train rows from which one epoch is the default (and, from BIG_DATA_ROWS / 2, fewer passes)."""
