@@ -1,5 +1,6 @@
 # Two commands for a fresh machine: `make demo` and `make test` (both install first).
-# `make demo`: data, a 2-rank training run, per-segment evaluation, and a report with plots.
+# `make demo`: data, a 2-rank training run with the defaults derived from the data (the command a new
+# user types), per-segment evaluation, and a report with plots.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -27,7 +28,7 @@ data/synthetic/dataset.json: $(STAMP) data_pipeline/prepare/synthetic.py
 
 demo: install data/synthetic/dataset.json
 	rm -rf runs/demo  # a fresh run each time (a run dir with checkpoints would resume them)
-	$(BIN)/recsys train --config configs/demo.toml --nproc-per-node $(NPROC)
+	$(BIN)/recsys train --model dlrm --data data/synthetic --run-dir runs/demo --nproc-per-node $(NPROC)  # defaults derived from the data
 	@$(BIN)/python -c "import json; s = json.load(open('runs/demo/summary.json')); print('summary: world_size', s['world_size'], '| test auc %.4f (oracle %.4f) | valid auc %.4f | %.0f samples/s' % (s['test']['auc'], s['oracle_auc'], s['valid']['auc'], s['samples_per_s']))"
 	$(BIN)/recsys evaluate --checkpoint runs/demo --data data/synthetic --segment-by popularity:cat_0 --segment-by int_0
 	$(BIN)/recsys report runs/demo
