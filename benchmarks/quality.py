@@ -4,7 +4,8 @@
     python benchmarks/quality.py movielens     # rating RMSE/MAE vs global-mean and bias baselines (~6 min)
     python benchmarks/quality.py census        # census-style CSV: AUC vs gradient-boosted trees (~4 min)
     python benchmarks/quality.py retrieval     # two-tower Recall@10/NDCG@10 vs most popular (~8 min)
-    python benchmarks/quality.py all
+    python benchmarks/quality.py defaults --sizes 10000,100000   # only the default commands (quality_defaults.py)
+    python benchmarks/quality.py all           # the four above
     python benchmarks/quality.py movielens --only deepfm   # the runs whose label contains 'deepfm'
     python benchmarks/quality.py census --rerun            # train again instead of reading old results
 
@@ -227,11 +228,13 @@ def train_args(section: str, config: str, data: Path, run: Run) -> list[str]:
     ]
 
 
-def train(args: list[str], rerun: bool) -> dict:
-    """`recsys train ARGS` (or its earlier result for the same ARGS): the run's summary.json."""
+def train(args: list[str], rerun: bool, data_key=None) -> dict:
+    """`recsys train ARGS` (or its earlier result for the same ARGS, config file text and `data_key`
+    if given): the run's summary.json."""
     run_dir = ROOT / args[args.index("--run-dir") + 1]
     stamp = run_dir / "quality_command.json"
-    key = {"args": args, "config": (ROOT / args[args.index("--config") + 1]).read_text()}
+    config = (ROOT / args[args.index("--config") + 1]).read_text() if "--config" in args else None
+    key = {"args": args, "config": config, **({"data": data_key} if data_key is not None else {})}
     if not rerun and stamp.exists() and (run_dir / "summary.json").exists() and json.loads(stamp.read_text()) == key:
         print(f"  (cached) {shown(args)}", flush=True)
         return json.loads((run_dir / "summary.json").read_text())
@@ -440,19 +443,28 @@ def retrieval(opts) -> None:
 # ---- census ------------------------------------------------------------------------------------
 
 
-def census_baselines(csv: Path) -> tuple[float, dict]:
-    """(oracle AUC of the test rows, {name: test AUC}) for the GBDT baseline on the same splits."""
+def tabular_split(csv: Path, label: str = "income", positive=(">50K",)):
+    """(the table as the preparer reads it, 0/1 labels, split index per row) of a binary CSV, with the
+    split re-derived as `recsys prepare tabular` assigns it (default --split 80,10,10 and --seed 0)."""
+    from data_pipeline.prepare.tabular import assign_splits, read_table
+    from data_pipeline.prepare.tabular_transforms import NULL_VALUES, LabelSpec
+
+    table = read_table(ROOT / csv)
+    labels = LabelSpec(label, "binary", list(positive)).values(table[label], NULL_VALUES)
+    labels = np.asarray(labels.to_numpy(zero_copy_only=False), np.int64)  # (a null label would be dropped)
+    return table, labels, assign_splits(labels, [0.8, 0.1, 0.1], seed=0)
+
+
+def census_baselines(csv: Path, label: str = "income", positive=(">50K",)) -> tuple[float | None, dict]:
+    """(oracle AUC of the test rows, from `<csv>.truth.npz` if there, {name: test AUC}) for the GBDT
+    baseline on the same splits."""
     import pyarrow.compute as pc
     from census_like import auc
 
-    from data_pipeline.prepare.tabular import assign_splits, read_table
-
-    table = read_table(ROOT / csv)
-    labels = (np.array(table["income"].to_pylist()) == ">50K").astype(np.int64)
-    split = assign_splits(labels, [0.8, 0.1, 0.1], seed=0)  # as `recsys prepare tabular` (default --seed 0)
-    prob = np.load(ROOT / csv.with_name(csv.name + ".truth.npz"))["prob"]
+    table, labels, split = tabular_split(csv, label, positive)
+    truth = ROOT / csv.with_name(csv.name + ".truth.npz")
     test = split == 2
-    oracle = auc(prob[test], labels[test])
+    oracle = auc(np.load(truth)["prob"][test], labels[test]) if truth.exists() else None
     results = {}
     try:
         from sklearn.ensemble import HistGradientBoostingClassifier
@@ -461,7 +473,7 @@ def census_baselines(csv: Path) -> tuple[float, dict]:
         return oracle, results
     columns, categorical = [], []
     for name in table.column_names:
-        if name == "income":
+        if name == label:
             continue
         col = table[name]
         if pa_is_numeric(col.type):
@@ -538,7 +550,20 @@ def census(opts) -> None:
     )
 
 
-SECTIONS = {"synthetic": synthetic, "movielens": movielens, "census": census, "retrieval": retrieval}
+def defaults(opts) -> None:
+    from quality_defaults import run
+
+    if run(opts):  # the number of datasets with a failed step
+        sys.exit(1)
+
+
+SECTIONS = {
+    "synthetic": synthetic,
+    "movielens": movielens,
+    "census": census,
+    "retrieval": retrieval,
+    "defaults": defaults,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -548,8 +573,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rerun", action="store_true", help="train again even where a result for the same command exists"
     )
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[10_000, 100_000, 1_000_000],
+        help="defaults: rows of the generated datasets (default 10000,100000,1000000)",
+    )
     opts = parser.parse_args(argv)
-    for name in SECTIONS if opts.section == "all" else [opts.section]:
+    for name in [s for s in SECTIONS if s != "defaults"] if opts.section == "all" else [opts.section]:
         SECTIONS[name](opts)
     return 0
 
