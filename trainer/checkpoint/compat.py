@@ -17,10 +17,12 @@ class IncompatibleCheckpoint(CheckpointError):
 
 
 # Keys that may change between a checkpoint and its resumption without a word: where things go,
-# how they are shown, and how tables are placed (DCP reshards on load).
+# how they are shown, how tables are placed (DCP reshards on load), and whether values were derived
+# (the values themselves are compared).
 _FREE = (
     "config",
     "run_dir",
+    "derive_defaults",
     "data.path",
     "data.eval_batch_size",
     "training.progress_bar",
