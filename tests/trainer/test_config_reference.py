@@ -26,7 +26,8 @@ def test_the_reference_lists_every_leaf_with_its_default():
         getattr(config, f.name) for f in dataclasses.fields(Config) if dataclasses.is_dataclass(getattr(config, f.name))
     ]
     leaves = sum(len(dataclasses.fields(section)) for section in sections)
-    assert len(sections) == 6 and len(table) == leaves + 3  # every section's fields, plus config, run_dir, derive_defaults
+    # every section's fields, plus config, run_dir and derive_defaults
+    assert len(sections) == 6 and len(table) == leaves + 3
 
 
 def test_field_docs_reads_the_docstring_under_each_field():
