@@ -5,6 +5,7 @@ file and line number. Runs in the preparer's worker processes; `criteo.py` drive
 
 from __future__ import annotations
 
+import bz2
 import fnmatch
 import io
 import os
@@ -314,6 +315,50 @@ class UnitParser:
             f"{report.bad} malformed lines in {self.unit.path} (more than --max-bad-rows {self.opts.max_bad_rows}): "
             + "; ".join(line_examples(self.unit, report.examples))
         )
+
+
+def split_shares(path: str, opts: CriteoOptions) -> tuple[float, float, float]:
+    """The expected share of a file's rows that goes to train, valid and test (as UnitParser assigns them)."""
+    name = os.path.basename(path)
+    if opts.test_files and fnmatch.fnmatch(name, opts.test_files):
+        return (0.0, 0.0, 1.0) if opts.valid_files else (0.0, 0.5, 0.5)
+    if opts.valid_files and fnmatch.fnmatch(name, opts.valid_files):
+        return (0.0, 1.0, 0.0)
+    if opts.test_files or opts.valid_files:
+        return (1.0, 0.0, 0.0)
+    return tuple(opts.split_fractions)
+
+
+SAMPLE_BYTES = 1 << 20
+
+
+def estimated_lines(path: str) -> int:
+    """A file's line count, estimated from its first MB (of compressed bytes for .gz / .bz2)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(SAMPLE_BYTES)
+    text, consumed = head, len(head)
+    try:
+        if path.endswith(".gz"):
+            inflate = zlib.decompressobj(wbits=47)  # a gzip (or zlib) header
+            text = inflate.decompress(head)
+            consumed -= len(inflate.unused_data)  # past the end of the first gzip member
+        elif path.endswith(".bz2"):
+            text = bz2.BZ2Decompressor().decompress(head)
+    except (zlib.error, OSError, EOFError):
+        return 0  # unreadable: the parse will say so; row groups then take the smallest size
+    lines = text.count(b"\n") + (1 if consumed == size and text and not text.endswith(b"\n") else 0)
+    return round(lines * size / max(consumed, 1))
+
+
+def estimated_split_rows(units: list[Unit], opts: CriteoOptions) -> dict[str, int]:
+    """Rows each split will get, estimated from the files' sizes (no pass over the data)."""
+    rows = dict.fromkeys(SPLITS, 0.0)
+    for path in dict.fromkeys(u.path for u in units):
+        lines = estimated_lines(path)
+        for split, share in zip(SPLITS, split_shares(path, opts)):
+            rows[split] += lines * share
+    return {s: round(r) for s, r in rows.items()}
 
 
 def _lines_before(path: str, offset: int) -> int:

@@ -21,9 +21,16 @@ Steps:
   5. write every split through `apply_transforms` (the same code a prediction service runs on new
      raw rows) and save the fitted transforms as `transforms.json`, named in `dataset.json`'s extra.
 
-Column kinds (inferred on train; --categorical / --numeric / --drop override; --log implies --numeric):
-  categorical: strings, booleans, integers with at most --max-int-levels distinct values;
-  numeric: other integers, floats; dropped (and reported): constant or all-null columns, other types.
+Column kinds (inferred on train by the rules of `tabular_schema`; --categorical / --numeric / --both /
+--drop override; --log implies --numeric), printed as a table and saved in inferred_schema.json:
+  dropped (with the reason): constant or all-null columns, other types, and ids: string, integer or
+    whole-number columns with a distinct value in >= 95% of the rows (never a fractional float);
+  categorical: strings, booleans, integer flags and codes (at most --max-int-levels levels spread
+    out, like banner widths);
+  categorical plus a numeric copy `<name>_value`: small contiguous integer scales (<= --max-int-levels
+    levels filling their range: education-num, children) and codes with many repeated levels (Avazu's
+    C14-C21, hours like 14102100);
+  numeric: other integers (contiguous quantities like age, mostly unique ones like capital gain), floats.
 
 Ids of a categorical feature (one scalar int64 sparse feature per column, never null):
   0 = missing (null): its own id, so missingness is learnable;
@@ -54,14 +61,13 @@ import pyarrow.parquet as pq
 
 from data_pipeline.prepare import main as prepare_main
 from data_pipeline.prepare.output import (
-    MISSING_ID,
-    RARE_ID,
     DatasetOutput,
     input_identity,
     row_group_size,
     write_json,
     write_parquet,
 )
+from data_pipeline.prepare.tabular_schema import RULES, SCHEMA_FILE, infer_kinds, schema_rows, schema_table
 from data_pipeline.prepare.tabular_transforms import (
     LABEL,
     NULL_VALUES,
@@ -93,6 +99,8 @@ class TabularOptions:
     task: str = "binary"
     categorical: list[str] = field(default_factory=list)
     numeric: list[str] = field(default_factory=list)
+    both: list[str] = field(default_factory=list)
+    """Columns made categorical and numeric (`<name>` ids plus `<name>_value`)."""
     drop: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
     cross: list[list[str]] = field(default_factory=list)
@@ -270,7 +278,8 @@ def prepare(options: TabularOptions, out: str | Path, overwrite: bool = False, l
             )
     raw["train"] = raw["train"].take(np.random.default_rng([options.seed, 1]).permutation(raw["train"].num_rows))
 
-    transforms = Transforms.fit(raw["train"], options, where)
+    choices = infer_kinds(raw["train"], options)
+    transforms = Transforms.fit(raw["train"], options, where, choices)
     if not transforms.sparse_features:
         raise DataError(
             f"{where}: no categorical column left: the models need at least one sparse feature "
@@ -284,6 +293,8 @@ def prepare(options: TabularOptions, out: str | Path, overwrite: bool = False, l
         if not (resuming and file.is_file()):  # a finished file of the same dataset is kept
             write_parquet(part, file, row_group_size(part.num_rows, options.row_group_rows))
     write_json(transforms.to_json(), output.root / TRANSFORMS_FILE)
+    inferred = schema_rows(transforms, choices, parts, options)
+    write_json({"rules": RULES, "columns": inferred}, output.root / SCHEMA_FILE)
     train_y = parts["train"].column(LABEL).to_numpy()
     schema = DatasetSchema(
         root=output.root,
@@ -296,6 +307,7 @@ def prepare(options: TabularOptions, out: str | Path, overwrite: bool = False, l
         label_range=[float(train_y.min()), float(train_y.max())] if options.task == "regression" else None,
         extra={
             "transforms": TRANSFORMS_FILE,
+            "inferred_schema": SCHEMA_FILE,
             "source": str(path.resolve()),
             "label_source": options.label,
             "rows_read": read_rows,
@@ -303,13 +315,16 @@ def prepare(options: TabularOptions, out: str | Path, overwrite: bool = False, l
         },
     )
     schema = output.finish(schema)
-    for line in summary(transforms, parts, read_rows, options):
+    for line in summary(transforms, inferred, parts, read_rows, options):
         log(line)
     return schema
 
 
-def summary(transforms: Transforms, parts: dict[str, pa.Table], read_rows: int, options: TabularOptions) -> list[str]:
-    """Rows per split, label balance, and each feature's kind, ids, nulls and OOV rate."""
+def summary(
+    transforms: Transforms, inferred: list[dict], parts: dict[str, pa.Table], read_rows: int, options: TabularOptions
+) -> list[str]:
+    """Rows per split, label balance, and the inferred schema: each column's kind, features, ids or
+    statistics (nulls, OOV rate) and why."""
     rows = {name: part.num_rows for name, part in parts.items()}
     kept = sum(rows.values())
     lines = [
@@ -321,34 +336,8 @@ def summary(transforms: Transforms, parts: dict[str, pa.Table], read_rows: int, 
         lines.append(f"  positive rate (label '{options.label}' in {options.positive}): {means}")
     else:
         lines.append(f"  label '{options.label}' mean: {means}")
-    train, test = parts["train"], parts["test"]
-
-    def share(table: pa.Table, name: str, value: int) -> float:
-        return float((table.column(name).to_numpy() == value).mean())
-
-    width = max([len(f.name) for f in [*transforms.categorical, *transforms.numeric, *transforms.crosses]] + [8])
-    lines.append("  features:")
-    for f in transforms.categorical:
-        renamed = f" (column '{f.source}')" if f.name != f.source else ""
-        oov = share(test, f.name, RARE_ID)
-        warn = "  <- mostly unseen values: an id column? (--drop it)" if oov > 0.5 else ""
-        lines.append(
-            f"    {f.name:<{width}}  categorical  {len(f.vocabulary):,} values + OOV + null = "
-            f"{f.num_embeddings:,} ids; "
-            f"train null {share(train, f.name, MISSING_ID):.1%}, test OOV {oov:.1%}{renamed}{warn}"
-        )
-    for f in transforms.crosses:
-        lines.append(
-            f"    {f.name:<{width}}  cross        {len(f.vocabulary):,} combinations + OOV = {f.num_embeddings:,} ids; "
-            f"test OOV {share(test, f.name, RARE_ID):.1%}"
-        )
-    for f in transforms.numeric:
-        how = ("log1p (--log), " if f.source in options.log else f"log1p (auto: skew {f.skew:.1f}), ") if f.log else ""
-        extra = f", missing indicator '{f.missing}'" if f.missing else ""
-        renamed = f" (column '{f.source}')" if f.name != f.source else ""
-        lines.append(f"    {f.name:<{width}}  numeric      {how}mean {f.mean:.4g} std {f.std:.4g}{extra}{renamed}")
-    for name, why in transforms.dropped.items():
-        lines.append(f"    {name:<{width}}  dropped      {why}")
+    lines.append(f"  inferred schema ({SCHEMA_FILE}; override with --categorical/--numeric/--both/--drop):")
+    lines += schema_table(inferred)
     lines.append(
         f"  {len(transforms.dense_names)} dense columns, {len(transforms.sparse_features)} sparse features; "
         f"fitted transforms in {TRANSFORMS_FILE} (apply_transforms for new rows)"
@@ -384,6 +373,12 @@ def parse(argv: list[str]) -> tuple[TabularOptions, str, bool]:
     parser.add_argument("--out", required=True, help="output dataset directory")
     parser.add_argument("--categorical", action="append", metavar="COL[,COL]", help="force columns categorical")
     parser.add_argument("--numeric", action="append", metavar="COL[,COL]", help="force columns numeric")
+    parser.add_argument(
+        "--both",
+        action="append",
+        metavar="COL[,COL]",
+        help="make columns categorical (ids) and numeric (a copy named <name>_value)",
+    )
     parser.add_argument("--drop", action="append", metavar="COL[,COL]", help="leave columns out")
     parser.add_argument(
         "--log", action="append", metavar="COL[,COL]", help="log1p(max(x, 0)) before standardising (implies --numeric)"
@@ -401,7 +396,8 @@ def parse(argv: list[str]) -> tuple[TabularOptions, str, bool]:
         "--max-int-levels",
         type=int,
         default=TabularOptions.max_int_levels,
-        help="an integer column with at most this many distinct values is categorical (default %(default)s)",
+        help="an integer column with at most this many distinct values is categorical, with a numeric copy "
+        "when its values fill their range (default %(default)s)",
     )
     parser.add_argument(
         "--auto-log-skew",
@@ -437,6 +433,7 @@ def parse(argv: list[str]) -> tuple[TabularOptions, str, bool]:
         task=args.task,
         categorical=_names(args.categorical),
         numeric=_names(args.numeric),
+        both=_names(args.both),
         drop=_names(args.drop),
         log=_names(args.log),
         cross=[_names([c]) for c in args.cross or []],

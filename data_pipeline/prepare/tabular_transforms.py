@@ -19,12 +19,13 @@ from data_pipeline.prepare.output import (
     MISSING_ID,
     RARE_ID,
 )
+from data_pipeline.prepare.tabular_schema import BOTH, CATEGORICAL, DROPPED, NUMERIC, infer_kinds
 from data_pipeline.schema import DataError, DatasetSchema, SparseFeature
 
 if TYPE_CHECKING:
     from data_pipeline.prepare.tabular import TabularOptions
 
-VERSION = 1  # bump when the transforms change meaning, so stale datasets are not reported up to date
+VERSION = 2  # bump when the transforms change meaning, so stale datasets are not reported up to date
 LABEL = "label"
 TRANSFORMS_FILE = "transforms.json"
 NULL_VALUES = ("", "?", "NA", "N/A", "n/a", "NaN", "nan", "null", "NULL", "None", "#N/A")
@@ -196,17 +197,21 @@ class Transforms:
 
     # ---- fit -----------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, train: pa.Table, options: TabularOptions, where: str = "input") -> Transforms:
-        """Learn everything from `train` (raw columns, as `read_table` gives them)."""
-        kinds, dropped = infer_kinds(train, options)
+    def fit(cls, train: pa.Table, options: TabularOptions, where: str = "input", choices=None) -> Transforms:
+        """Learn everything from `train` (raw columns, as `read_table` gives them); the column kinds
+        are `choices` (`tabular_schema.infer_kinds`, inferred here when not given)."""
+        if choices is None:
+            choices = infer_kinds(train, options)
+        kinds = {c: choice.kind for c, choice in choices.items() if choice.kind != DROPPED}
+        dropped = {c: choice.why for c, choice in choices.items() if choice.kind == DROPPED}
         namer = _Namer([LABEL])
         categorical = []
-        for source in (c for c, k in kinds.items() if k == "categorical"):
+        for source in (c for c, k in kinds.items() if k in (CATEGORICAL, BOTH)):
             values = column_values(train, source, where, lambda col: category_strings(col, options.null_values))
             vocabulary = _vocabulary(values, options.min_frequency, options.max_vocab)
             categorical.append(Categorical(source, namer(source), vocabulary))
         numeric = []
-        for source in (c for c, k in kinds.items() if k == "numeric"):
+        for source in (c for c, k in kinds.items() if k in (NUMERIC, BOTH)):
             x = column_values(train, source, where, lambda col: numbers(col, options.null_values))
             present = x[~np.isnan(x)]
             skew = _skewness(present) if len(present) else 0.0
@@ -216,8 +221,9 @@ class Transforms:
                 present = _log1p(present)
             mean = float(present.mean()) if len(present) else 0.0
             std = float(present.std()) if len(present) else 0.0
-            name = namer(source)
-            missing = namer(f"{name}_missing") if len(present) < len(x) else None
+            copy = kinds[source] == BOTH  # the categorical feature has the name, and id 0 for nulls
+            name = namer(f"{source}_value" if copy else source)
+            missing = namer(f"{name}_missing") if len(present) < len(x) and not copy else None
             numeric.append(Numeric(source, name, mean, std if std > 0 else 1.0, log, round(skew, 4), missing))
         label = LabelSpec(options.label, options.task, options.positive)
         transforms = cls(label, categorical, numeric, [], list(options.null_values), dropped)
@@ -342,46 +348,6 @@ def column_values(table: pa.Table, source: str, where: str, convert):
         raise DataError(f"{where}: column '{source}': {e}") from None
 
 
-# ---- column kinds ------------------------------------------------------------------------------
-
-
-def infer_kinds(train: pa.Table, options: TabularOptions) -> tuple[dict[str, str], dict[str, str]]:
-    """{column: "categorical" | "numeric"} in table order, and {dropped column: why}."""
-    kinds, dropped = {}, {}
-    for name in train.column_names:
-        column = train.column(name)
-        t = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
-        if name == options.label:
-            continue
-        if name in options.drop:
-            dropped[name] = "--drop"
-        elif name in options.categorical:
-            kinds[name] = "categorical"
-        elif name in options.numeric or name in options.log:
-            kinds[name] = "numeric"
-        elif column.null_count == len(column):
-            dropped[name] = "all values missing"
-        elif not (
-            pa.types.is_string(t)
-            or pa.types.is_large_string(t)
-            or pa.types.is_boolean(t)
-            or pa.types.is_integer(t)
-            or pa.types.is_floating(t)
-            or pa.types.is_decimal(t)
-        ):
-            dropped[name] = f"type {t}: name it in --categorical or --numeric to use it"
-        elif column.null_count == 0 and pc.count_distinct(column).as_py() == 1:
-            dropped[name] = "constant"
-        elif pa.types.is_integer(t):
-            levels = pc.count_distinct(column).as_py()
-            kinds[name] = "categorical" if levels <= options.max_int_levels else "numeric"
-        elif pa.types.is_floating(t) or pa.types.is_decimal(t):
-            kinds[name] = "numeric"
-        else:
-            kinds[name] = "categorical"
-    return kinds, dropped
-
-
 def check_options(table: pa.Table, options: TabularOptions, where: str) -> None:
     """Every column the options name exists and the options agree with each other."""
     columns = table.column_names
@@ -390,6 +356,7 @@ def check_options(table: pa.Table, options: TabularOptions, where: str) -> None:
     named = [
         ("--categorical", options.categorical),
         ("--numeric", options.numeric),
+        ("--both", options.both),
         ("--drop", options.drop),
         ("--log", options.log),
         ("--cross", [c for cross in options.cross for c in cross]),
@@ -400,9 +367,14 @@ def check_options(table: pa.Table, options: TabularOptions, where: str) -> None:
                 raise DataError(f"{where}: column '{name}' named in {flag} not found (columns: {', '.join(columns)})")
             if name == options.label:
                 raise DataError(f"{where}: column '{name}' named in {flag} is the label")
-    both = set(options.categorical) & (set(options.numeric) | set(options.log))
-    if both:
-        raise DataError(f"column(s) {sorted(both)} named in --categorical and in --numeric/--log")
+    kinds = {"--categorical": set(options.categorical), "--numeric/--log": {*options.numeric, *options.log}}
+    kinds["--both"] = set(options.both)
+    flags = list(kinds)
+    for i, a in enumerate(flags):
+        for b in flags[i + 1 :]:
+            twice = kinds[a] & kinds[b]
+            if twice:
+                raise DataError(f"column(s) {sorted(twice)} named in {a} and in {b}")
     for cross in options.cross:
         if len(cross) < 2 or len(set(cross)) != len(cross):
             raise DataError(f"--cross {','.join(cross)}: name two or three different columns")

@@ -82,6 +82,7 @@ def census_table(n: int = ROWS, seed: int = SEED, test_only: bool = True) -> pa.
 
 
 CROSSES = ["--cross", "occupation,education num", "--cross", "workclass,occupation,married"]
+KEEP_ID = ["--numeric", "fnlwgt"]  # unique per row, so inferred an id; kept to tell rows apart after the split
 
 
 def run(input_path, out, *extra: str, positive: str = ">50K") -> int:
@@ -114,7 +115,7 @@ def files(tmp_path_factory):
 def prepared(files):
     """The Parquet input and the CSV input, each prepared with the same options."""
     for kind in ("parquet", "csv"):
-        assert run(files / f"census.{kind}", files / f"out_{kind}", *CROSSES) == 0
+        assert run(files / f"census.{kind}", files / f"out_{kind}", *CROSSES, *KEEP_ID) == 0
     return files
 
 
@@ -134,7 +135,8 @@ def test_column_kinds_names_and_schema(prepared):
     schema = DatasetSchema.load(prepared / "out_parquet")
     t = load_transforms(prepared / "out_parquet")
     assert [f.source for f in t.categorical] == ["workclass", "education num", "occupation", "married"]
-    assert [f.source for f in t.numeric] == ["age", "fnlwgt", "capital_gain", "hours_per_week", "wage"]
+    # "education num" (1..16) is categorical with a numeric copy; fnlwgt is kept by --numeric
+    assert [f.source for f in t.numeric] == ["age", "fnlwgt", "education num", "capital_gain", "hours_per_week", "wage"]
     assert t.dropped == {"country": "constant"}
     assert "education_num" in schema.sparse_names  # sanitised
     num = {f.source: f for f in t.numeric}
@@ -142,7 +144,8 @@ def test_column_kinds_names_and_schema(prepared):
     assert not num["hours_per_week"].log and num["hours_per_week"].missing == "hours_per_week_missing"
     assert not num["age"].log and num["age"].missing is None
     assert schema.dense == [
-        *"age fnlwgt capital_gain capital_gain_missing hours_per_week hours_per_week_missing wage".split(),
+        *"age fnlwgt education_num_value capital_gain capital_gain_missing hours_per_week".split(),
+        *"hours_per_week_missing wage".split(),
     ]
     assert schema.sparse_names == [
         *"workclass education_num occupation married occupation_x_education_num".split(),
