@@ -84,7 +84,8 @@ def _whole_numbers(column, t: pa.DataType) -> np.ndarray | None:
     """The non-null values as float64 if the column holds whole numbers only (integers, or floats
     without fractions), else None."""
     if pa.types.is_integer(t):
-        return pc.cast(column, pa.float64()).drop_null().to_numpy()
+        # numpy, not an Arrow cast: Arrow refuses integers past 2^53 (19-digit ids), numpy rounds them
+        return column.drop_null().to_numpy().astype(np.float64)
     if pa.types.is_floating(t):
         x = pc.cast(column, pa.float64()).drop_null().to_numpy()
         x = x[np.isfinite(x)]

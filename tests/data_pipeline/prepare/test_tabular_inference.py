@@ -163,3 +163,12 @@ def test_bad_flags_are_one_error_line(avazu, tmp_path, extra, message):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_int64_ids_past_two_to_the_53_are_dropped_not_a_crash(tmp_path):
+    """Avazu's ids are 19-digit integers: an Arrow cast to float64 refuses them."""
+    table = avazu_table()
+    table = table.set_column(0, "id", pa.array(np.arange(table.num_rows, dtype=np.int64) + 2**61))
+    pq.write_table(table, tmp_path / "big_ids.parquet")
+    assert prepare(tmp_path / "big_ids.parquet", tmp_path / "out") == 0
+    assert "id" in load_transforms(tmp_path / "out").dropped
