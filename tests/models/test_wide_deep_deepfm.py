@@ -117,10 +117,10 @@ def test_second_order_is_the_sum_over_field_pairs():
 
 
 def test_config_checks_apply_to_their_model_only():
-    ModelConfig(name="wide_deep", embedding_dim=8)  # DLRM's bottom-MLP rule does not apply
-    ModelConfig(name="deepfm", embedding_dim=8, over_arch_layer_sizes=[4])
+    ModelConfig(name="wide_deep", embedding_dim=8).check()  # DLRM's bottom-MLP rule does not apply
+    ModelConfig(name="deepfm", embedding_dim=8, over_arch_layer_sizes=[4]).check()
     with pytest.raises(ValueError, match="dense_arch_layer_sizes"):
-        ModelConfig(name="dlrm", embedding_dim=8)
+        ModelConfig(name="dlrm", embedding_dim=8).check()  # across fields: once derived values are in
     with pytest.raises(ValueError, match="dropout"):
         ModelConfig(name="deepfm", dropout=1.0)
     with pytest.raises(ValueError, match="wide_lr"):
