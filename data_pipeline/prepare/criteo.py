@@ -16,7 +16,7 @@ missing -> 0, then `log1p(max(x, 0))` unless `--dense-transform none`), `cat_0..
     --num-embeddings (10M) rows until it does (`criteo_sizes.VOCABULARY_RULE`);
   - fitted hashing (`--hash-space fitted`): the first pass counts each feature's distinct values on
     the train split (exactly, or by a bounded sketch when there are many) and sizes its table to
-    them (`criteo_sizes.RULE`: 2 x the distinct count rounded up to a power of two, at least 16, at
+    them (`criteo_sizes.RULE`: 8 x the distinct count rounded up to a power of two, at least 16, at
     most --num-embeddings); id 0 = missing, id = 1 + splitmix64(value) mod (size - 1) otherwise;
   - fixed hashing (`--hash-space fixed`, MLPerf, no first pass): id = int(hex, 16) mod
     num_embeddings, every table --num-embeddings rows (10M, MLPerf's `max_ind_range`) or the 26
@@ -441,7 +441,7 @@ def parse(argv: list[str]) -> tuple[CriteoOptions, str, bool]:
         "--hash-space",
         choices=IDS[1:],
         help="hash the values instead of building a vocabulary (the default): fitted: each table sized to "
-        "its feature's distinct train values, min(--num-embeddings, max(16, next power of two >= 2 x distinct)); "
+        "its feature's distinct train values, min(--num-embeddings, max(16, next power of two >= 8 x distinct)); "
         "fixed: every table --num-embeddings rows, id = value mod size (MLPerf; the default with "
         "--num-embeddings-per-feature)",
     )

