@@ -66,7 +66,10 @@ class DataShape:
 
     @classmethod
     def of(cls, schema: DatasetSchema, world_size: int) -> DataShape:
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in check_files(schema, "train"))
+        # dataset.json's count, which preflight's check_files has held the files to; footers if absent
+        rows = schema.splits["train"].rows
+        if rows is None:
+            rows = sum(pq.ParquetFile(f).metadata.num_rows for f in check_files(schema, "train"))
         tables = tuple(f.num_embeddings for f in schema.sparse)
         return cls(rows, world_size, len(schema.dense), tables)
 
