@@ -22,9 +22,24 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from data_pipeline.batch import Batch
 from data_pipeline.schema import TASKS
+from models.penalty import EmbeddingL2
 
 
-class RankingModel(nn.Module):
+class Penalised:
+    """The training wrappers' optional embedding penalty (models.penalty): the trainer attaches
+    one after sharding; the reported loss (outputs[0]) stays the data loss alone."""
+
+    embedding_l2: EmbeddingL2 | None = None
+
+    def penalised(self, loss: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """`loss` plus the penalty of the lookups this forward made (one per row of `outputs`).
+        Nothing is kept while the train pipeline traces the forward, so its graph has no penalty."""
+        if self.embedding_l2 is None or not self.embedding_l2.outputs:
+            return loss
+        return loss + self.embedding_l2.take(outputs.shape[0])
+
+
+class RankingModel(Penalised, nn.Module):
     """Pointwise model: weighted loss over `model(batch.dense, batch.sparse)` outputs.
 
     The task comes from `dataset.json`: "binary" -> log loss on logits; "regression" -> squared
@@ -54,7 +69,7 @@ class RankingModel(nn.Module):
         else:
             losses = (logits - batch.labels) ** 2
         loss = (losses * batch.weights).sum() / batch.weights.sum().clamp(min=1.0)
-        return loss, (loss.detach(), logits.detach(), batch.labels, batch.weights)
+        return self.penalised(loss, logits), (loss.detach(), logits.detach(), batch.labels, batch.weights)
 
 
 def entity_ids(sparse: KeyedJaggedTensor, feature: str) -> torch.Tensor:
@@ -122,7 +137,7 @@ class InBatchSoftmaxLoss(nn.Module):
         return F.cross_entropy(logits, own)
 
 
-class InBatchSoftmax(nn.Module):
+class InBatchSoftmax(Penalised, nn.Module):
     """Training wrapper like `RankingModel`: batch in, (loss, (loss, scores, labels, weights)) out.
     The scores are the model's pointwise scores of each row, so the click metrics (AUC on the
     split's positives against its sampled negatives) still apply."""
@@ -140,4 +155,4 @@ class InBatchSoftmax(nn.Module):
         user, item, user_bias, item_bias = self.model.encode(batch.dense, batch.sparse)
         scores = (user * item).sum(dim=1) + user_bias + item_bias + self.model.global_bias
         loss = self.loss(user, item, item_bias, batch.sparse, batch.labels, batch.weights)
-        return loss, (loss.detach(), scores.detach(), batch.labels, batch.weights)
+        return self.penalised(loss, scores), (loss.detach(), scores.detach(), batch.labels, batch.weights)

@@ -47,7 +47,11 @@ class OptimizerConfig:
     eps: float = 1e-8
     """Epsilon of the (rowwise) Adagrad and Adam updates."""
     weight_decay: float = 0.0
-    """Weight decay of the dense parameters (decoupled for adamw, L2 otherwise); tables get none."""
+    """Weight decay of the dense parameters (decoupled for adamw, L2 otherwise); the tables get
+    embedding_l2 instead."""
+    embedding_l2: float = 0.0
+    """L2 penalty on the embeddings each training batch looks up, added to the loss: this x the
+    batch mean of a row's squared embedding norm over all tables (models/penalty.py)."""
     grad_clip_norm: float = 0.0
     """Clip the dense gradients to this global norm (0: off). Fused table updates happen inside
     the backward pass and are not clipped."""
@@ -73,9 +77,12 @@ class OptimizerConfig:
             raise ValueError(
                 f"optimizer.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'"
             )
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip_norm < 0 or not 0 <= self.min_lr_ratio <= 1:
+        if min(self.warmup_steps, self.weight_decay, self.embedding_l2, self.grad_clip_norm) < 0 or not (
+            0 <= self.min_lr_ratio <= 1
+        ):
             raise ValueError(
-                "optimizer: warmup_steps, weight_decay, grad_clip_norm must be >= 0, min_lr_ratio in [0, 1]"
+                "optimizer: warmup_steps, weight_decay, embedding_l2, grad_clip_norm must be >= 0, "
+                "min_lr_ratio in [0, 1]"
             )
         self.table_lrs()  # validate the "table=lr" entries now
 
