@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,10 +61,24 @@ def run_recsys(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     )
 
 
+SEGFAULT = "Signal 11 (SIGSEGV)"
+"""torchrun's words for a rank killed by a segmentation fault."""
+
+
 def train(data, run_dir, *flags: str, nproc: int = 2, timeout: int = 600, derive: bool = False) -> dict:
     """A training run as `recsys train --data DATA --run-dir RUN_DIR FLAGS --nproc-per-node NPROC`
-    runs it (torchrun, no progress bar); asserts it exits 0 and returns its summary.json."""
+    runs it (torchrun, no progress bar); asserts it exits 0 and returns its summary.json.
+
+    A fresh run (no RUN_DIR yet) whose rank died of SIGSEGV is run once more from scratch, with a
+    warning: seen in a CI run on the loaded 2-core VM (rank 0, inside gloo's all_to_all_single under
+    the train pipeline, a two_tower run), not in 10 reruns of that test since. Any other failure,
+    or a second crash, fails the test."""
     args = ["--data", str(data), "--run-dir", str(run_dir), "--training.progress_bar", "false", *flags]
+    fresh = not Path(run_dir).exists()
     result = run_trainer(args, nproc=nproc, timeout=timeout, derive=derive)
+    if result.returncode != 0 and fresh and SEGFAULT in result.stderr:
+        warnings.warn(f"a rank segfaulted (gloo); running {run_dir} again once", stacklevel=2)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        result = run_trainer(args, nproc=nproc, timeout=timeout, derive=derive)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((Path(run_dir) / "summary.json").read_text())
