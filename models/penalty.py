@@ -9,8 +9,7 @@ The penalty is `weight x the batch mean of each row's squared embedding norm` (e
 pooled output, the wide part's weights included): a row's gradient is `2 x weight x its vector`
 each time a batch holds it, so often-seen ids are pulled as hard as their data pushes, and rare
 ids, whose few examples would otherwise fit noise, stay near zero: the frequency-weighted L2 of
-regularised logistic regression on one-hot features, which is what beats an unregularised
-embedding model on small data.
+regularised logistic regression on one-hot features.
 """
 
 from __future__ import annotations
@@ -52,3 +51,10 @@ class EmbeddingL2:
         total = sum(output.values().float().pow(2).sum() for output in self.outputs)
         self.outputs.clear()
         return self.weight * total / max(rows, 1)
+
+
+def penalise(wrapper: nn.Module, weight: float) -> int:
+    """Give a (sharded) training wrapper (models.losses.Penalised) the penalty `weight` over every
+    collection under it; returns how many collections were hooked."""
+    wrapper.embedding_l2 = EmbeddingL2(weight)
+    return wrapper.embedding_l2.attach(wrapper)

@@ -12,7 +12,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 from data_pipeline.reader import ParquetBatches, RankLoader
 from data_pipeline.schema import SPLITS, DatasetSchema, check_files
 from models import build_model
-from models.penalty import EmbeddingL2
+from models.penalty import penalise
 from trainer.config import Config
 from trainer.distributed import DistEnv, plan_with_estimate, shard_model
 from trainer.optim import apply_sparse_optimizer, build_optimizer
@@ -76,7 +76,6 @@ def build_sharded(
     plan, estimate = plan_with_estimate(model, env, cfg.data.batch_size, cfg.sharding)
     sharded = shard_model(model, env, plan)
     if opt.embedding_l2 > 0:
-        sharded.module.embedding_l2 = EmbeddingL2(opt.embedding_l2)
-        sharded.module.embedding_l2.attach(sharded.module)
+        penalise(sharded.module, opt.embedding_l2)
     optimizer = build_optimizer(sharded, opt.dense, opt.dense_lr, opt.eps, opt.weight_decay, opt.grad_clip_norm)
     return sharded, optimizer, plan, estimate

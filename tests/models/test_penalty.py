@@ -29,10 +29,10 @@ def test_penalty_is_the_weight_times_the_batch_mean_squared_norm_of_the_pooled_l
     torch.testing.assert_close(value, 0.25 * pooled.pow(2).sum() / 3)
     assert penalty.outputs == []  # taken once
 
-    value = EmbeddingL2(0.25)
-    value.attach(ebc)
+    second = EmbeddingL2(0.25)
+    second.attach(ebc)
     ebc(_ids())
-    value.take(rows=3).backward()
+    second.take(rows=3).backward()
     grads = {name: p.grad for name, p in ebc.named_parameters()}
     t0 = grads["embedding_bags.t0.weight"]
     weights = dict(ebc.named_parameters())["embedding_bags.t0.weight"].detach()

@@ -15,7 +15,7 @@ from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DatasetSchema
 from models import ModelConfig, build_model
-from models.penalty import EmbeddingL2
+from models.penalty import penalise
 from tests.helpers.dist import copy_state_dict, run_ranks
 from trainer.config import ShardingConfig
 from trainer.distributed import DistEnv, plan_sharding, shard_model
@@ -52,8 +52,7 @@ def _rank(env: DistEnv, data: str, init_path: str, out_path: str, sharding_type:
     plan = plan_sharding(model, env, BATCH, ShardingConfig(sharding_types=[sharding_type]))
     dmp = shard_model(model, env, plan)
     if embedding_l2:
-        dmp.module.embedding_l2 = EmbeddingL2(embedding_l2)
-        assert dmp.module.embedding_l2.attach(dmp.module) == 1
+        assert penalise(dmp.module, embedding_l2) == 1
     copy_state_dict(dmp.state_dict(), torch.load(init_path))
     pipeline = TrainPipelineSparseDist(dmp, build_optimizer(dmp, "adam", 1e-3, 1e-8), env.device)
     it = iter(_batches(schema, rank, world_size))
@@ -98,8 +97,7 @@ def test_two_sharded_ranks_match_one_unsharded_process(tmp_path, dataset, shardi
     torch.save(reference.state_dict(), tmp_path / "init.pt")
     apply_sparse_optimizer(reference, "rowwise_adagrad", 0.05, 1e-8)
     if embedding_l2:
-        reference.embedding_l2 = EmbeddingL2(embedding_l2)
-        reference.embedding_l2.attach(reference)
+        penalise(reference, embedding_l2)
     optimizer = build_optimizer(reference, "adam", 1e-3, 1e-8)
     expected = []
     for a, b in zip(_batches(dataset, 0, 2), _batches(dataset, 1, 2)):
