@@ -5,6 +5,7 @@ resume.py         which checkpoint to resume or fine-tune from, agreed by every 
 store.py          the directory layout: step directories, commit, retention, checksums
 compat.py         what must match to resume (model, optimizers, dataset schema)
 reshard.py        loading into another plan: shape checks, row-wise state, grown tables
+safe_reader.py    reading DCP metadata without unpickling code (every load goes through it)
 """
 
 from trainer.checkpoint.checkpointer import Checkpointer

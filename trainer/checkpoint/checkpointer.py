@@ -16,8 +16,8 @@ every file is checked against its recorded size and sha256 (`trainer.checkpoint.
 
 What is saved: the model's and optimizer's tensors through DCP; the run's Stateful parts (train
 state, learning rates, best validation, run log) as the JSON their `state_dict()` returns; each
-rank's RNG states in its own file. Only tensors go through DCP (its loader unpickles non-tensor
-entries).
+rank's RNG states in its own file. Only tensors go through DCP, and every load reads DCP's
+pickled `.metadata` through `trainer.checkpoint.safe_reader`, which admits nothing else.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from torch import nn
 from data_pipeline.schema import DatasetSchema
 from trainer.checkpoint import reshard, store
 from trainer.checkpoint.resume import Resume, checkpoint_root
+from trainer.checkpoint.safe_reader import SafeReader, read_metadata
 from trainer.checkpoint.store import CheckpointError, step_dir_name
 from trainer.config import Config
 from trainer.distributed import DistEnv, raise_on_every_rank
@@ -196,7 +197,7 @@ class Checkpointer:
         """Load the tensors (a collective) and every part's state. Returns this rank's RNG states
         (None when saved on another world size) and notes on what was converted."""
         path = resume.path
-        metadata = dcp.FileSystemReader(path).read_metadata()
+        metadata = read_metadata(path)
         self._init_dense_state()
         tensors = self.tensors()
         notes: list[str] = []
@@ -209,7 +210,7 @@ class Checkpointer:
             return reshard.convertible_states(tensors, metadata)
 
         converted = raise_on_every_rank(check, CheckpointError)
-        dcp.load(tensors, storage_reader=dcp.FileSystemReader(path))
+        dcp.load(tensors, storage_reader=SafeReader(path))
         for (param, key), (full, widths, original) in converted.items():
             reshard.set_rowwise_state(original, full, widths)
             tensors["optim"][param][key] = original
@@ -233,9 +234,9 @@ class Checkpointer:
     def load_model(self, path: Path) -> None:
         """Only the model's weights (e.g. the best checkpoint's, to score the test split)."""
         tensors = {"model": self.model.state_dict()}
-        metadata = dcp.FileSystemReader(path).read_metadata()
+        metadata = read_metadata(path)
         raise_on_every_rank(lambda: reshard.check_shapes(tensors, metadata, path), CheckpointError)
-        dcp.load(tensors, storage_reader=dcp.FileSystemReader(path))
+        dcp.load(tensors, storage_reader=SafeReader(path))
 
     def init_from(self, path: Path) -> str:
         """The model weights of checkpoint `path` that fit (fine-tuning); a report of what was

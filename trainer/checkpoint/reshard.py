@@ -23,6 +23,7 @@ from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from trainer.checkpoint.safe_reader import SafeReader, read_metadata
 from trainer.checkpoint.store import CheckpointError
 
 
@@ -143,7 +144,7 @@ def set_rowwise_state(target: torch.Tensor, full: torch.Tensor, widths: list[int
 def init_from(model: nn.Module, path: Path) -> str:
     """Load the model weights of checkpoint `path` that fit: same shape, or a table that grew
     (its saved rows are copied). Returns a report of what was loaded, resized and initialised."""
-    metadata = dcp.FileSystemReader(path).read_metadata()
+    metadata = read_metadata(path)
     saved = {
         k[len("model.") :]: v
         for k, v in metadata.state_dict_metadata.items()
@@ -178,7 +179,7 @@ def init_from(model: nn.Module, path: Path) -> str:
         raise CheckpointError(f"init_from {path}:\n  " + "\n  ".join(errors))
     if not loaded and not resized:
         raise CheckpointError(f"init_from {path}: no tensor of the checkpoint fits this model (another model?)")
-    dcp.load({"model": targets}, storage_reader=dcp.FileSystemReader(path))
+    dcp.load({"model": targets}, storage_reader=SafeReader(path))
     lines = [
         f"init_from {path}: {len(loaded)} tensors loaded as saved, {len(resized)} tables resized, "
         f"{len(fresh)} new, {len(changed)} re-initialised (shape changed); optimizer fresh, step 0"

@@ -42,6 +42,7 @@ from data_pipeline.atomic import write_atomic
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DataError, DatasetSchema
 from trainer.checkpoint import CheckpointError, locate, read_meta, step_dir_name, verify_files
+from trainer.checkpoint.safe_reader import SafeReader
 from trainer.config import Config, from_dict
 
 MODEL_FORMAT = "recsys-trainer model"
@@ -51,7 +52,7 @@ MODEL_VERSION = 1
 def checkpoint_tensors(path: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
     """Every tensor under `prefix` ("model" or "optim") of a checkpoint, unsharded, read in this
     process alone (DCP assembles each tensor from the shards every rank wrote)."""
-    reader = dcp.FileSystemReader(path)
+    reader = SafeReader(path)
     metadata = reader.read_metadata()
     lead = prefix + "."
     tensors = {
