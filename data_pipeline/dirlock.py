@@ -26,10 +26,6 @@ from pathlib import Path
 
 LOCK_FILE = ".lock"
 
-_HELD: set[Path] = set()
-"""Lock files this process holds: taking one again in the same process is a no-op (a preparer
-that failed and is called again, in a notebook or a test), not a conflict with itself."""
-
 
 class DirInUse(RuntimeError):
     """The directory is held by another live job."""
@@ -55,9 +51,7 @@ class DirLock:
 
     def acquire(self) -> DirLock:
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = (self.directory / LOCK_FILE).resolve()
-        if path in _HELD:
-            return self
+        path = self.directory / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -72,8 +66,7 @@ class DirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         os.fsync(fd)
-        self._fd, self._path = fd, path
-        _HELD.add(path)
+        self._fd = fd
         return self
 
     @staticmethod
@@ -87,7 +80,6 @@ class DirLock:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)  # a clean release leaves no holder to report
             os.close(self._fd)  # closing drops the flock
-            _HELD.discard(self._path)
             self._fd = None
 
     def __enter__(self) -> DirLock:
