@@ -28,7 +28,6 @@ _FREE = (
     "training.progress_bar",
     "training.stop_at_step",
     "training.log_every",
-    "training.divergence_factor",
     "checkpoint.",
     "sharding.",
 )
