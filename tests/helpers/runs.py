@@ -61,6 +61,16 @@ def run_recsys(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     )
 
 
+def one_error(result: subprocess.CompletedProcess) -> str:
+    """Assert a command failed as bad input must (exit 2, no traceback, exactly one line starting
+    with "error"); returns stderr from that line on (a message may list details below it)."""
+    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-4000:])
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, result.stderr[-4000:]
+    return result.stderr[result.stderr.index(errors[0]) :]
+
+
 SEGFAULT = "Signal 11 (SIGSEGV)"
 """torchrun's words for a rank killed by a segmentation fault."""
 

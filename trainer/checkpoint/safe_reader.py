@@ -50,11 +50,15 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it names {module}.{name}, which a checkpoint's metadata never holds")
 
 
+def _refused(where: Path, why: object) -> CheckpointError:
+    return CheckpointError(f"{where}: not a checkpoint this trainer wrote ({why}); refusing to load it")
+
+
 def _checked(metadata: Any, where: Path) -> Metadata:
     """`metadata` if it is what this trainer's saves write: tensors only, in files of the directory."""
 
     def refuse(why: str) -> CheckpointError:
-        return CheckpointError(f"{where}: not a checkpoint this trainer wrote ({why}); refusing to load it")
+        return _refused(where, why)
 
     if not isinstance(metadata, Metadata):
         raise refuse(f"it holds a {type(metadata).__name__}, not DCP Metadata")
@@ -83,7 +87,7 @@ class SafeReader(dcp.FileSystemReader):
             with self.fs.create_stream(path, "rb") as stream:
                 metadata = _MetadataUnpickler(stream).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError) as e:
-            raise CheckpointError(f"{path}: not a checkpoint this trainer wrote ({e}); refusing to load it") from None
+            raise _refused(Path(path), e) from None
         metadata = _checked(metadata, Path(path))
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()

@@ -13,7 +13,7 @@ import pytest
 from data_pipeline.prepare.synthetic import SyntheticSpec
 from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from data_pipeline.schema import DatasetSchema
-from tests.helpers.runs import run_trainer
+from tests.helpers.runs import one_error, run_trainer
 from trainer.checkpoint import (
     CheckpointError,
     IncompatibleCheckpoint,
@@ -48,14 +48,6 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
 def _copy(run: Path, tmp_path: Path) -> Path:
     shutil.copytree(run, tmp_path / "run")
     return tmp_path / "run"
-
-
-def _one_error(result) -> str:
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    return result.stderr[result.stderr.index(errors[0]) :]
 
 
 def test_corrupt_files_are_named(run, tmp_path):
@@ -136,7 +128,7 @@ def test_resume_errors_on_the_command_line(run, tmp_path):
     copy = _copy(run_dir, tmp_path)
     shard = sorted((copy / "checkpoints" / "step-00000006").glob("__0_*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:-10])
-    corrupt = _one_error(
+    corrupt = one_error(
         run_trainer(
             [
                 "--data",
@@ -150,7 +142,7 @@ def test_resume_errors_on_the_command_line(run, tmp_path):
         )
     )
     assert "is corrupt" in corrupt and shard.name in corrupt
-    other = _one_error(
+    other = one_error(
         run_trainer(
             [
                 "--data",
@@ -166,7 +158,7 @@ def test_resume_errors_on_the_command_line(run, tmp_path):
         )
     )
     assert "model.name: 'dlrm' in the checkpoint, 'dlrm_dcn' now" in other
-    never = _one_error(
+    never = one_error(
         run_trainer(["--data", str(data), "--run-dir", str(run_dir), *ARGS, "--checkpoint.resume", "never"])
     )
     assert "holds checkpoints (latest step-00000006)" in never

@@ -15,7 +15,7 @@ import pytest
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-from tests.helpers.runs import ROOT, run_recsys, run_trainer
+from tests.helpers.runs import ROOT, one_error, run_recsys, run_trainer
 from trainer.checkpoint import CheckpointError
 from trainer.checkpoint.safe_reader import read_metadata
 from trainer.checkpoint.store import sha256
@@ -67,14 +67,6 @@ def test_plain_dcp_runs_the_payload_and_ours_refuses_it(poisoned):
     assert not marker.exists()
 
 
-def _one_error(result) -> str:
-    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-4000:])
-    assert "Traceback" not in result.stderr, result.stderr[-4000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1, result.stderr[-4000:]
-    return errors[0]
-
-
 @pytest.mark.parametrize("command", ["evaluate", "export", "auto-resume", "resume", "init_from"])
 def test_every_command_refuses_a_code_running_checkpoint(poisoned, tmp_path, command):
     run, marker = poisoned
@@ -91,7 +83,7 @@ def test_every_command_refuses_a_code_running_checkpoint(poisoned, tmp_path, com
         result = run_trainer([*train, "--run-dir", str(tmp_path / "new"), "--checkpoint.resume", str(run / STEP)])
     else:
         result = run_trainer([*train, "--run-dir", str(tmp_path / "new"), "--checkpoint.init_from", str(run)])
-    assert REFUSED in _one_error(result)
+    assert REFUSED in one_error(result)
     assert not marker.exists()
 
 
