@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import os
 import select
+import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -371,7 +372,13 @@ def _exit_with(owner: int, worker_id: int) -> None:
     A worker's parent is the fork server, not `owner`, so the DataLoader's own check (has the
     parent pid changed?) never fires: after a SIGKILLed rank its workers, and the fork server they
     keep alive, would linger forever (and hold a launcher's output pipes open). A pidfd becomes
-    readable when the process exits, with no pid-reuse race."""
+    readable when the process exits, with no pid-reuse race.
+
+    The signals a scheduler preempts with are ignored here: torchrun and terminals signal the
+    whole process group, and a worker that died of it would crash the rank before it could save
+    (trainer/preempt.py); the rank decides when to stop, and its workers end with it."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
     def watch() -> None:
         try:

@@ -11,6 +11,8 @@ Flags: --config FILE, then any `--section.key VALUE` override; `--help` lists th
 
 A run saves checkpoints in <run_dir>/checkpoints and, started again (by hand, or by torchrun
 --max-restarts after a failure), continues from the latest one (checkpoint.resume = "auto").
+Rank 0 holds a lock on the run directory for the run's life (data_pipeline.dirlock): a second
+run into it fails at once, naming the first.
 """
 
 from __future__ import annotations
@@ -22,13 +24,18 @@ import sys
 import torch
 import torch.distributed as dist
 
+from data_pipeline.dirlock import DirInUse, DirLock
 from data_pipeline.schema import DataError
 from trainer.build import preflight
 from trainer.checkpoint import CheckpointError, find_resume
 from trainer.config import load_config
 from trainer.defaults import resolve
-from trainer.distributed import PlanError, destroy_distributed, init_distributed
+from trainer.distributed import PlanError, destroy_distributed, init_distributed, raise_on_every_rank
+from trainer.guard import Diverged
 from trainer.train import Trainer
+
+DIVERGED_EXIT = 3
+"""The exit code of a run the numerics guard stopped (2 is bad input)."""
 
 
 def _message(error: DataError) -> str:
@@ -85,9 +92,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _join_attempt_process_group()
     env = init_distributed()
+    lock = DirLock(cfg.run_dir, "run directory")
     try:
+        raise_on_every_rank(lambda: lock.acquire() if env.is_main else None, DirInUse)
+        if lock.note:
+            print(f"note: {lock.note}")
         resume = find_resume(cfg, env, schema)
-        Trainer(cfg, env, schema, resume).run()
+        summary = Trainer(cfg, env, schema, resume).run()
+    except DirInUse as e:
+        if env.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Diverged as e:
+        if env.is_main:  # every rank saw the same all-reduced numbers
+            print(f"error: {e}", file=sys.stderr)
+        return DIVERGED_EXIT
     except CheckpointError as e:
         if env.is_main:  # every rank agreed on the same problem
             print(f"error: {e}", file=sys.stderr)
@@ -100,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
+        lock.release()
         destroy_distributed()
-    return 0
+    return summary.get("exit_code", 0)  # 128 + the signal's number after a preemption
 
 
 if __name__ == "__main__":

@@ -232,6 +232,10 @@ class TrainingConfig:
     OMP_NUM_THREADS). Matters for CPU training: on 2 cores, 1 thread trains the demo's small
     MLPs ~1.4x faster than 2, while MLPerf-sized MLPs train ~1.8x faster on 2 (BENCHMARKS.md)."""
 
+    divergence_factor: float = 10.0
+    """Stop the run with an error when a log interval's mean loss exceeds this many times the median
+    of the intervals before it (0: off; trainer/guard.py). A non-finite loss or weight stops it always."""
+
     stop_at_step: int = 0
     """Save a checkpoint and exit at this step without finishing the run, as a pre-empted job would
     (0: off). Unlike max_steps it changes neither the learning-rate schedule nor when training
@@ -255,6 +259,8 @@ class TrainingConfig:
             raise ValueError(f"training.top_k must be positive, got {self.top_k}")
         if self.early_stopping_patience < 0:
             raise ValueError("training.early_stopping_patience must be >= 0")
+        if not self.divergence_factor >= 0:  # NaN too
+            raise ValueError(f"training.divergence_factor must be >= 0, got {self.divergence_factor}")
 
 
 RESUME_MODES = ("auto", "never")
@@ -296,8 +302,15 @@ class CheckpointConfig:
     on while a thread writes, checksums and commits them (one save in flight; the next save, the
     end of training and a stop wait for it). Costs one more host copy of the rank's state during
     the write and a second (gloo) process group for the save's collectives."""
+    preempt_grace_s: float = 30.0
+    """What the scheduler allows between its SIGTERM (or SIGINT, SIGUSR1) and its SIGKILL. On such
+    a signal the ranks agree on the next step, save a checkpoint there and exit with 128 + the
+    signal's number (trainer/preempt.py); a save that took longer than this is reported, so the
+    grace period (Kubernetes' terminationGracePeriodSeconds, Slurm's --signal lead) can be raised."""
 
     def __post_init__(self) -> None:
+        if not self.preempt_grace_s > 0:
+            raise ValueError(f"checkpoint.preempt_grace_s must be > 0, got {self.preempt_grace_s}")
         if self.every_steps < 0 or self.keep_last < 0:
             raise ValueError("checkpoint.every_steps and checkpoint.keep_last must be >= 0")
         if not self.resume:

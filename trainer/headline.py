@@ -22,7 +22,9 @@ class Headline:
         return self.name not in LOWER_IS_BETTER
 
     def better(self, value: float, than: float | None) -> bool:
-        """Whether `value` beats `than` (None: nothing to beat yet)."""
+        """Whether `value` beats `than` (None: nothing to beat yet); NaN never does."""
+        if value != value:
+            return False
         if than is None:
             return True
         return value > than if self.higher_is_better else value < than

@@ -136,18 +136,20 @@ class LearningRates:
         return {"steps": self.steps, "per_step": per_step, "plateau": plateau, "groups": groups}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the schedule's position, with this run's configured rates as its base: a rate
+        changed since the checkpoint takes effect (each group's lr = its new base rate times the
+        multiplier the schedule, or the plateau drops, had reached)."""
+        groups = list(self.optimizer.param_groups)
+        bases = [g["initial_lr"] for g in groups]  # set from this run's config by LambdaLR
         self.steps = state["steps"]
         self.per_step.load_state_dict({**state["per_step"], "lr_lambdas": [None] * len(self.per_step.lr_lambdas)})
+        self.per_step.base_lrs = list(bases)
         if self.on_plateau is not None and state["plateau"] is not None:
             self.on_plateau.load_state_dict(state["plateau"])
-        groups = list(self.optimizer.param_groups)
-        if len(groups) == len(state["groups"]):
-            for group, saved in zip(groups, state["groups"]):
-                group["lr"] = saved["lr"]
-                if saved.get("initial_lr") is not None:
-                    group["initial_lr"] = saved["initial_lr"]
-        else:  # another plan groups the fused tables differently: every group follows the schedule
-            last = state["groups"][-1]
-            factor = last["lr"] / (last.get("initial_lr") or last["lr"] or 1.0)
-            for group in groups:
-                group["lr"] = group.get("initial_lr", group["lr"]) * factor
+        saved = state["groups"]
+        if len(saved) != len(groups):  # another plan groups the fused tables differently: the dense group's
+            saved = [saved[-1]] * len(groups)
+        for group, base, old in zip(groups, bases, saved):
+            was = old.get("initial_lr") or old["lr"] or 1.0
+            group["lr"] = old["lr"] if base == was else base * old["lr"] / was  # unchanged: bit for bit
+            group["initial_lr"] = base

@@ -30,15 +30,17 @@ from tqdm import tqdm
 from data_pipeline.batch import Batch
 from data_pipeline.schema import DataError, DatasetSchema
 from trainer.build import build_sharded, train_loader
-from trainer.checkpoint import Checkpointer, Resume, find_init
+from trainer.checkpoint import Checkpointer, Resume, find_init, step_dir_name
 from trainer.config import Config, getattr_path, toml_value
 from trainer.defaults import as_record, few_steps_warning
 from trainer.distributed import DistEnv, describe_plan, local_state_tensors
 from trainer.evaluator import Evaluator
 from trainer.faults import fault
+from trainer.guard import NumericsGuard
 from trainer.numbers import format_metrics
 from trainer.observe import StepProfiler, TableCoverage, memory_per_rank, memory_record
 from trainer.optim import LearningRates
+from trainer.preempt import Preemption
 from trainer.run_log import RunLog
 from trainer.state import BestValidation, DataOrder, RngState, TrainState
 
@@ -95,6 +97,8 @@ class Trainer:
         self.tables = TableCoverage(schema, t.table_stats_max_rows, env.device)
         self.table_stats: dict[str, float] = {}
         self.best_weights: dict[str, torch.Tensor] = {}  # training.keep_best: on the host
+        self.guard = NumericsGuard(t.divergence_factor)
+        self.preempt = Preemption()
 
     def _bf16_forward(self, batch: Batch):
         """The model's forward under bfloat16 autocast; outputs back in fp32 for the loss's
@@ -113,7 +117,15 @@ class Trainer:
 
     # ---- the run ------------------------------------------------------------------------------
     def run(self) -> dict:
-        """Train to the end (or to training.stop_at_step), test, and return the summary."""
+        """Train to the end (or to training.stop_at_step, or a preemption signal), test, and return
+        the summary (with `exit_code` when the run stopped for a signal)."""
+        self.preempt.install()
+        try:
+            return self._run()
+        finally:
+            self.preempt.uninstall()
+
+    def _run(self) -> dict:
         t = self.cfg.training
         self._announce()
         self.checkpoints.cleanup()
@@ -132,15 +144,22 @@ class Trainer:
                 batches, rng = self._open_epoch(epoch, rng), None
                 while self.state.epoch_batches < self.steps_per_epoch[epoch] and not self.finished:
                     length = self._phase_length(epoch)
-                    self.train_steps(self.tables.observe(itertools.islice(batches, length)), progress)
-                    self.state.epoch_batches += length
+                    phase = self.preempt.batches(self.tables.observe(itertools.islice(batches, length)))
+                    trained = self.train_steps(phase, progress)
+                    self.state.epoch_batches += trained
+                    if self.preempt.agreed and trained < length:  # mid-phase: nothing was due here
+                        return self._preempted()
                     improved = self._validate_if_due(epoch, progress)
                     stopping = self.state.step == t.stop_at_step
                     if self.checkpoints.should_save(self.state.step, improved, stopping):
                         self._save()
                     if stopping:
                         return self._stop()
+                    if self.preempt.agreed:  # at a boundary: what was due there ran first, as it would have
+                        return self._preempted()
         self._save()  # the end (unless the last step already saved one)
+        if self.preempt.agreed:
+            return self._preempted()
         self.checkpoints.wait()  # committed before the test split (which may load the best) and the summary
         return self._finish()
 
@@ -157,11 +176,13 @@ class Trainer:
         ]
         return min(b for b in bounds if b is not None)
 
-    def train_steps(self, batches: Iterator[Batch], progress: tqdm) -> None:
-        """Train until `batches` ends; log loss and throughput every `training.log_every` steps."""
+    def train_steps(self, batches: Iterator[Batch], progress: tqdm) -> int:
+        """Train until `batches` ends; log loss and throughput every `training.log_every` steps.
+        Returns the number of steps trained."""
         self.model.train()
         every = self.cfg.training.log_every
         loss_sum = torch.zeros(2, device=self.env.device)  # (sum of losses, steps) since last log
+        unlogged, first = 0, self.state.step
         start = last = time.perf_counter()
         while True:
             self.profiler.before_step(self.state.step + 1)
@@ -171,12 +192,15 @@ class Trainer:
                 break
             self.state.step += 1
             step = self.state.step
+            self.guard.first_step(loss)
+            self.preempt.poll()
             note = self.profiler.after_step(step)
             if note and self.env.is_main:
                 progress.write(note)
             fault("kill", step, self.env.rank)
             self.lr.after_step()
             loss_sum += torch.stack([loss.detach().float(), torch.ones((), device=loss.device)])
+            unlogged += 1
             progress.update(1)
             if step % every == 0:
                 dist.all_reduce(loss_sum)  # mean over ranks; also syncs the device before timing
@@ -187,9 +211,15 @@ class Trainer:
                 self.memory = memory_per_rank(self.env.device)
                 self.log.record("memory", step, **memory_record(self.memory))
                 progress.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:,.0f}")
+                self.guard.check_loss(step, mean_loss, unlogged)
                 loss_sum.zero_()
-                last = now
+                unlogged, last = 0, now
         self.state.train_time += time.perf_counter() - start
+        if unlogged:  # the phase's tail: checked before anything validates or saves these weights
+            dist.all_reduce(loss_sum)
+            self.guard.check_loss(self.state.step, (loss_sum[0] / loss_sum[1]).item(), unlogged, logged=False)
+        self.preempt.settle()
+        return self.state.step - first
 
     def _evaluate(self, split: str) -> dict[str, float]:
         metrics, baseline = self.evaluator.evaluate(split)
@@ -262,6 +292,7 @@ class Trainer:
     def _restore(self) -> dict | None:
         start = time.perf_counter()
         rng, notes = self.checkpoints.load(self.resume)
+        self.guard.last_good = str(self.resume.path)
         notes += [self.best.note] if self.best.note else []
         epoch, position, order_note = self.state.resume_position(self.steps_per_epoch)
         if order_note:  # another data order: the saved RNG states belong to another stream
@@ -318,7 +349,11 @@ class Trainer:
         last_epoch = s.epoch == self.cfg.training.epochs - 1
         s.complete = self.finished or (last_epoch and s.epoch_batches >= self.steps_per_epoch[s.epoch])
         keep = {self.best.step} if self.cfg.checkpoint.keep_best and self.best.step is not None else set()
+        if self.checkpoints.settings.enabled:
+            self.guard.check_weights(self.model, s.step, self.env.device)  # no NaN checkpoint is ever committed
         self.checkpoints.save(s.step, keep)
+        if self.checkpoints.settings.enabled:
+            self.guard.last_good = str(self.checkpoints.root / step_dir_name(s.step))
 
     def _stop(self) -> dict:
         """training.stop_at_step: the checkpoint is saved; exit as a pre-empted job would."""
@@ -332,6 +367,29 @@ class Trainer:
                 "run the same command again to continue"
             )
         return {"stopped_at_step": self.state.step}
+
+    def _preempted(self) -> dict:
+        """A signal: the checkpoint of this step (committed before exiting, async or not), then
+        exit 128 + the signal's number; the same command resumes."""
+        self._save()
+        self.checkpoints.wait()
+        self.log.close()
+        if self.env.is_main:
+            path = self.checkpoints.path_of(self.state.step)
+            seconds = time.monotonic() - self.preempt.received_at if self.preempt.received else None
+            where = f"checkpoint {path}" if path else "checkpoints are off: nothing was saved"
+            when = "signalled on another rank" if seconds is None else f"{seconds:.1f} s after rank 0 got the signal"
+            print(
+                f"preempted ({self.preempt.name}) at step {self.state.step}: {where} ({when}); "
+                "run the same command again to continue",
+                flush=True,
+            )
+            if seconds is not None and seconds > self.cfg.checkpoint.preempt_grace_s:
+                print(
+                    f"warning: that is over checkpoint.preempt_grace_s ({self.cfg.checkpoint.preempt_grace_s:g} s): "
+                    "a scheduler with that grace period would have killed the job first"
+                )
+        return {"preempted": self.preempt.name, "exit_code": 128 + self.preempt.agreed}
 
     def _test_weights(self) -> int:
         """With training.keep_best: put the best validation's weights in the model (from memory, or

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline.atomic import write_atomic, write_text_atomic
+from data_pipeline.dirlock import LOCK_FILE
 from data_pipeline.schema import SCHEMA_FILE, DataError, DatasetSchema
 
 IN_PROGRESS_FILE = ".prepare.json"
@@ -88,7 +89,8 @@ class DatasetOutput:
                 same = False
             if same:
                 return True
-        if self.root.exists() and any(self.root.iterdir()):
+        held = self.root / LOCK_FILE  # the preparer's own lock (data_pipeline.dirlock): not content
+        if self.root.exists() and any(p != held for p in self.root.iterdir()):
             if not self.overwrite:
                 what = (
                     "a different dataset"
@@ -98,7 +100,9 @@ class DatasetOutput:
                     else "other files"
                 )
                 raise FileExistsError(f"{self.root} already holds {what}; pass --overwrite to replace it")
-            shutil.rmtree(self.root)
+            for path in self.root.iterdir():
+                if path != held:
+                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         self.root.mkdir(parents=True, exist_ok=True)
         write_json(self.provenance, marker)
         return False

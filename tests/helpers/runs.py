@@ -25,6 +25,21 @@ def _env(fault: str = "") -> dict[str, str]:
     return env
 
 
+def trainer_command(args: list[str], nproc: int = 0, restarts: int | None = None, derive: bool = False) -> list[str]:
+    """`python -m trainer ARGS`, under `torchrun --standalone --nproc-per-node NPROC` when nproc > 0
+    (with `--max-restarts RESTARTS` when given). With the fixed defaults (`--derive_defaults
+    false`) unless `derive`: most tests pin what they exercise; the derived defaults have tests of
+    their own."""
+    if not derive and "--derive_defaults" not in args:
+        args = ["--derive_defaults", "false", *args]
+    launcher = [sys.executable]
+    if nproc:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        if restarts is not None:
+            launcher.append(f"--max-restarts={restarts}")
+    return [*launcher, "-m", "trainer", *args]
+
+
 def run_trainer(
     args: list[str],
     nproc: int = 0,
@@ -33,20 +48,19 @@ def run_trainer(
     fault: str = "",
     derive: bool = False,
 ) -> subprocess.CompletedProcess:
-    """`python -m trainer ARGS`, under `torchrun --standalone --nproc-per-node NPROC` when nproc > 0
-    (with `--max-restarts RESTARTS` when given); RECSYS_FAULT=`fault` when given. With the fixed
-    defaults (`--derive_defaults false`) unless `derive`: most tests pin what they exercise; the
-    derived defaults have tests of their own."""
-    if not derive and "--derive_defaults" not in args:
-        args = ["--derive_defaults", "false", *args]
-    launcher = [sys.executable]
-    if nproc:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-        if restarts is not None:
-            launcher.append(f"--max-restarts={restarts}")
+    """Run `trainer_command(...)` to its end, RECSYS_FAULT=`fault` when given."""
     return subprocess.run(
-        [*launcher, "-m", "trainer", *args], cwd=ROOT, env=_env(fault), capture_output=True, text=True, timeout=timeout
-    )
+        trainer_command(args, nproc, restarts, derive), cwd=ROOT, env=_env(fault), capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def start_trainer(args: list[str], nproc: int = 0, log_dir: Path | None = None) -> subprocess.Popen:
+    """`trainer_command(ARGS, NPROC)` started in the background; stdout/stderr to log_dir/{out,err}."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "out", "w") as out, open(log_dir / "err", "w") as err:
+        return subprocess.Popen(trainer_command(args, nproc), cwd=ROOT, env=_env(), stdout=out, stderr=err)
 
 
 def run_recsys(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -49,3 +49,32 @@ def test_table_lr_entries():
     assert OptimizerConfig(table_lr=["t_user_id=0.1", "t_b = 2"]).table_lrs() == {"t_user_id": 0.1, "t_b": 2.0}
     with pytest.raises(ValueError, match="look like 't_user_id=0.1'"):
         OptimizerConfig(table_lr=["t_user_id:0.1"])
+
+
+def _schedule(schedule: str, lr: float) -> tuple[torch.optim.Optimizer, LearningRates]:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    rates = LearningRates(opt, 10, schedule, 2, 0.1, plateau_factor=0.5, plateau_patience=0, higher_is_better=True)
+    return opt, rates
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+def test_a_rate_changed_on_resume_takes_effect_at_the_schedules_position(schedule):
+    opt, rates = _schedule(schedule, 1.0)
+    for step in range(6):
+        opt.step()
+        rates.after_step()
+        if step == 3:
+            rates.after_eval(0.5)
+            rates.after_eval(0.4)  # plateau: halved
+    saved = rates.state_dict()
+    before = rates.current()
+    same_opt, same = _schedule(schedule, 1.0)
+    same.load_state_dict(saved)
+    assert same.current() == before  # unchanged config: bit for bit
+    new_opt, resumed = _schedule(schedule, 0.01)
+    resumed.load_state_dict(saved)
+    assert resumed.current() == pytest.approx(before * 0.01)
+    for rates_, opt_ in ((rates, opt), (resumed, new_opt)):
+        opt_.step()
+        rates_.after_step()
+    assert resumed.current() == pytest.approx(rates.current() * 0.01)

@@ -28,6 +28,7 @@ _FREE = (
     "training.progress_bar",
     "training.stop_at_step",
     "training.log_every",
+    "training.divergence_factor",
     "checkpoint.",
     "sharding.",
 )

@@ -1,11 +1,14 @@
-"""Checkpoints in real 2-rank torchrun jobs: a run stopped, crashed inside a save, or killed with
-SIGKILL under `torchrun --max-restarts`, then resumed, ends bit-identical to an uninterrupted run
-(metrics, weights, fused and dense optimizer state, metrics.jsonl)."""
+"""Checkpoints in real 2-rank torchrun jobs: a run stopped, crashed inside a save, killed with
+SIGKILL under `torchrun --max-restarts`, or preempted by a signal, then resumed, ends bit-identical
+to an uninterrupted run (metrics, weights, fused and dense optimizer state, metrics.jsonl)."""
 
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ import torch
 
 from data_pipeline.prepare.synthetic import SyntheticSpec
 from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
-from tests.helpers.runs import run_recsys, run_trainer
+from tests.helpers.runs import run_recsys, run_trainer, start_trainer
 from trainer.checkpoint import committed, locate
 from trainer.tools.export import checkpoint_tensors
 
@@ -57,10 +60,17 @@ def tensorboard_steps(run_dir: Path) -> list[int]:
     return [e.step for e in events.Scalars("train/loss")]
 
 
-def assert_same_run(clean: Path, other: Path) -> None:
+def assert_same_run(clean: Path, other: Path, resumed_at: int | None = None) -> None:
+    """`resumed_at`: a step between log records; the first loss record after it is a mean over
+    fewer steps in the resumed run (the steps before the stop were never logged) and is skipped."""
     a, b = (json.loads((d / "summary.json").read_text()) for d in (clean, other))
     assert {k: a[k] for k in SAME} == {k: b[k] for k in SAME}
-    assert records(clean) == records(other)
+    partial = -(-resumed_at // 5) * 5 if resumed_at is not None else None  # ARGS: a record every 5 steps
+
+    def logged(run_dir: Path) -> list[dict]:
+        return [r for r in records(run_dir) if not (r["phase"] == "train" and r["step"] == partial)]
+
+    assert logged(clean) == logged(other)
     last_a, last_b = locate(clean), locate(other)
     assert last_a.name == last_b.name == "step-00000124"
     for part in ("model", "optim"):  # weights, rowwise-Adagrad momentum of every table, Adam moments
@@ -129,6 +139,7 @@ def test_sigkilled_rank_is_restarted_by_torchrun_and_finishes_like_the_clean_run
     assert "rank 1 kills itself (SIGKILL) after step 47" in result.stdout
     assert "exitcode: -9" in result.stderr or "(exitcode: -9)" in result.stderr
     assert "step-00000040 (step 40, epoch 0, batch 40" in result.stdout
+    assert "took over the lock" not in result.stdout  # the restarted attempt is the same job
     assert_same_run(clean, run_dir)
     # the attempt that died had logged step 45's loss and memory after the checkpoint: those two
     # records were dropped (records() above equals the clean run's: no step twice)
@@ -138,6 +149,49 @@ def test_sigkilled_rank_is_restarted_by_torchrun_and_finishes_like_the_clean_run
     assert resume[0]["dropped_records"] == 2
     assert [r["step"] for r in lines if r["phase"] == "train"].count(45) == 1
     assert tensorboard_steps(run_dir) == tensorboard_steps(clean)  # the dead attempt's step 45 was purged
+
+
+def _trained_to(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Wait until the run has logged a train record at `step` or later."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        log = run_dir / "metrics.jsonl"
+        steps = [json.loads(line)["step"] for line in log.read_text().splitlines()] if log.exists() else []
+        if steps and max(steps) >= step:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run did not reach step {step} (exit code {proc.poll()})")
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to torchrun", "SIGUSR1 to rank 1"])
+def test_a_preempted_run_saves_at_the_signal_and_resumes_bit_identical(data, clean, tmp_path, how):
+    run_dir = tmp_path / "run"
+    proc = start_trainer(["--data", str(data), "--run-dir", str(run_dir), *ARGS], nproc=2, log_dir=tmp_path)
+    try:
+        _trained_to(run_dir, 15, proc)
+        if how.startswith("SIGTERM"):
+            proc.send_signal(signal.SIGTERM)  # what Kubernetes does to the pod's main process
+        else:  # one rank alone, as `scancel --signal USR1` of one task would
+            ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            rank0 = json.loads((run_dir / ".lock").read_text())["pid"]
+            (rank1,) = [int(p) for p in ranks if int(p) != rank0]
+            subprocess.run(["kill", "-USR1", str(rank1)], check=True)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    found = re.search(r"preempted \((SIGTERM|SIGUSR1)\) at step (\d+): checkpoint (\S+) ", out)
+    assert found, (out[-2000:], err[-3000:])
+    step = int(found.group(2))
+    assert found.group(1) == how.split()[0] and 15 <= step < 124
+    assert locate(run_dir).name == f"step-{step:08d}" and found.group(3) == str(locate(run_dir))
+    assert f"exitcode: {128 + getattr(signal, how.split()[0])}" in err or how.startswith("SIGTERM")
+    assert not (run_dir / "summary.json").exists()
+
+    resumed = torchrun(data, run_dir)  # the same command
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resumed from {locate(run_dir).parent / f'step-{step:08d}'} (step {step}," in resumed.stdout
+    assert_same_run(clean, run_dir, resumed_at=step)
 
 
 # ---- what else a checkpoint of a sharded run is good for -----------------------------------------
