@@ -26,6 +26,10 @@ from pathlib import Path
 
 LOCK_FILE = ".lock"
 
+_HELD: set[Path] = set()
+"""Lock files this process holds: taking one again in the same process is a no-op (a preparer
+that failed and is called again, in a notebook or a test), not a conflict with itself."""
+
 
 class DirInUse(RuntimeError):
     """The directory is held by another live job."""
@@ -51,7 +55,9 @@ class DirLock:
 
     def acquire(self) -> DirLock:
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / LOCK_FILE
+        path = (self.directory / LOCK_FILE).resolve()
+        if path in _HELD:
+            return self
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -66,7 +72,8 @@ class DirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         os.fsync(fd)
-        self._fd = fd
+        self._fd, self._path = fd, path
+        _HELD.add(path)
         return self
 
     @staticmethod
@@ -80,6 +87,7 @@ class DirLock:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)  # a clean release leaves no holder to report
             os.close(self._fd)  # closing drops the flock
+            _HELD.discard(self._path)
             self._fd = None
 
     def __enter__(self) -> DirLock:

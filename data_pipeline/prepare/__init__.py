@@ -7,8 +7,8 @@ Offline jobs, one module per kind, each with the same two entry points:
 
 Every kind writes through `output.DatasetOutput` (refuse another dataset unless --overwrite,
 "up to date" for the same inputs and options, atomic files, dataset.json last) and uses its id
-layout (0 missing, 1 rare or unseen, 2.. the vocabulary). `recsys prepare` holds a lock on `--out`
-while it runs (data_pipeline.dirlock), so a second preparer into it fails at once. Modules are
+layout (0 missing, 1 rare or unseen, 2.. the vocabulary). `DatasetOutput.start` locks `--out` until
+the preparer ends (data_pipeline.dirlock), so a second preparer into it fails at once. Modules are
 imported on demand: a kind's dependencies load only when it runs.
 """
 
@@ -27,16 +27,13 @@ KINDS = {
 
 def main(kind: str, argv: list[str]) -> int:
     """Run `recsys prepare KIND ARGV`: bad input is one `error:` line and exit code 2."""
-    from data_pipeline.dirlock import DirInUse, DirLock
+    from data_pipeline.dirlock import DirInUse
     from data_pipeline.schema import DataError
 
     module = importlib.import_module(KINDS[kind])
     options, out, overwrite = module.parse(argv)
     try:
-        with DirLock(out, "output directory") as lock:  # one preparer at a time into `out`
-            if lock.note:
-                print(f"note: {lock.note}")
-            module.prepare(options, out, overwrite)
+        module.prepare(options, out, overwrite)
     except (DataError, FileExistsError, DirInUse) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

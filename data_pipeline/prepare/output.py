@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline.atomic import write_atomic, write_text_atomic
-from data_pipeline.dirlock import LOCK_FILE
+from data_pipeline.dirlock import LOCK_FILE, DirLock
 from data_pipeline.schema import SCHEMA_FILE, DataError, DatasetSchema
 
 IN_PROGRESS_FILE = ".prepare.json"
@@ -67,6 +67,7 @@ class DatasetOutput:
         self.root = Path(out)
         self.provenance = json.loads(json.dumps(provenance))  # plain JSON types, comparable with a loaded copy
         self.overwrite = overwrite
+        self._lock: DirLock | None = None
 
     def up_to_date(self) -> DatasetSchema | None:
         """The existing dataset if `out` already holds this exact dataset, else None."""
@@ -80,7 +81,12 @@ class DatasetOutput:
         return None
 
     def start(self) -> bool:
-        """Claim the directory. Returns True when resuming an interrupted run of the same dataset."""
+        """Claim the directory: lock it for this process's life (DirInUse if another preparer holds
+        it; on one replica only, under torchrun). Returns True when resuming an interrupted run of
+        the same dataset."""
+        self._lock = DirLock(self.root, "output directory").acquire()
+        if self._lock.note:
+            print(f"note: {self._lock.note}", flush=True)
         marker = self.root / IN_PROGRESS_FILE
         if marker.is_file() and not (self.root / SCHEMA_FILE).exists():
             try:
@@ -118,4 +124,6 @@ class DatasetOutput:
         schema.extra = {**schema.extra, "provenance": self.provenance}
         schema.save()
         (self.root / IN_PROGRESS_FILE).unlink(missing_ok=True)
+        if self._lock is not None:
+            self._lock.release()
         return DatasetSchema.load(self.root)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from data_pipeline.dirlock import LOCK_FILE, DirInUse, DirLock
+from data_pipeline.dirlock import _HELD, LOCK_FILE, DirInUse, DirLock
 from tests.helpers.runs import ROOT, run_recsys, run_trainer
 
 DATA = ROOT / "tests" / "data" / "format_v1" / "data"
@@ -44,12 +44,18 @@ def test_a_held_directory_is_refused_naming_the_holder_then_taken_over_when_it_d
         assert f'"pid": {os.getpid()}' in (tmp_path / LOCK_FILE).read_text()
     with DirLock(tmp_path, "run directory") as again:  # released cleanly: nothing to take over
         assert again.note == ""
+        with DirLock(tmp_path, "run directory") as nested:  # this process again: no conflict
+            assert nested.note == ""
+    proc = _holder(tmp_path)  # and released: another process can take it
+    proc.kill()
+    proc.wait()
 
 
 def _died_holding(directory) -> DirLock:
     """A lock taken and then dropped as a dying process drops it (its record left behind)."""
     lock = DirLock(directory, "run directory").acquire()
     os.close(lock._fd)
+    _HELD.discard(lock._path)
     return lock
 
 
