@@ -36,6 +36,7 @@ lock can leave the child hung (seen here: an evaluation worker stuck right after
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import select
@@ -376,7 +377,8 @@ def _exit_with(owner: int, worker_id: int) -> None:
 
     The signals a scheduler preempts with are ignored here: torchrun and terminals signal the
     whole process group, and a worker that died of it would crash the rank before it could save
-    (trainer/preempt.py); the rank decides when to stop, and its workers end with it."""
+    (trainer/preempt.py); the rank decides when to stop, and its workers end with it (or are
+    killed by `_kill_workers_at_exit`)."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
 
@@ -391,11 +393,24 @@ def _exit_with(owner: int, worker_id: int) -> None:
     threading.Thread(target=watch, name="exit-with-owner", daemon=True).start()
 
 
+def _kill_workers_at_exit() -> None:
+    """At interpreter exit, SIGKILL the workers still running (a rank that raised mid-epoch).
+
+    multiprocessing's own exit hook ends daemonic children with SIGTERM and then joins them, and
+    these workers ignore SIGTERM (`_exit_with`): without this the rank would wait forever. atexit
+    runs hooks last-registered first, so this one runs before multiprocessing's."""
+    for child in mp.active_children():
+        if child.daemon:
+            child.kill()
+
+
 def _worker_context() -> mp.context.BaseContext:
     """The "forkserver" context, its server preloaded with this module (torch, torchrec, pyarrow),
     so that starting a worker is a fork of a small single-threaded process, not a fresh
     interpreter. The server is started now (one per process, a few seconds of imports, done in the
     background while the model is built), not when the first batch is wanted."""
+    atexit.unregister(_kill_workers_at_exit)  # registered once, after multiprocessing's hook
+    atexit.register(_kill_workers_at_exit)
     mp.set_forkserver_preload([__name__])
     forkserver.ensure_running()
     return mp.get_context("forkserver")
