@@ -9,8 +9,9 @@ inside lists, labels outside [0, 1]) run on each row group as it is read (`check
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -138,12 +139,72 @@ class DatasetSchema:
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{where}: malformed ({type(e).__name__}: {e})") from None
-        if schema.task not in TASKS:
-            raise DataError(f"{where}: task '{schema.task}' is not one of {', '.join(TASKS)}")
-        for f in schema.sparse:
-            if f.num_embeddings <= 0:
-                raise DataError(f"{where}: sparse feature '{f.name}' has num_embeddings {f.num_embeddings}")
+        _check_contract(schema, where)
         return schema
+
+
+MAX_EMBEDDINGS = 2**63 - 1
+"""Ids are int64: a table of num_embeddings >= 2^63 could not be indexed."""
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_contract(schema: DatasetSchema, where: str) -> None:
+    """The rules of dataset.json that no Parquet file can break: one clear error each, before any
+    process starts, for what would otherwise train on a lie (a label among its own features) or
+    end in a traceback deep inside torchrec (a float table size, a name torchrec splits on ".")."""
+    if schema.task not in TASKS:
+        raise DataError(f"{where}: task '{schema.task}' is not one of {', '.join(TASKS)}")
+    names = [schema.label, *schema.dense, *schema.sparse_names] + ([schema.weight] if schema.weight else [])
+    for name in names:
+        if not isinstance(name, str) or not name or "." in name:
+            raise DataError(
+                f"{where}: column name {name!r} is not usable: names are non-empty strings without '.' "
+                "(they become table and module names, which torchrec splits on '.')"
+            )
+    roles = {}
+    for role, columns in (
+        ("the label", [schema.label]),
+        ("the weight", [schema.weight] if schema.weight else []),
+        ("a dense feature", schema.dense),
+        ("a sparse feature", schema.sparse_names),
+    ):
+        for column in columns:
+            if column in roles:
+                hint = " (the model would be shown the answer)" if "the label" in (roles[column], role) else ""
+                again = f"twice as {role}" if roles[column] == role else f"as {roles[column]} and as {role}"
+                raise DataError(f"{where}: column '{column}' is listed {again}{hint}")
+            roles[column] = role
+    if not schema.sparse:
+        raise DataError(f"{where}: lists no sparse feature: the models need at least one")
+    for f in schema.sparse:
+        n = f.num_embeddings
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_EMBEDDINGS:
+            raise DataError(
+                f"{where}: sparse feature '{f.name}' has num_embeddings {n!r}; expected an integer in [1, 2^63)"
+            )
+        if not isinstance(f.multi_hot, bool):
+            raise DataError(f"{where}: sparse feature '{f.name}' has multi_hot {f.multi_hot!r}; expected true or false")
+    if schema.label_range is not None:
+        bounds = schema.label_range
+        if schema.task != "regression":
+            raise DataError(f"{where}: label_range is for regression; task is '{schema.task}'")
+        if (
+            not (isinstance(bounds, list) and len(bounds) == 2 and all(map(_is_number, bounds)))
+            or bounds[0] > bounds[1]
+        ):
+            raise DataError(f"{where}: label_range {bounds!r} is not [min, max] with min <= max")
+    for split, info in schema.splits.items():
+        path = PurePosixPath(info.path) if isinstance(info.path, str) else None
+        if path is None or path.is_absolute() or ".." in path.parts:
+            raise DataError(
+                f"{where}: split '{split}' has path {info.path!r}; a split is a folder inside the dataset "
+                "(relative, without '..'), so that a dataset is one directory"
+            )
+        if info.rows is not None and (not isinstance(info.rows, int) or isinstance(info.rows, bool) or info.rows < 0):
+            raise DataError(f"{where}: split '{split}' has rows {info.rows!r}; expected a count")
 
 
 # ---- checks ------------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ import sys
 from data_pipeline.prepare import KINDS
 from data_pipeline.prepare import main as prepare_main
 
+TORCHRUN_NPROC = ("auto", "cpu", "gpu")
+"""The names torchrun accepts for --nproc-per-node besides a number."""
+
 
 def _train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="recsys train", add_help=False)
@@ -33,16 +36,25 @@ def _train(argv: list[str]) -> int:
     from trainer.__main__ import _message
     from trainer.build import preflight
     from trainer.config import load_config
+    from trainer.defaults import resolve
 
     if "-h" in rest or "--help" in rest:
         print("recsys train [--nproc-per-node N] <trainer flags>; trainer flags:\n")
         load_config(["--help"])
         return 0
 
+    nproc = known.nproc_per_node
     try:
-        preflight(load_config(rest))
-    except DataError as e:
-        print(f"error: {_message(e)}", file=sys.stderr)
+        if not (nproc.isdigit() and int(nproc) > 0) and nproc not in TORCHRUN_NPROC:
+            raise ValueError(
+                f"--nproc-per-node {nproc}: expected a positive number of ranks (or {', '.join(TORCHRUN_NPROC)})"
+            )
+        cfg = load_config(rest)
+        schema = preflight(cfg)
+        if nproc.isdigit():  # the same derived defaults and cross-field checks each rank will make
+            resolve(cfg, schema, int(nproc))
+    except (DataError, ValueError) as e:  # ConfigError is a ValueError
+        print(f"error: {_message(e) if isinstance(e, DataError) else e}", file=sys.stderr)
         return 2
     cmd = [
         sys.executable,

@@ -28,6 +28,7 @@ from data_pipeline.dirlock import DirInUse, DirLock
 from data_pipeline.schema import DataError
 from trainer.build import preflight
 from trainer.checkpoint import CheckpointError, find_resume
+from trainer.checkpoint.store import OutOfSpace
 from trainer.config import load_config
 from trainer.defaults import resolve
 from trainer.distributed import PlanError, destroy_distributed, init_distributed, raise_on_every_rank
@@ -81,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     # A rank that crashes in native code (SIGSEGV, or SIGABRT from glibc's heap checks) prints
     # every thread's Python stack first, so the job's log says where it was.
     faulthandler.enable(all_threads=True)
-    cfg = load_config(argv)
     rank = os.environ.get("RANK", "0")
     try:
+        cfg = load_config(argv)
         schema = preflight(cfg)
         resolve(cfg, schema, int(os.environ.get("WORLD_SIZE", "1")))
     except (DataError, ValueError) as e:
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main:  # every rank saw the same all-reduced numbers
             print(f"error: {e}", file=sys.stderr)
         return DIVERGED_EXIT
+    except OutOfSpace as e:  # found by each rank whose write failed
+        print(f"error (rank {env.rank}): {e}", file=sys.stderr)
+        return 2
     except CheckpointError as e:
         if env.is_main:  # every rank agreed on the same problem
             print(f"error: {e}", file=sys.stderr)

@@ -4,6 +4,11 @@ and the benchmarks' minimal loop train the same thing."""
 
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
+from pathlib import Path
+
 import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingPlan
@@ -13,17 +18,39 @@ from data_pipeline.reader import ParquetBatches, RankLoader
 from data_pipeline.schema import SPLITS, DatasetSchema, check_files
 from models import build_model
 from models.penalty import penalise
-from trainer.config import Config
+from trainer.checkpoint.resume import checkpoint_root
+from trainer.config import Config, ConfigError
 from trainer.distributed import DistEnv, plan_with_estimate, shard_model
 from trainer.optim import apply_sparse_optimizer, build_optimizer
 
 
 def preflight(cfg: Config) -> DatasetSchema:
-    """Everything checkable before any process group exists: dataset, files, columns, types."""
+    """Everything checkable before any process group exists: dataset, files, columns, types, and
+    that the run can write where it will (found now, not at the first save after the compute)."""
     schema = DatasetSchema.load(cfg.data.path)
     for split in SPLITS:
         check_files(schema, split)
+    run_dir = Path(cfg.run_dir)
+    for what, path in (("run directory", run_dir), ("TensorBoard directory", run_dir / "tb")):
+        check_writable(path, what)
+    if cfg.checkpoint.enabled:
+        check_writable(checkpoint_root(cfg), "checkpoint.dir")
     return schema
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Raise ConfigError unless `path` is a directory this process can create entries in, or can
+    be created: a probe directory is made (and removed) in its nearest existing ancestor, so
+    nothing is left behind, even in a run directory another run holds."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "it is a file" if existing == path else f"{existing} is a file")
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write-probe-"))
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be written: {e.strerror or type(e).__name__}") from None
 
 
 def train_loader(cfg: Config, env: DistEnv, schema: DatasetSchema) -> RankLoader:

@@ -11,7 +11,10 @@ reference, docs/config.md (generated from these dataclasses). Short aliases: `--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import difflib
+import math
 import sys
 import tomllib
 import typing
@@ -84,7 +87,11 @@ class OptimizerConfig:
                 "optimizer: warmup_steps, weight_decay, embedding_l2, grad_clip_norm must be >= 0, "
                 "min_lr_ratio in [0, 1]"
             )
-        self.table_lrs()  # validate the "table=lr" entries now
+        rates = {"optimizer.dense_lr": self.dense_lr, "optimizer.sparse_lr": self.sparse_lr}
+        rates |= {f"optimizer.table_lr {table}": lr for table, lr in self.table_lrs().items()}
+        for name, lr in rates.items():
+            if not lr > 0:  # also catches NaN
+                raise ValueError(f"{name} is {lr}; a learning rate must be > 0")
 
     def table_lrs(self) -> dict[str, float]:
         rates = {}
@@ -377,18 +384,55 @@ def getattr_path(cfg: Config, key: str) -> Any:
     return getattr(getattr(cfg, section) if section else cfg, name)
 
 
+class ConfigError(ValueError):
+    """A config file or flag that cannot be used; the message names the file and `section.key`."""
+
+
+def _type_name(kind: Any) -> str:
+    return f"a list of {_type_name(typing.get_args(kind)[0])}s" if typing.get_origin(kind) is list else kind.__name__
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    """Whether a TOML value has the knob's type (an integer is a float; a boolean is not a number)."""
+    if typing.get_origin(kind) is list:
+        return isinstance(value, list) and all(_fits(v, typing.get_args(kind)[0]) for v in value)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
 def from_dict(cls: type, values: dict, where: str) -> Any:
-    """Build dataclass `cls` from a TOML table; unknown keys are an error, not silently ignored."""
+    """Build dataclass `cls` from a TOML table, each value checked against its knob's type;
+    unknown keys are an error, not silently ignored."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a [table] of keys, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
     kwargs = {}
     for key, value in values.items():
         kind = typing.get_args(hints[key])[0] if typing.get_origin(hints[key]) is Annotated else hints[key]
-        kwargs[key] = from_dict(kind, value, f"{where}[{key}]") if dataclasses.is_dataclass(kind) else value
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = from_dict(kind, value, f"{where} [{key}]")
+        elif not _fits(value, kind):
+            raise ConfigError(f"{where}: {key} = {value!r} should be {_type_name(kind)}")
+        else:
+            kwargs[key] = float(value) if kind is float else value
     return cls(**kwargs)
+
+
+def _check_finite(section: Any, prefix: str = "") -> None:
+    """No knob is NaN or infinite (a NaN rate would train to NaN without a word until the guard)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{f.name} is {value}; expected a finite number")
 
 
 # Short flags for the knobs set most often; each stands for one `--section.key`.
@@ -418,24 +462,78 @@ def load_config(argv: list[str] | None = None) -> Config:
     if known.config:
         path = Path(known.config)
         if not path.is_file():
-            raise SystemExit(f"error: config file {path} not found")
-        with path.open("rb") as f:
-            toml = tomllib.load(f)
+            raise ConfigError(f"config file {path} not found")
+        try:
+            with path.open("rb") as f:
+                toml = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
         unknown = set(toml) & set(NOT_KNOBS)
         if unknown:
-            raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}")
-        default = from_dict(Config, {**toml, "config": str(path)}, str(path))
+            raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}")
+        try:
+            default = from_dict(Config, {**toml, "config": str(path)}, str(path))
+        except ConfigError:
+            raise
+        except ValueError as e:  # a section's own check (__post_init__)
+            raise ConfigError(f"{path}: {e}") from None
     description = __doc__.split("\n\n")[0] + " Aliases: " + ", ".join(f"{a} = {k}" for a, k in ALIASES.items())
-    cfg = tyro.cli(
-        Config,
-        default=default,
-        args=argv,
-        use_underscores=True,
-        description=description,
-        config=(tyro.conf.FlagConversionOff,),  # booleans take a value, as in TOML: --data.shuffle false
-    )
+    with _one_line_errors():
+        cfg = tyro.cli(
+            Config,
+            default=default,
+            args=argv,
+            use_underscores=True,
+            description=description,
+            config=(tyro.conf.FlagConversionOff,),  # booleans take a value, as in TOML: --data.shuffle false
+        )
+    _check_finite(cfg)
+    from models import MODELS  # the registry (imports torchrec), so not at module level
+
+    if cfg.model.name not in MODELS:
+        raise ConfigError(f"model.name '{cfg.model.name}' is not a model here; choose from {', '.join(MODELS)}")
     cfg.explicit = explicit_keys(toml, argv)
     return cfg
+
+
+def _knob_flags(cls: type = Config, prefix: str = "--") -> list[str]:
+    """Every `--section.key` flag of the config tree."""
+    flags = []
+    for f in dataclasses.fields(cls):
+        if f.name not in NOT_KNOBS:
+            kind = typing.get_type_hints(cls)[f.name]
+            kind = typing.get_args(kind)[0] if typing.get_origin(kind) is Annotated else kind
+            nested = dataclasses.is_dataclass(kind)
+            flags += _knob_flags(kind, f"{prefix}{f.name}.") if nested else [f"{prefix}{f.name}"]
+    return flags
+
+
+def _raise_one_line(event: Any) -> None:
+    """tyro's parse-error hook: a bad value or an unknown flag becomes one ConfigError line, not
+    tyro's framed message (other failures keep tyro's own output)."""
+    from tyro import _errors
+
+    if isinstance(event, _errors.InstantiationFailure):  # a value a type or a section's check refused
+        flags = getattr(getattr(event.argument, "lowered", None), "name_or_flags", None)
+        raise ConfigError((f"{'/'.join(flags)}: " if flags else "") + event.message)
+    if isinstance(event, _errors.UnrecognizedArgs):
+        message = f"unknown flag(s) {' '.join(event.tokens)}"
+        for token in event.tokens:
+            close = difflib.get_close_matches(token.partition("=")[0].replace("-", "_"), _knob_flags(), n=1)
+            message += f" (did you mean {close[0]}?)" if token.startswith("-") and close else ""
+        raise ConfigError(message + "; `--help` lists them all")
+
+
+@contextlib.contextmanager
+def _one_line_errors():
+    """tyro's (experimental) parse-error hook when this tyro has it; its framed messages if not."""
+    try:
+        from tyro._errors import on_parse_error
+    except ImportError:
+        yield
+        return
+    with on_parse_error(_raise_one_line):
+        yield
 
 
 def explicit_keys(toml: dict, argv: list[str]) -> frozenset[str]:

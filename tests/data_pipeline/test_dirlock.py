@@ -14,7 +14,7 @@ import time
 import pytest
 
 from data_pipeline.dirlock import _HELD, LOCK_FILE, DirInUse, DirLock
-from tests.helpers.runs import ROOT, run_recsys, run_trainer
+from tests.helpers.runs import ROOT, one_error, run_recsys, run_trainer
 
 DATA = ROOT / "tests" / "data" / "format_v1" / "data"
 HOLD = (
@@ -67,18 +67,12 @@ def test_a_restart_of_the_same_job_takes_the_lock_silently(tmp_path, monkeypatch
     assert "took over the lock" in _died_holding(tmp_path).note
 
 
-def _one_error(result) -> str:
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-4000:]
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error")]
-    return line
-
-
 def test_a_second_trainer_on_a_held_run_directory_fails_before_touching_it(tmp_path):
     run_dir = tmp_path / "run"
     proc = _holder(run_dir)
     try:
         result = run_trainer(["--data", str(DATA), "--run-dir", str(run_dir), "--training.max_steps", "2"])
-        assert f"error: run directory {run_dir} is in use by pid {proc.pid}" in _one_error(result)
+        assert f"error: run directory {run_dir} is in use by pid {proc.pid}" in one_error(result)
         assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]
     finally:
         proc.kill()
@@ -90,7 +84,7 @@ def test_a_second_preparer_into_a_held_output_fails(tmp_path):
     proc = _holder(out)
     try:
         result = run_recsys("prepare", "synthetic", "--rows", "2000", "--out", str(out))
-        assert f"error: output directory {out} is in use by pid {proc.pid}" in _one_error(result)
+        assert f"error: output directory {out} is in use by pid {proc.pid}" in one_error(result)
     finally:
         proc.kill()
         proc.wait()

@@ -49,6 +49,52 @@ def test_dataset_json_missing_or_malformed(tmp_path, tiny_table):
         DatasetSchema.load(tmp_path / "nowhere")
 
 
+def _mutated(raw: dict, change) -> dict:
+    raw = json.loads(json.dumps(raw))
+    change(raw)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r["dense"].append("label"), "'label' is listed as the label and as a dense feature"),
+        (lambda r: r.update(weight="label"), "'label' is listed as the label and as the weight"),
+        (lambda r: r["sparse"].append({"name": "label", "num_embeddings": 2}), "as the label and as a sparse"),
+        (lambda r: r["sparse"].append(dict(r["sparse"][0])), "'a' is listed twice as a sparse feature"),
+        (lambda r: r.update(sparse=[]), "lists no sparse feature"),
+        (lambda r: r["sparse"][0].update(num_embeddings="10"), "num_embeddings '10'; expected an integer"),
+        (lambda r: r["sparse"][0].update(num_embeddings=10.5), "num_embeddings 10.5"),
+        (lambda r: r["sparse"][0].update(num_embeddings=2**63), "num_embeddings 9223372036854775808"),
+        (lambda r: r["sparse"][0].update(num_embeddings=True), "num_embeddings True"),
+        (lambda r: r["sparse"][0].update(multi_hot="yes"), "multi_hot 'yes'"),
+        (lambda r: r["dense"].append("d.x"), "'d.x' is not usable"),
+        (lambda r: r.update(task="regression", label_range=[5, 1]), r"label_range \[5, 1\] is not \[min, max\]"),
+        (lambda r: r.update(task="regression", label_range=[1, math.nan]), "label_range"),
+        (lambda r: r.update(label_range=[0, 1]), "label_range is for regression"),
+        (lambda r: r["splits"]["valid"].update(path="../other/valid"), "split 'valid' has path '../other/valid'"),
+        (lambda r: r["splits"]["valid"].update(path="/data/other/valid"), "split 'valid' has path"),
+        (lambda r: r["splits"]["valid"].update(rows=-1), "split 'valid' has rows -1"),
+        (lambda r: r.update(task="ranking"), "task 'ranking' is not one of"),
+    ],
+)
+def test_dataset_json_that_would_train_on_a_lie_or_crash_is_refused(tmp_path, tiny_table, change, message):
+    schema = _dataset(tmp_path, tiny_table)
+    raw = json.loads((schema.root / "dataset.json").read_text())
+    DatasetSchema.from_json(raw, schema.root)  # the unchanged one is fine
+    (schema.root / "dataset.json").write_text(json.dumps(_mutated(raw, change)))
+    with pytest.raises(DataError, match=message) as error:
+        DatasetSchema.load(schema.root)
+    assert str(error.value).startswith(str(schema.root / "dataset.json"))
+
+
+def test_a_constant_regression_label_has_a_one_point_range(tmp_path, tiny_table):
+    schema = _dataset(tmp_path, tiny_table)
+    raw = json.loads((schema.root / "dataset.json").read_text())
+    raw.update(task="regression", label_range=[3, 3])
+    assert DatasetSchema.from_json(raw, schema.root).label_range == [3, 3]
+
+
 def test_dataset_json_inconsistent_with_files(tmp_path, tiny_table):
     schema = _dataset(tmp_path, tiny_table, files=2)
     (schema.root / "train" / "part-00001.parquet").unlink()

@@ -1,9 +1,12 @@
 """Bad input gets one clear error naming the file and the column, not a traceback from torch."""
 
+import json
+
 import pyarrow as pa
+import pytest
 
 from tests.helpers.data import TINY_SPARSE, write_dataset
-from tests.helpers.runs import one_error, run_trainer
+from tests.helpers.runs import one_error, run_recsys, run_trainer
 
 
 def _dataset(tmp_path, table):
@@ -38,3 +41,46 @@ def test_id_out_of_range_names_row_group(tmp_path, tiny_table):
     schema = _dataset(tmp_path, table)
     result = run_trainer(["--data", str(schema.root), "--data.batch_size", "2", "--data.num_workers", "0"])
     _assert_clear_error(result, "part-00000.parquet row group 0", "'a'", "outside [0, 10)")
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("nproc 0", "--nproc-per-node 0: expected a positive number of ranks"),
+        ("run dir is a file", "run directory {tmp}/file cannot be written: it is a file"),
+        ("tb is a file", "TensorBoard directory {tmp}/run/tb cannot be written: it is a file"),
+        ("checkpoint dir under a file", "checkpoint.dir {tmp}/file/ckpt cannot be written"),
+        ("run dir under /proc", "run directory /proc/recsys-run cannot be written"),
+        ("label is a feature", "column 'label' is listed as the label and as a dense feature"),
+        ("lr -1", "optimizer.dense_lr is -1.0; a learning rate must be > 0"),
+        ("unknown model", "model.name 'nosuch' is not a model here"),
+        ("bad toml", "bad.toml: not valid TOML"),
+        ("mlp does not fit", "embedding_dim"),  # a cross-field rule, checked with the derived defaults
+    ],
+)
+def test_recsys_train_refuses_before_any_rank_starts(tmp_path, tiny_table, case, message):
+    """Each is one `error:` line from `recsys train` itself: no torchrun, no ranks, no dump."""
+    schema = _dataset(tmp_path, tiny_table)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "bad.toml").write_text("[training\n")
+    args = {"run": ["--run-dir", str(tmp_path / "run")]}
+    flags = {
+        "nproc 0": ["--nproc-per-node", "0"],
+        "run dir is a file": ["--run-dir", str(tmp_path / "file")],
+        "checkpoint dir under a file": ["--checkpoint.dir", str(tmp_path / "file" / "ckpt")],
+        "run dir under /proc": ["--run-dir", "/proc/recsys-run"],
+        "lr -1": ["--optimizer.dense_lr", "-1"],
+        "unknown model": ["--model", "nosuch"],
+        "bad toml": ["--config", str(tmp_path / "bad.toml")],
+        "mlp does not fit": ["--derive_defaults", "false", "--model.embedding_dim", "8"],
+    }.get(case, [])
+    if case == "tb is a file":
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "tb").write_text("x")
+    if case == "label is a feature":
+        raw = json.loads((schema.root / "dataset.json").read_text())
+        raw["dense"].append("label")
+        (schema.root / "dataset.json").write_text(json.dumps(raw))
+    result = run_recsys("train", "--data", str(schema.root), *args["run"], *flags)
+    _assert_clear_error(result, message.format(tmp=tmp_path))
+    assert "torch.distributed" not in result.stderr and "ChildFailedError" not in result.stderr

@@ -1,6 +1,6 @@
 import pytest
 
-from trainer.config import Config, from_dict, load_config
+from trainer.config import Config, ConfigError, from_dict, load_config
 
 
 def test_toml_then_overrides_then_round_trip(tmp_path):
@@ -24,3 +24,45 @@ def test_unknown_key_and_bad_values_are_errors(tmp_path):
         from_dict(Config, {"model": {"embedding_dim": 8}}, "x").model.check()  # dense arch must end in 8
     with pytest.raises(ValueError, match="training.threads"):
         from_dict(Config, {"training": {"threads": -1}}, "x")
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ('[training]\nepochs = "two"\n', r"bad.toml \[training\]: epochs = 'two' should be int"),
+        ("[training]\nepochs = 2.5\n", "epochs = 2.5 should be int"),
+        ("[data]\nshuffle = 1\n", "shuffle = 1 should be bool"),
+        ("[optimizer]\ndense_lr = true\n", "dense_lr = True should be float"),
+        ('[training]\ntop_k = ["10"]\n', "top_k = \\['10'\\] should be a list of ints"),
+        ("training = 3\n", r"bad.toml \[training\]: expected a \[table\]"),
+        ("[training]\nepoch = 2\n", r"unknown key\(s\) \['epoch'\]"),
+        ("[training\n", "bad.toml: not valid TOML"),
+        ("[optimizer]\ndense_lr = -1\n", "bad.toml: optimizer.dense_lr is -1.0; a learning rate must be > 0"),
+        ("[optimizer]\nsparse_lr = nan\n", "optimizer.sparse_lr is nan"),
+        ('[optimizer]\ntable_lr = ["a=0"]\n', "optimizer.table_lr a is 0.0"),
+        ("[checkpoint]\npreempt_grace_s = inf\n", "checkpoint.preempt_grace_s is inf; expected a finite number"),
+        ('[model]\nname = "nosuch"\n', "model.name 'nosuch' is not a model here; choose from dlrm, "),
+    ],
+)
+def test_a_bad_config_file_is_one_config_error(tmp_path, toml, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        load_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--optimizer.dense_lr", "-1"], "^optimizer.dense_lr is -1.0; a learning rate must be > 0$"),
+        (["--optimizer.sparse_lr", "nan"], "^optimizer.sparse_lr is nan"),
+        (["--training.epochs", "two"], "^--training.epochs: invalid literal for int"),
+        (["--training.epoch", "2"], r"^unknown flag\(s\) --training.epoch 2 \(did you mean --training.epochs\?\)"),
+        (["--data.batch_size", "0"], "^data.batch_size and data.eval_batch_size must be positive$"),
+        (["--model", "nosuch"], "^model.name 'nosuch' is not a model here"),
+    ],
+)
+def test_a_bad_flag_is_one_line_not_a_box(flags, message, capsys):
+    with pytest.raises(ConfigError, match=message):
+        load_config(flags)
+    assert capsys.readouterr().err == ""  # tyro's framed message was turned into the error

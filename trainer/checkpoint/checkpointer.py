@@ -126,16 +126,20 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         dist.barrier()
-        torch.save(RngState.state_dict(), tmp / f"rank-{self.env.rank:05d}.pt")
-        writer = dcp.FileSystemWriter(tmp, sync_files=True)
-        if self._executor is None:
-            dcp.save(self.tensors(), storage_writer=writer)
-            self._commit(None, step, parts, keep, tmp, final, start)
-            self.stall_seconds += time.perf_counter() - start
-        else:
-            written = dcp.async_save(self.tensors(), storage_writer=writer, process_group=self._group)
-            self.stall_seconds += time.perf_counter() - start
-            self._pending = self._executor.submit(self._commit, written, step, parts, keep, tmp, final, start)
+        try:
+            torch.save(RngState.state_dict(), tmp / f"rank-{self.env.rank:05d}.pt")
+            writer = dcp.FileSystemWriter(tmp, sync_files=True)
+            if self._executor is None:
+                dcp.save(self.tensors(), storage_writer=writer)
+                self._commit(None, step, parts, keep, tmp, final, start)
+                self.stall_seconds += time.perf_counter() - start
+            else:
+                written = dcp.async_save(self.tensors(), storage_writer=writer, process_group=self._group)
+                self.stall_seconds += time.perf_counter() - start
+                self._pending = self._executor.submit(self._commit, written, step, parts, keep, tmp, final, start)
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            store.check_space(e, tmp)
+            raise
 
     def wait(self) -> None:
         """Block until the save in flight (async_save) is committed; re-raise its error if it failed."""
@@ -149,7 +153,11 @@ class Checkpointer:
         """Once this rank's files are written (`written`, for an async save), gather every rank's
         checksums; rank 0 writes checkpoint.json and renames `tmp` to `final`."""
         if written is not None:
-            written.result()
+            try:
+                written.result()
+            except BaseException as e:
+                store.check_space(e, tmp)
+                raise
         fault("save", step, self.env.rank)
         everyone: list[dict] = [None] * self.env.world_size  # type: ignore[list-item]
         dist.all_gather_object(everyone, store.file_records(tmp, self.env.rank), group=self._group)

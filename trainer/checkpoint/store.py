@@ -17,6 +17,7 @@ No collectives and no torch here: only paths and files.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -34,6 +35,44 @@ STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, corrupt, or made for another model or config."""
+
+
+class OutOfSpace(CheckpointError):
+    """A save the file system refused for lack of space (raised on each rank that saw it)."""
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+FULL_WORDS = ("No space left on device", "Disk quota exceeded", "unexpected pos")
+"""How a full file system shows in an error: an errno, or words in a message with none (torch's
+zip writer reports a short write as "unexpected pos N vs M", DCP wraps ranks' errors in text)."""
+
+
+def _errors(error: BaseException) -> list[BaseException]:
+    """`error`, its causes and contexts, and the ranks' errors a DCP CheckpointException carries."""
+    found, todo = [], [error]
+    while todo:
+        e = todo.pop()
+        if e is None or e in found:
+            continue
+        found.append(e)
+        todo += [e.__cause__, e.__context__]
+        todo += [wrapped[0] for wrapped in (getattr(e, "failures", None) or {}).values()]
+    return found
+
+
+def check_space(error: BaseException, directory: Path) -> None:
+    """Raise OutOfSpace if `error`, raised while writing into `directory`, is a full file system."""
+    errors = _errors(error)
+    if not any(getattr(e, "errno", None) in FULL_ERRNOS or any(w in str(e) for w in FULL_WORDS) for e in errors):
+        return
+    try:
+        free = f"{shutil.disk_usage(directory).free / 1e6:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    raise OutOfSpace(
+        f"no space left on device writing checkpoint {directory} ({free}); the committed checkpoints are "
+        "intact: free some space (or set checkpoint.dir elsewhere) and run the same command to resume"
+    ) from None
 
 
 def step_dir_name(step: int) -> str:

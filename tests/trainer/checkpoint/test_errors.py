@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from data_pipeline.prepare.synthetic import SyntheticSpec
 from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from data_pipeline.schema import DatasetSchema
-from tests.helpers.runs import one_error, run_trainer
+from tests.helpers.runs import ROOT, one_error, run_trainer, trainer_command
 from trainer.checkpoint import (
     CheckpointError,
     IncompatibleCheckpoint,
@@ -175,3 +176,32 @@ def test_auto_resume_steps_over_a_corrupt_latest_checkpoint(run, tmp_path):
     assert "warning: checkpoint" in result.stdout and "step-00000006 is corrupt" in result.stdout
     assert "resumed from " + str(copy / "checkpoints" / "step-00000003") in result.stdout
     assert json.loads((copy / "summary.json").read_text())["steps"] == 6
+
+
+def _in_own_mount_namespace() -> bool:
+    """Whether this machine lets a test mount a small tmpfs of its own (`unshare -rm`: a user and
+    mount namespace, root or not, nothing mounted outside it)."""
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _in_own_mount_namespace(), reason="no unshare -rm here (user namespaces off)")
+def test_a_full_disk_at_a_save_is_named_and_leaves_the_last_checkpoint(run, tmp_path):
+    """checkpoint.dir on a tmpfs with room for one checkpoint and a half: step 3 is committed,
+    step 6 runs out of space; one error says so (not torch's "unexpected pos"), step 3 stays."""
+    data, _ = run
+    one = sum(f.stat().st_size for f in locate(run[1] / "checkpoints" / "step-00000003").iterdir())
+    full = tmp_path / "full"
+    full.mkdir()
+    command = trainer_command(["--data", str(data), "--run-dir", str(tmp_path / "run"), *ARGS])
+    command += ["--checkpoint.dir", str(full)]
+    size = one * 3 // 2 // 4096 * 4096 + 8192
+    script = f'mount -t tmpfs -o size={size} tmpfs {full} && "$@"; rc=$?; ls -a {full}; exit $rc'
+    unshared = ["unshare", "-rm", "sh", "-c", script, "sh", *command]
+    result = subprocess.run(unshared, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    line = one_error(result).splitlines()[0]
+    assert "no space left on device writing checkpoint" in line and ".tmp-step-00000006" in line, line
+    listing = result.stdout.split()
+    assert "step-00000003" in listing and "step-00000006" not in listing, result.stdout[-2000:]
