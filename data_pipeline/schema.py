@@ -8,6 +8,7 @@ inside lists, labels outside [0, 1]) run on each row group as it is read (`check
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -265,6 +266,26 @@ def check_files(schema: DatasetSchema, split: str) -> list[Path]:
             f"{len(files)} files hold {rows:,} (files added or removed after the dataset was made?)"
         )
     return files
+
+
+def split_identity(schema: DatasetSchema, split: str) -> list[list]:
+    """[file name, rows, footer digest] of each file of a split: what tells a resumed run that its
+    data changed, without reading the data (a Parquet footer holds every row group's size and
+    column statistics, so rewritten contents change it)."""
+    out = []
+    for path in schema.split_files(split):
+        with path.open("rb") as f:
+            f.seek(-8, 2)
+            length = int.from_bytes(f.read(4), "little")
+            f.seek(-8 - length, 2)
+            digest = hashlib.sha256(f.read(length)).hexdigest()[:16]
+        out.append([path.name, pq.read_metadata(path).num_rows, digest])
+    return out
+
+
+def split_digest(schema: DatasetSchema, split: str) -> str:
+    """One short digest of `split_identity`."""
+    return hashlib.sha256(json.dumps(split_identity(schema, split)).encode()).hexdigest()[:16]
 
 
 def _first_bad_row(mask: pa.ChunkedArray | pa.Array) -> int:

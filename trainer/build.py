@@ -99,10 +99,12 @@ def build_sharded(
     (model, optimizer, plan, the planner's memory estimate per rank)."""
     model = build_model(cfg.model, schema, dense_device=env.device, sparse_device=torch.device("meta"))
     opt = cfg.optimizer
-    apply_sparse_optimizer(model, opt.sparse, opt.sparse_lr, opt.eps, opt.table_lrs())
+    tables = apply_sparse_optimizer(model, opt.sparse, opt.sparse_lr, opt.eps, opt.table_lrs())
     plan, estimate = plan_with_estimate(model, env, cfg.data.batch_size, cfg.sharding)
     sharded = shard_model(model, env, plan)
     if opt.embedding_l2 > 0:
         penalise(sharded.module, opt.embedding_l2)
-    optimizer = build_optimizer(sharded, opt.dense, opt.dense_lr, opt.eps, opt.weight_decay, opt.grad_clip_norm)
+    optimizer = build_optimizer(
+        sharded, opt.dense, opt.dense_lr, opt.eps, opt.weight_decay, opt.grad_clip_norm, tables=tables
+    )
     return sharded, optimizer, plan, estimate

@@ -90,8 +90,8 @@ class OptimizerConfig:
         rates = {"optimizer.dense_lr": self.dense_lr, "optimizer.sparse_lr": self.sparse_lr}
         rates |= {f"optimizer.table_lr {table}": lr for table, lr in self.table_lrs().items()}
         for name, lr in rates.items():
-            if not lr > 0:  # also catches NaN
-                raise ValueError(f"{name} is {lr}; a learning rate must be > 0")
+            if not lr >= 0:  # also catches NaN; 0 freezes (a test of init_from uses it)
+                raise ValueError(f"{name} is {lr}; a learning rate must be >= 0")
 
     def table_lrs(self) -> dict[str, float]:
         rates = {}
@@ -130,10 +130,12 @@ def _table_entries(entries: list[str], key: str, allowed: tuple[str, ...]) -> di
 @dataclass
 class ShardingConfig:
     sharding_types: list[str] = field(default_factory=lambda: list(MODEL_PARALLEL_TYPES))
-    """Sharding types the planner may use for every table. data_parallel is left out by
-    default: with the fused optimizer it did not match the unsharded reference in our test
-    (tests/trainer/test_sharded_equals_unsharded.py), so it is opt-in until that is understood.
-    torchrec offers row_wise and table_row_wise on CUDA only; on CPU a table is split column-wise."""
+    """Sharding types the planner may use for every table. data_parallel (each rank a full copy,
+    gradients all-reduced) is opt-in: it trains as the unsharded reference does
+    (tests/trainer/test_sharded_equals_unsharded.py), but its optimizer state is kept under other
+    names than the fused tables', so a checkpoint does not yet reshard between the two, and
+    unpooled tables (EmbeddingCollection) cannot use it on CPU. torchrec offers row_wise and
+    table_row_wise on CUDA only; on CPU a table is split column-wise."""
     table_sharding_types: list[str] = field(default_factory=list)
     """Per-table sharding types overriding sharding_types, as "table=type[+type...]"
     (e.g. "t_cat_25=row_wise+table_row_wise")."""

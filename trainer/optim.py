@@ -8,6 +8,7 @@ runs the same update as a backward hook, which is what lets tests compare the tw
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -32,15 +33,21 @@ SPARSE_OPTIMIZER_HINT = "sparse_optimizer"
 rate than the configured one."""
 
 
+TableOptimizers = dict[str, tuple[type, dict]]
+"""table name -> (optimizer class, its kwargs): what `apply_sparse_optimizer` gave each table."""
+
+
 def apply_sparse_optimizer(
     model: nn.Module, name: str, lr: float, eps: float, table_lr: dict[str, float] | None = None
-) -> None:
+) -> TableOptimizers:
     """Fuse optimizer `name` at `lr` into every EmbeddingBagCollection's backward, or what the
     collection's `SPARSE_OPTIMIZER_HINT` asks for; `table_lr` overrides the rate of single tables
     (by table name). The hint lets a model train some tables differently (Wide&Deep's wide part:
     its own Adagrad and rate, as in the paper) from its own config, so the trainer never switches
-    on model names. Tables with different rates become separate fused kernels after sharding."""
+    on model names. Tables with different rates become separate fused kernels after sharding.
+    Returns what each table got, for the tables sharding leaves unfused (`build_optimizer`)."""
     table_lr = dict(table_lr or {})
+    chosen: TableOptimizers = {}
     for module in model.modules():
         if isinstance(module, EmbeddingBagCollection):
             hint = getattr(module, SPARSE_OPTIMIZER_HINT, None) or {}
@@ -49,25 +56,61 @@ def apply_sparse_optimizer(
                 raise ValueError(f"sparse optimizer '{module_name}' is not one of: {', '.join(SPARSE)}")
             for table, bag in module.embedding_bags.items():
                 rate = table_lr.pop(table, module_lr)
-                apply_optimizer_in_backward(SPARSE[module_name], bag.parameters(), _kwargs(module_name, rate, eps))
+                chosen[table] = SPARSE[module_name], _kwargs(module_name, rate, eps)
+                # a copy: DMP edits the kwargs it finds on the parameters into fbgemm's names
+                apply_optimizer_in_backward(chosen[table][0], bag.parameters(), dict(chosen[table][1]))
     if table_lr:
         raise ValueError(f"optimizer.table_lr names tables the model does not have: {', '.join(sorted(table_lr))}")
+    return chosen
+
+
+TABLE_WEIGHT = re.compile(r"(?:^|\.)(?:embedding_bags|embeddings)\.([^.]+)\.weight$")
+"""The name of an embedding table's weight in a (sharded) model; group 1 is the table."""
+
+
+def _replicated_table_optimizers(params: dict[str, nn.Parameter], tables: TableOptimizers) -> list:
+    """Optimizers for the tables sharded data_parallel: DMP keeps these as plain replicated weights
+    (a dense kernel, gradients all-reduced by DDP) and fuses no optimizer into them, so without
+    this they would silently train with the dense optimizer (Adam at dense_lr) instead of their
+    own. Each gets, unfused, the update `apply_sparse_optimizer` chose for it (torchrec's
+    RowWiseAdagrad is the same rule as fbgemm's fused one)."""
+    groups: dict[tuple, dict[str, nn.Parameter]] = {}
+    for fqn, param in params.items():
+        match = TABLE_WEIGHT.search(fqn)
+        if match and match[1] in tables:
+            cls, kwargs = tables[match[1]]
+            groups.setdefault((cls, tuple(sorted(kwargs.items()))), {})[fqn] = param
+    return [
+        KeyedOptimizerWrapper(group, lambda p, cls=cls, kwargs=dict(kwargs): cls(p, **kwargs))
+        for (cls, kwargs), group in groups.items()
+    ]
 
 
 def build_optimizer(
-    model: nn.Module, dense: str, lr: float, eps: float, weight_decay: float = 0.0, grad_clip_norm: float = 0.0
+    model: nn.Module,
+    dense: str,
+    lr: float,
+    eps: float,
+    weight_decay: float = 0.0,
+    grad_clip_norm: float = 0.0,
+    tables: TableOptimizers | None = None,
 ) -> CombinedOptimizer:
     """Dense optimizer over every parameter not already updated in backward, combined with the
-    sharded model's fused optimizer (so one `step`/`zero_grad`/`state_dict` covers both).
-    Clipping (torchrec's GradientClippingOptimizer) sees the dense gradients after DDP's
-    all-reduce, so every rank clips the same global norm."""
+    sharded model's fused optimizer and the data-parallel tables' own (`tables`, from
+    `apply_sparse_optimizer`), so one `step`/`zero_grad`/`state_dict` covers all. Clipping
+    (torchrec's GradientClippingOptimizer) sees the dense gradients after DDP's all-reduce, so
+    every rank clips the same global norm; tables are not clipped, fused or not."""
     params = dict(in_backward_optimizer_filter(model.named_parameters(), include=False))
+    replicated = _replicated_table_optimizers(params, tables or {})
+    for optimizer in replicated:
+        for fqn in optimizer.params:
+            del params[fqn]
     kwargs = {**_kwargs(dense, lr, eps), "weight_decay": weight_decay}
     dense_opt = KeyedOptimizerWrapper(params, lambda p: DENSE[dense](p, **kwargs))
     if grad_clip_norm > 0:
         dense_opt = GradientClippingOptimizer(dense_opt, clipping=GradientClipping.NORM, max_gradient=grad_clip_norm)
     fused = getattr(model, "fused_optimizer", None)
-    return CombinedOptimizer([fused, dense_opt] if fused is not None else [dense_opt])
+    return CombinedOptimizer([*([fused] if fused is not None else []), *replicated, dense_opt])  # dense last
 
 
 def lr_multiplier(step: int, total_steps: int, schedule: str, warmup_steps: int, min_lr_ratio: float) -> float:

@@ -32,16 +32,35 @@ class DataOrder:
     split_rule: int = SPLIT_RULE
     """The reader's rule for splitting rows across ranks and workers (`data_pipeline.reader.SPLIT_RULE`);
     a checkpoint that does not record one was written under rule 1."""
+    train_files: str = ""
+    """A digest of the train split's files (`data_pipeline.schema.split_identity`); "" in a
+    checkpoint written before it was recorded (then not compared)."""
 
-    def same_as(self, other: DataOrder) -> bool:
+    def changes(self, other: DataOrder) -> list[str]:
+        """What differs between the orders, by knob name; [] if they read the same batches."""
+
         # 0 and 1 workers read the same order (one share of the rank's rows); and one rank with one
         # share reads every row group whole, in the epoch's order, under every split rule
-        def key(order: DataOrder) -> tuple[int, int, int, int, int]:
-            shares = max(order.num_workers, 1)
-            rule = order.split_rule if order.world_size * shares > 1 else SPLIT_RULE
-            return order.world_size, order.batch_size, shares, order.seed, rule
+        def rule(order: DataOrder) -> int:
+            return order.split_rule if order.world_size * max(order.num_workers, 1) > 1 else SPLIT_RULE
 
-        return key(self) == key(other)
+        out = [
+            name
+            for name, a, b in (
+                ("world size", self.world_size, other.world_size),
+                ("data.batch_size", self.batch_size, other.batch_size),
+                ("data.num_workers", max(self.num_workers, 1), max(other.num_workers, 1)),
+                ("training.seed", self.seed, other.seed),
+                ("the reader's split rule", rule(self), rule(other)),
+            )
+            if a != b
+        ]
+        if self.train_files and other.train_files and self.train_files != other.train_files:
+            out.append("the train split's files")
+        return out
+
+    def same_as(self, other: DataOrder) -> bool:
+        return not self.changes(other)
 
 
 @dataclass
@@ -71,7 +90,9 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         order = {name: state[name] for name in ("world_size", "batch_size", "num_workers", "seed")}
-        self.saved_order = DataOrder(**order, split_rule=state.get("split_rule", 1))
+        self.saved_order = DataOrder(
+            **order, split_rule=state.get("split_rule", 1), train_files=state.get("train_files", "")
+        )
         for name in ("step", "epoch", "epoch_batches", "complete", "valid", "valid_step", "train_time", "most_popular"):
             setattr(self, name, state[name])
 
@@ -80,14 +101,14 @@ class TrainState:
         Under another data order the same share of the epoch's rows is skipped instead."""
         epoch, position, note = self.epoch, self.epoch_batches, None
         saved = self.saved_order or self.order
-        if not saved.same_as(self.order):
+        changed = saved.changes(self.order)
+        if changed:
             rows = position * saved.batch_size * saved.world_size
             size = steps_per_epoch[epoch] if epoch < len(steps_per_epoch) else 0
             position = min(rows // (self.order.batch_size * self.order.world_size), size)
             note = (
-                "world size, batch size, loader workers, seed or the reader's split rule changed: the data "
-                f"order differs from the original run's; resuming epoch {epoch} at batch {position} (the same "
-                "share of its rows)"
+                f"{', '.join(changed)} changed: the data order differs from the original run's; resuming epoch "
+                f"{epoch} at batch {position} (the same share of its rows)"
             )
         if epoch < len(steps_per_epoch) and position >= steps_per_epoch[epoch]:
             epoch, position = epoch + 1, 0

@@ -28,7 +28,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipeline
 from tqdm import tqdm
 
 from data_pipeline.batch import Batch
-from data_pipeline.schema import DataError, DatasetSchema
+from data_pipeline.schema import DataError, DatasetSchema, split_digest
 from trainer.build import build_sharded, train_loader
 from trainer.checkpoint import Checkpointer, Resume, find_init, step_dir_name
 from trainer.config import Config, getattr_path, toml_value
@@ -75,7 +75,10 @@ class Trainer:
         self.total_steps = min(every_step, t.max_steps or every_step)
 
         # The run's Stateful parts: what a checkpoint holds besides the tensors.
-        order = DataOrder(env.world_size, cfg.data.batch_size, self.train_data.dataset.num_workers, t.seed)
+        train_files = split_digest(schema, "train")
+        order = DataOrder(
+            env.world_size, cfg.data.batch_size, self.train_data.dataset.num_workers, t.seed, train_files=train_files
+        )
         self.state = TrainState(order)
         self.best = BestValidation(self.evaluator.headline, t.early_stopping_patience)
         self.lr = LearningRates(

@@ -37,9 +37,9 @@ def test_unknown_key_and_bad_values_are_errors(tmp_path):
         ("training = 3\n", r"bad.toml \[training\]: expected a \[table\]"),
         ("[training]\nepoch = 2\n", r"unknown key\(s\) \['epoch'\]"),
         ("[training\n", "bad.toml: not valid TOML"),
-        ("[optimizer]\ndense_lr = -1\n", "bad.toml: optimizer.dense_lr is -1.0; a learning rate must be > 0"),
+        ("[optimizer]\ndense_lr = -1\n", "bad.toml: optimizer.dense_lr is -1.0; a learning rate must be >= 0"),
         ("[optimizer]\nsparse_lr = nan\n", "optimizer.sparse_lr is nan"),
-        ('[optimizer]\ntable_lr = ["a=0"]\n', "optimizer.table_lr a is 0.0"),
+        ('[optimizer]\ntable_lr = ["a=-0.5"]\n', "optimizer.table_lr a is -0.5"),
         ("[checkpoint]\npreempt_grace_s = inf\n", "checkpoint.preempt_grace_s is inf; expected a finite number"),
         ('[model]\nname = "nosuch"\n', "model.name 'nosuch' is not a model here; choose from dlrm, "),
     ],
@@ -54,7 +54,7 @@ def test_a_bad_config_file_is_one_config_error(tmp_path, toml, message):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--optimizer.dense_lr", "-1"], "^optimizer.dense_lr is -1.0; a learning rate must be > 0$"),
+        (["--optimizer.dense_lr", "-1"], "^optimizer.dense_lr is -1.0; a learning rate must be >= 0$"),
         (["--optimizer.sparse_lr", "nan"], "^optimizer.sparse_lr is nan"),
         (["--training.epochs", "two"], "^--training.epochs: invalid literal for int"),
         (["--training.epoch", "2"], r"^unknown flag\(s\) --training.epoch 2 \(did you mean --training.epochs\?\)"),

@@ -48,13 +48,13 @@ def _rank(env: DistEnv, data: str, init_path: str, out_path: str, sharding_type:
     rank, world_size = env.rank, env.world_size
     schema = DatasetSchema.load(data)
     model = build_model(MODEL, schema, env.device, torch.device("meta"))
-    apply_sparse_optimizer(model, "rowwise_adagrad", 0.05, 1e-8)
+    tables = apply_sparse_optimizer(model, "rowwise_adagrad", 0.05, 1e-8)
     plan = plan_sharding(model, env, BATCH, ShardingConfig(sharding_types=[sharding_type]))
     dmp = shard_model(model, env, plan)
     if embedding_l2:
         assert penalise(dmp.module, embedding_l2) == 1
     copy_state_dict(dmp.state_dict(), torch.load(init_path))
-    pipeline = TrainPipelineSparseDist(dmp, build_optimizer(dmp, "adam", 1e-3, 1e-8), env.device)
+    pipeline = TrainPipelineSparseDist(dmp, build_optimizer(dmp, "adam", 1e-3, 1e-8, tables=tables), env.device)
     it = iter(_batches(schema, rank, world_size))
     losses = []
     while True:
@@ -85,10 +85,10 @@ def dataset(tmp_path_factory):
         ("table_wise", 0.0),
         ("table_column_wise", 0.0),  # what the planner picks for the demo on CPU
         ("table_column_wise", 0.5),  # the embedding penalty: its gradient goes through the same fused update
-        # Known gap, kept visible: data-parallel tables with the fused optimizer drift from the
-        # reference from step 2 on. The trainer leaves data_parallel out of the default
-        # sharding.sharding_types until this is understood; strict, so a fix makes it fail loudly.
-        pytest.param("data_parallel", 0.0, marks=pytest.mark.xfail(strict=True, reason="data_parallel tables drift")),
+        # data-parallel tables: replicated, DDP-averaged gradients, and their own (unfused)
+        # rowwise Adagrad from trainer.optim, not the dense Adam DMP would leave them to
+        ("data_parallel", 0.0),
+        ("data_parallel", 0.5),
     ],
 )
 def test_two_sharded_ranks_match_one_unsharded_process(tmp_path, dataset, sharding_type, embedding_l2):

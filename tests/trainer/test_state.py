@@ -119,3 +119,18 @@ def test_a_best_chosen_by_another_metric_starts_afresh():
     legacy = BestValidation(headline("binary"))  # format 1 saved no "metric": its first metric was it
     legacy.load_state_dict({"metrics": {"auc": 0.8, "logloss": 0.4}, "step": 5, "evals_since_best": 1})
     assert legacy.step == 5 and legacy.note is None
+
+
+def test_another_train_split_is_another_data_order_named_as_such():
+    saved = DataOrder(2, 64, 0, 0, train_files="aaaa")
+    assert saved.changes(DataOrder(2, 64, 1, 0, train_files="aaaa")) == []
+    assert saved.changes(DataOrder(1, 32, 0, 0, train_files="bbbb")) == [
+        "world size",
+        "data.batch_size",
+        "the train split's files",
+    ]
+    assert saved.same_as(DataOrder(2, 64, 0, 0))  # a checkpoint from before the digest: not compared
+    state = TrainState(DataOrder(2, 64, 0, 0, train_files="bbbb"))
+    state.load_state_dict(TrainState(saved, epoch=0, epoch_batches=10).state_dict())
+    epoch, position, note = state.resume_position([40])
+    assert (epoch, position) == (0, 10) and note.startswith("the train split's files changed: the data order")

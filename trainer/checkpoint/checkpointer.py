@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from data_pipeline.schema import DatasetSchema
+from data_pipeline.schema import DatasetSchema, split_digest
 from trainer.checkpoint import reshard, store
 from trainer.checkpoint.resume import Resume, checkpoint_root
 from trainer.checkpoint.safe_reader import SafeReader, read_metadata
@@ -83,6 +83,7 @@ class Checkpointer:
         self._group = dist.new_group(backend="gloo") if self.settings.async_save else None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if self.settings.async_save else None
         self._pending: Future | None = None
+        self._split_digests: dict[str, str] | None = None
 
     def tensors(self) -> dict:
         """What DCP saves and loads: the model's state_dict (tables as ShardedTensors) and the
@@ -177,6 +178,12 @@ class Checkpointer:
                 flush=True,
             )
 
+    def _data_files(self) -> dict[str, str]:
+        """split -> digest of its files (read once: a resumed run compares them, compat.py)."""
+        if self._split_digests is None:
+            self._split_digests = {split: split_digest(self.schema, split) for split in self.schema.splits}
+        return self._split_digests
+
     def _meta(self, step: int, parts: dict, files: dict) -> dict:
         """checkpoint.json: what the checkpoint is, what made it, the parts' state, its files."""
         tables = {
@@ -193,6 +200,7 @@ class Checkpointer:
             "model": self.cfg.model.name,
             "config": self.cfg.to_toml(),
             "dataset": self.schema.to_json(),
+            "data_files": self._data_files(),
             "tables": tables,
             "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
             "torch": torch.__version__,

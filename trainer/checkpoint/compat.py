@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.schema import DatasetSchema
+from data_pipeline.schema import DatasetSchema, split_digest
 from trainer.checkpoint.store import CheckpointError
 from trainer.config import Config
 
@@ -80,6 +80,22 @@ def schema_differences(saved: dict, current: dict) -> list[str]:
     return out
 
 
+def data_differences(meta: dict, schema: DatasetSchema) -> list[str]:
+    """Notes on splits whose files changed since the checkpoint (another dataset of the same
+    schema, rows appended, files rewritten): allowed, since continuing on new data is a use, but
+    said. The train split's new order is handled by TrainState.resume_position."""
+    saved = meta.get("data_files") or {}  # absent in checkpoints written before it was recorded
+    out = []
+    for split in sorted(saved.keys() & schema.splits.keys()):
+        if saved[split] != split_digest(schema, split):
+            before = (meta.get("dataset", {}).get("splits", {}).get(split) or {}).get("rows")
+            now = schema.splits[split].rows
+            rows = f" ({before:,} rows then, {now:,} now)" if before is not None and now is not None else ""
+            then = "training goes on with these files" if split == "train" else "its metrics are not comparable"
+            out.append(f"the {split} split's files changed since the checkpoint{rows}: {then}")
+    return out
+
+
 def config_differences(saved_toml: str, cfg: Config) -> tuple[list[str], list[str]]:
     """(fatal, allowed) differences between a checkpoint's resolved config and this run's."""
     # A key the checkpoint's config lacks (added to the trainer since) had its default value then.
@@ -106,4 +122,4 @@ def check_compatible(meta: dict, cfg: Config, schema: DatasetSchema, path: Path)
             + f"\n(resume needs the same model, optimizers and dataset schema. To start a changed model from these "
             f"weights use --checkpoint.init_from {path}; to start afresh, use another --run-dir or checkpoint.dir)"
         )
-    return allowed
+    return allowed + data_differences(meta, schema)

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from data_pipeline.prepare.synthetic import SyntheticSpec
@@ -205,3 +206,30 @@ def test_a_full_disk_at_a_save_is_named_and_leaves_the_last_checkpoint(run, tmp_
     assert "no space left on device writing checkpoint" in line and ".tmp-step-00000006" in line, line
     listing = result.stdout.split()
     assert "step-00000003" in listing and "step-00000006" not in listing, result.stdout[-2000:]
+
+
+def test_resuming_on_changed_data_says_what_changed(run, tmp_path):
+    """Rows appended to the train split and a rewritten valid split: the run resumes (training on
+    new data is a use) and says what changed, and that the order of the epoch is not the saved one."""
+    data, run_dir = run
+    copy, changed = _copy(run_dir, tmp_path), tmp_path / "data"
+    shutil.copytree(data, changed)
+    raw = json.loads((changed / "dataset.json").read_text())
+    shutil.copy(changed / "test" / "part-00000.parquet", changed / "train" / "part-99999.parquet")
+    valid = sorted((changed / "valid").glob("*.parquet"))
+    valid[0].write_bytes((changed / "test" / "part-00000.parquet").read_bytes())
+    rows = {s: sum(pq.read_metadata(f).num_rows for f in (changed / s).glob("*.parquet")) for s in raw["splits"]}
+    for split, info in raw["splits"].items():
+        info["rows"] = rows[split]
+    (changed / "dataset.json").write_text(json.dumps(raw))
+    args = ["--data", str(changed), "--run-dir", str(copy), *ARGS, "--training.max_steps", "8"]
+    result = run_trainer(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = read_meta(locate(run_dir))["dataset"]["splits"]["train"]["rows"]
+    assert f"the train split's files changed since the checkpoint ({before:,} rows then, {rows['train']:,} now)" in (
+        result.stdout
+    )
+    assert "the valid split's files changed since the checkpoint" in result.stdout
+    assert "the train split's files changed: the data order differs from the original run's" in result.stdout
+    unchanged = run_trainer(["--data", str(data), "--run-dir", str(_copy(run_dir, tmp_path / "again")), *ARGS])
+    assert unchanged.returncode == 0 and "files changed" not in unchanged.stdout

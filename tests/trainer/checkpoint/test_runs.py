@@ -128,6 +128,17 @@ def test_crash_inside_a_save_leaves_the_previous_checkpoint(data, clean, tmp_pat
     assert_same_run(clean, run_dir)
 
 
+def test_data_parallel_tables_resume_bit_identical(data, tmp_path):
+    """Replicated tables keep their own (unfused) optimizer state: it is saved and restored too."""
+    dp = ["--sharding.sharding_types", "data_parallel"]
+    clean, run_dir = tmp_path / "clean", tmp_path / "run"
+    for result in (torchrun(data, clean, *dp), torchrun(data, run_dir, *dp, "--training.stop_at_step", "35")):
+        assert result.returncode == 0, result.stderr[-4000:]
+    resumed = torchrun(data, run_dir, *dp)
+    assert resumed.returncode == 0 and "step-00000035 (step 35, epoch 0, batch 35" in resumed.stdout
+    assert_same_run(clean, run_dir)
+
+
 @pytest.mark.parametrize("save", ["sync", "async"])
 def test_sigkilled_rank_is_restarted_by_torchrun_and_finishes_like_the_clean_run(data, clean, tmp_path, save):
     run_dir = tmp_path / "run"
