@@ -367,6 +367,10 @@ class _Ring:
         return SharedBatch(self.worker, slot, layout, counts, ring)
 
 
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+"""What schedulers preempt with (trainer/preempt.py); a rank's loader processes ignore them."""
+
+
 def _exit_with(owner: int, worker_id: int) -> None:
     """Worker init: end this worker as soon as process `owner` (the one iterating the loader) is gone.
 
@@ -379,7 +383,7 @@ def _exit_with(owner: int, worker_id: int) -> None:
     whole process group, and a worker that died of it would crash the rank before it could save
     (trainer/preempt.py); the rank decides when to stop, and its workers end with it (or are
     killed by `_kill_workers_at_exit`)."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    for sig in PREEMPTION_SIGNALS:  # already ignored (inherited from the fork server); kept for other contexts
         signal.signal(sig, signal.SIG_IGN)
 
     def watch() -> None:
@@ -412,7 +416,17 @@ def _worker_context() -> mp.context.BaseContext:
     atexit.unregister(_kill_workers_at_exit)  # registered once, after multiprocessing's hook
     atexit.register(_kill_workers_at_exit)
     mp.set_forkserver_preload([__name__])
-    forkserver.ensure_running()
+    # The fork server starts with the preemption signals ignored (an ignored disposition survives
+    # fork and exec; a handler does not), and so does every worker from its first instruction:
+    # torchrun signals each rank's whole process group, and a server or a worker still starting
+    # when SIGTERM came would die of it and crash its rank before the rank could checkpoint.
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in PREEMPTION_SIGNALS} if main else {}
+    try:
+        forkserver.ensure_running()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return mp.get_context("forkserver")
 
 

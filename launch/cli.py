@@ -12,13 +12,12 @@
     recsys tune --model deepfm --data data/criteo --nproc-per-node 8 --trials 40   # Optuna search (docs/tuning.md)
 
 `recsys train` checks the dataset once (a clear error before any process starts), then runs
-`torchrun --standalone --nproc-per-node N -m trainer ...` with the same flags, like `tune run`.
+`torchrun --standalone --nproc-per-node N -m trainer ...` (in this process) with the same flags.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from data_pipeline.prepare import KINDS
@@ -56,19 +55,33 @@ def _train(argv: list[str]) -> int:
     except (DataError, ValueError) as e:  # ConfigError is a ValueError
         print(f"error: {_message(e) if isinstance(e, DataError) else e}", file=sys.stderr)
         return 2
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(known.nproc_per_node),
-        "-m",
-        "trainer",
-        *rest,
-    ]
-    os.execv(sys.executable, cmd)
-    return 0  # not reached
+    return _torchrun(["--standalone", "--nproc-per-node", str(known.nproc_per_node), "-m", "trainer", *rest])
+
+
+CLEAN_EXITS = (2, 3)
+"""The trainer's exits after it printed why in one `error:` line: bad input, diverged."""
+
+
+def _torchrun(args: list[str]) -> int:
+    """`torchrun ARGS` in this process. When the first rank to fail ended with a clean exit (2, 3,
+    or 128 + a signal after a preemption checkpoint) that code is returned without torchrun's
+    failure report: the rank already said why, and the report would bury it. A signal to this
+    process (the agent) returns 128 + its number, as the preempted ranks do."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(args))
+    except SignalException as e:  # torchrun passed the signal on to the ranks, which checkpointed
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        _, first = e.get_first_failure()
+        if first.exitcode in CLEAN_EXITS or first.exitcode > 128:
+            return first.exitcode
+        print(e.format_msg(), file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,9 @@ from trainer.distributed import PlanError, destroy_distributed, init_distributed
 from trainer.guard import Diverged
 from trainer.train import Trainer
 
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
+"""How gloo reports a collective whose peer process is gone."""
+
 DIVERGED_EXIT = 3
 """The exit code of a run the numerics guard stopped (2 is bad input)."""
 
@@ -118,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"error (rank {env.rank}): {_message(e)}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not any(words in str(e) for words in PEER_LOST):
+            raise
+        # a collective failed because another rank exited: that rank printed the cause
+        print(f"rank {env.rank}: stopped because another rank failed (its error is above)", file=sys.stderr)
+        return 1
     except PlanError as e:
         if env.is_main:  # rank 0's planner failed and every rank raised its message
             print(f"error: {e}", file=sys.stderr)

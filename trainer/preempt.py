@@ -22,9 +22,11 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from data_pipeline.reader import PREEMPTION_SIGNALS
+
 T = TypeVar("T")
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+SIGNALS = PREEMPTION_SIGNALS
 
 
 class Preemption:

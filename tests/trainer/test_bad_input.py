@@ -84,3 +84,18 @@ def test_recsys_train_refuses_before_any_rank_starts(tmp_path, tiny_table, case,
     result = run_recsys("train", "--data", str(schema.root), *args["run"], *flags)
     _assert_clear_error(result, message.format(tmp=tmp_path))
     assert "torch.distributed" not in result.stderr and "ChildFailedError" not in result.stderr
+
+
+def test_bad_rows_found_by_one_of_two_ranks_are_one_error_without_torchruns_report(tmp_path, tiny_table):
+    """The rank that reads the bad row group says so; its peer, whose collective lost it, says
+    only that it stopped; `recsys train` exits 2 without torchrun's failure report."""
+    table = pa.concat_tables([tiny_table] * 8)  # 40 rows, 4 row groups of 10: rank 0 reads 0-1, rank 1 2-3
+    table = table.set_column(3, "a", pa.array([1] * 35 + [99] + [1] * 4, pa.int64()))
+    tables = {s: [table] for s in ("train", "valid", "test")}
+    schema = write_dataset(tmp_path / "d", tables, TINY_SPARSE, ["d0", "d1"], row_group_rows=10)
+    args = ["--data", str(schema.root), "--run-dir", str(tmp_path / "run"), "--nproc-per-node", "2"]
+    args += ["--data.batch_size", "2", "--data.num_workers", "0", "--data.shuffle", "false"]
+    args += ["--derive_defaults", "false"]
+    result = run_recsys("train", *args)
+    _assert_clear_error(result, "error (rank 1)", "part-00000.parquet row group 3", "'a'", "outside [0, 10)")
+    assert "ChildFailedError" not in result.stderr and "Root Cause" not in result.stderr

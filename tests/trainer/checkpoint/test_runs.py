@@ -5,6 +5,7 @@ to an uninterrupted run (metrics, weights, fused and dense optimizer state, metr
 from __future__ import annotations
 
 import json
+import random
 import re
 import signal
 import subprocess
@@ -203,6 +204,49 @@ def test_a_preempted_run_saves_at_the_signal_and_resumes_bit_identical(data, cle
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {locate(run_dir).parent / f'step-{step:08d}'} (step {step}," in resumed.stdout
     assert_same_run(clean, run_dir, resumed_at=step)
+
+
+CHAOS_SEED = 20261202
+"""Seeds the chaos test's steps and ranks (a failure message names it; change it to explore)."""
+
+
+def test_chaos_one_run_hit_three_ways_ends_like_the_uninterrupted_run(data, clean, tmp_path):
+    """The same command run again after each hit: a SIGKILLed rank, SIGTERM to torchrun, a rank
+    that fails inside a save; at random steps and ranks. The run that finally completes has the
+    clean run's metrics, weights and optimizer state."""
+    rng = random.Random(CHAOS_SEED)
+    run_dir, args = tmp_path / "run", ["--data", str(data), "--run-dir", str(tmp_path / "run"), *ARGS]
+    seen = f"seed {CHAOS_SEED}"
+
+    kill_step, kill_rank = rng.randrange(12, 40), rng.randrange(2)
+    killed = torchrun(data, run_dir, fault=f"kill@{kill_step}:{kill_rank}")
+    assert killed.returncode != 0 and f"rank {kill_rank} kills itself (SIGKILL) after step {kill_step}" in (
+        killed.stdout
+    ), (seen, killed.stderr[-3000:])
+
+    proc = start_trainer(args, nproc=2, log_dir=tmp_path / "preempted")
+    try:
+        _trained_to(run_dir, kill_step + rng.randrange(5, 20), proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    out = (tmp_path / "preempted" / "out").read_text()
+    found = re.search(r"preempted \(SIGTERM\) at step (\d+)", out)
+    assert found, (seen, out[-2000:], (tmp_path / "preempted" / "err").read_text()[-3000:])
+    preempted = int(found.group(1))
+
+    save_step, save_rank = (preempted // 10 + rng.randrange(1, 3)) * 10, rng.randrange(2)
+    assert save_step < 124, seen
+    crashed = torchrun(data, run_dir, fault=f"save@{save_step}:{save_rank}")
+    assert f"RECSYS_FAULT: rank {save_rank} fails inside the save of step {save_step}" in crashed.stderr, (
+        seen,
+        crashed.stderr[-3000:],
+    )
+
+    finished = torchrun(data, run_dir)
+    assert finished.returncode == 0, (seen, finished.stderr[-4000:])
+    assert_same_run(clean, run_dir, resumed_at=preempted)
 
 
 # ---- what else a checkpoint of a sharded run is good for -----------------------------------------
