@@ -55,12 +55,19 @@ def run_trainer(
     )  # fmt: skip
 
 
-def start_trainer(args: list[str], nproc: int = 0, log_dir: Path | None = None) -> subprocess.Popen:
-    """`trainer_command(ARGS, NPROC)` started in the background; stdout/stderr to log_dir/{out,err}."""
+def start_trainer(
+    args: list[str], nproc: int = 0, log_dir: Path | None = None, recsys: bool = False
+) -> subprocess.Popen:
+    """`trainer_command(ARGS, NPROC)` started in the background, or with `recsys` the same job as
+    `recsys train ARGS --nproc-per-node NPROC`; stdout/stderr to log_dir/{out,err}."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
+    command = trainer_command(args, nproc)
+    if recsys:
+        command = [sys.executable, "-m", "launch.cli", "train", *command[command.index("trainer") + 1 :]]
+        command += ["--nproc-per-node", str(nproc)]
     with open(log_dir / "out", "w") as out, open(log_dir / "err", "w") as err:
-        return subprocess.Popen(trainer_command(args, nproc), cwd=ROOT, env=_env(), stdout=out, stderr=err)
+        return subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=out, stderr=err)
 
 
 def run_recsys(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

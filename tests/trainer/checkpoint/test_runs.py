@@ -175,10 +175,11 @@ def _trained_to(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float
     raise AssertionError(f"the run did not reach step {step} (exit code {proc.poll()})")
 
 
-@pytest.mark.parametrize("how", ["SIGTERM to torchrun", "SIGUSR1 to rank 1"])
+@pytest.mark.parametrize("how", ["SIGTERM to torchrun", "SIGUSR1 to rank 1", "SIGTERM to recsys train"])
 def test_a_preempted_run_saves_at_the_signal_and_resumes_bit_identical(data, clean, tmp_path, how):
     run_dir = tmp_path / "run"
-    proc = start_trainer(["--data", str(data), "--run-dir", str(run_dir), *ARGS], nproc=2, log_dir=tmp_path)
+    args = ["--data", str(data), "--run-dir", str(run_dir), *ARGS]
+    proc = start_trainer(args, nproc=2, log_dir=tmp_path, recsys=how.endswith("recsys train"))
     try:
         _trained_to(run_dir, 15, proc)
         if how.startswith("SIGTERM"):
@@ -198,6 +199,8 @@ def test_a_preempted_run_saves_at_the_signal_and_resumes_bit_identical(data, cle
     assert found.group(1) == how.split()[0] and 15 <= step < 124
     assert locate(run_dir).name == f"step-{step:08d}" and found.group(3) == str(locate(run_dir))
     assert f"exitcode: {128 + getattr(signal, how.split()[0])}" in err or how.startswith("SIGTERM")
+    if how.endswith("recsys train"):  # the agent is recsys itself: 143, no traceback, no report
+        assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
     assert not (run_dir / "summary.json").exists()
 
     resumed = torchrun(data, run_dir)  # the same command
