@@ -55,7 +55,7 @@ def _train(argv: list[str]) -> int:
     except (DataError, ValueError) as e:  # ConfigError is a ValueError
         print(f"error: {_message(e) if isinstance(e, DataError) else e}", file=sys.stderr)
         return 2
-    return _torchrun(["--standalone", "--nproc-per-node", str(known.nproc_per_node), "-m", "trainer", *rest])
+    return _torchrun(["--standalone", "--nproc-per-node", nproc, "-m", "trainer", *rest])
 
 
 CLEAN_EXITS = (2, 3)

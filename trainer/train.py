@@ -75,10 +75,9 @@ class Trainer:
         self.total_steps = min(every_step, t.max_steps or every_step)
 
         # The run's Stateful parts: what a checkpoint holds besides the tensors.
-        train_files = split_digest(schema, "train")
-        order = DataOrder(
-            env.world_size, cfg.data.batch_size, self.train_data.dataset.num_workers, t.seed, train_files=train_files
-        )
+        data_files = {split: split_digest(schema, split) for split in schema.splits}
+        workers = self.train_data.dataset.num_workers
+        order = DataOrder(env.world_size, cfg.data.batch_size, workers, t.seed, train_files=data_files["train"])
         self.state = TrainState(order)
         self.best = BestValidation(self.evaluator.headline, t.early_stopping_patience)
         self.lr = LearningRates(
@@ -93,7 +92,7 @@ class Trainer:
         )
         self.log = RunLog(cfg.run_dir, enabled=env.is_main)
         parts = {"train": self.state, "lr": self.lr, "best": self.best, "run_log": self.log}
-        self.checkpoints = Checkpointer(cfg, env, self.model, self.optimizer, schema, parts)
+        self.checkpoints = Checkpointer(cfg, env, self.model, self.optimizer, schema, parts, data_files)
 
         self.profiler = StepProfiler(t.profile_steps, Path(cfg.run_dir) / "profile", env.rank, env.device)
         self.memory = memory_per_rank(env.device)  # [rank, (peak host RSS, peak device) GB], updated as it trains

@@ -68,6 +68,7 @@ class Checkpointer:
         optimizer,
         schema: DatasetSchema,
         parts: dict[str, Stateful],
+        data_files: dict[str, str] | None = None,
     ) -> None:
         self.cfg, self.env, self.model, self.optimizer, self.schema = cfg, env, model, optimizer, schema
         self.parts = parts
@@ -83,7 +84,9 @@ class Checkpointer:
         self._group = dist.new_group(backend="gloo") if self.settings.async_save else None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if self.settings.async_save else None
         self._pending: Future | None = None
-        self._split_digests: dict[str, str] | None = None
+        self.data_files = data_files or {split: split_digest(schema, split) for split in schema.splits}
+        """split -> digest of its files, written into checkpoint.json (a resumed run compares them,
+        compat.py); pass the run's own to read no footer twice."""
 
     def tensors(self) -> dict:
         """What DCP saves and loads: the model's state_dict (tables as ShardedTensors) and the
@@ -178,12 +181,6 @@ class Checkpointer:
                 flush=True,
             )
 
-    def _data_files(self) -> dict[str, str]:
-        """split -> digest of its files (read once: a resumed run compares them, compat.py)."""
-        if self._split_digests is None:
-            self._split_digests = {split: split_digest(self.schema, split) for split in self.schema.splits}
-        return self._split_digests
-
     def _meta(self, step: int, parts: dict, files: dict) -> dict:
         """checkpoint.json: what the checkpoint is, what made it, the parts' state, its files."""
         tables = {
@@ -200,7 +197,7 @@ class Checkpointer:
             "model": self.cfg.model.name,
             "config": self.cfg.to_toml(),
             "dataset": self.schema.to_json(),
-            "data_files": self._data_files(),
+            "data_files": self.data_files,
             "tables": tables,
             "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
             "torch": torch.__version__,
