@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
+from typing import Any, Literal
+
+
+def check_choices(section: Any, name: str) -> None:
+    """Every `Literal[...]` knob of a config section (or list of them) holds one of its choices:
+    the rule for a section built in Python; TOML and the flags are checked against the same types."""
+    for f in dataclasses.fields(section):
+        kind, value = typing.get_type_hints(type(section))[f.name], getattr(section, f.name)
+        values = value if typing.get_origin(kind) is list else [value]
+        kind = typing.get_args(kind)[0] if typing.get_origin(kind) is list else kind
+        bad = [v for v in values if typing.get_origin(kind) is Literal and v not in typing.get_args(kind)]
+        if bad:
+            choices = ", ".join(typing.get_args(kind))
+            raise ValueError(f"{name}.{f.name}: {bad[0]!r} is not one of {choices}")
 
 
 @dataclass

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+from data_pipeline.config import check_choices
 
 DLRM_MODELS = ("dlrm", "dlrm_dcn")
 DEEP_MODELS = ("wide_deep", "deepfm")
 LOSSES = ("pointwise", "in_batch_softmax")
+MODEL_NAMES = (*DLRM_MODELS, *DEEP_MODELS, "two_tower")
+"""The registered models (models.MODELS, whose keys a test holds to these)."""
 
 
 @dataclass
 class ModelConfig:
-    name: str = "dlrm"
-    """Registered model name: see `models.MODELS` (dlrm, dlrm_dcn, wide_deep, deepfm, two_tower)."""
+    name: Literal[MODEL_NAMES] = "dlrm"
+    """The model (models.MODELS)."""
     embedding_dim: int = 16
     """Embedding size of every table (DLRM's interaction and DeepFM's FM need one size for all)."""
     dense_arch_layer_sizes: list[int] = field(default_factory=lambda: [64, 16])
@@ -42,7 +47,7 @@ class ModelConfig:
     `extra.towers.user` (written by `recsys prepare movielens`)."""
     item_features: list[str] = field(default_factory=list)
     """two_tower: the columns of the item tower; empty: the dataset's `extra.towers.item`."""
-    loss: str = "pointwise"
+    loss: Literal[LOSSES] = "pointwise"
     """pointwise: the task's loss on each row (log loss on clicks, squared error on ratings).
     in_batch_softmax (two_tower, binary task): each positive row's item against every other item
     of the global batch, a softmax over cosine similarities / temperature (Yi et al. 2019)."""
@@ -53,6 +58,7 @@ class ModelConfig:
     items are not pushed down merely for appearing as negatives more often (Yi et al. 2019)."""
 
     def __post_init__(self) -> None:
+        check_choices(self, "model")
         # Each check only for the models that read the field, so every model works with the defaults.
         # (The checks across fields are in `check`: derived defaults may still change those fields.)
         if self.name in DEEP_MODELS:
@@ -62,8 +68,6 @@ class ModelConfig:
                 raise ValueError(f"model.dropout must lie in [0, 1), got {self.dropout}")
         if self.name == "two_tower" and any(size <= 0 for size in self.tower_layer_sizes):
             raise ValueError(f"model.tower_layer_sizes must be positive, got {self.tower_layer_sizes}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"model.loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
         if self.loss == "in_batch_softmax" and self.name != "two_tower":
             raise ValueError(f"model.loss in_batch_softmax needs a model with towers (two_tower), not '{self.name}'")
         if self.temperature <= 0:

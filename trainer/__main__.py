@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.enable(all_threads=True)
     rank = os.environ.get("RANK", "0")
     try:
-        cfg = load_config(argv)
+        cfg = load_config(sys.argv[1:] if argv is None else argv, prog="python -m trainer")
         schema = preflight(cfg)
         resolve(cfg, schema, int(os.environ.get("WORLD_SIZE", "1")))
     except (DataError, ValueError) as e:

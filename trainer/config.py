@@ -15,16 +15,16 @@ import contextlib
 import dataclasses
 import difflib
 import math
-import sys
 import tomllib
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import tyro
 
-from data_pipeline.config import DataConfig
+from data_pipeline.config import DataConfig, check_choices
 from models.config import ModelConfig
 
 MODEL_PARALLEL_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
@@ -32,15 +32,18 @@ SHARDING_TYPES = (*MODEL_PARALLEL_TYPES, "data_parallel")
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine", "plateau")
+DENSE_OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
+SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
 class OptimizerConfig:
-    dense: str = "adam"
+    dense: Literal[DENSE_OPTIMIZERS] = "adam"
     """Optimizer of the dense (data-parallel) MLPs: adam, adamw, adagrad or sgd."""
     dense_lr: float = 1e-3
     """Learning rate of the dense optimizer."""
-    sparse: str = "rowwise_adagrad"
+    sparse: Literal[SPARSE_OPTIMIZERS] = "rowwise_adagrad"
     """Optimizer fused into the embedding tables' backward: rowwise_adagrad, adagrad or sgd."""
     sparse_lr: float = 0.05
     """Learning rate of the fused sparse optimizer (every table, unless table_lr or a model's own
@@ -58,7 +61,7 @@ class OptimizerConfig:
     grad_clip_norm: float = 0.0
     """Clip the dense gradients to this global norm (0: off). Fused table updates happen inside
     the backward pass and are not clipped."""
-    lr_schedule: str = "constant"
+    lr_schedule: Literal[LR_SCHEDULES] = "constant"
     """Learning-rate schedule of every optimizer (dense and fused sparse) after warmup: constant,
     linear or cosine decay to min_lr_ratio at the last step, or plateau (ReduceLROnPlateau on the
     validation metric)."""
@@ -72,14 +75,7 @@ class OptimizerConfig:
     """plateau: evaluations without improvement before the rates drop."""
 
     def __post_init__(self) -> None:
-        if self.dense not in ("adam", "adamw", "adagrad", "sgd"):
-            raise ValueError(f"optimizer.dense must be adam, adamw, adagrad or sgd, got '{self.dense}'")
-        if self.sparse not in ("rowwise_adagrad", "adagrad", "sgd"):
-            raise ValueError(f"optimizer.sparse must be rowwise_adagrad, adagrad or sgd, got '{self.sparse}'")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"optimizer.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'"
-            )
+        check_choices(self, "optimizer")
         if min(self.warmup_steps, self.weight_decay, self.embedding_l2, self.grad_clip_norm) < 0 or not (
             0 <= self.min_lr_ratio <= 1
         ):
@@ -129,7 +125,7 @@ def _table_entries(entries: list[str], key: str, allowed: tuple[str, ...]) -> di
 
 @dataclass
 class ShardingConfig:
-    sharding_types: list[str] = field(default_factory=lambda: list(MODEL_PARALLEL_TYPES))
+    sharding_types: list[Literal[SHARDING_TYPES]] = field(default_factory=lambda: list(MODEL_PARALLEL_TYPES))
     """Sharding types the planner may use for every table. data_parallel (each rank a full copy,
     gradients all-reduced) is opt-in: it trains as the unsharded reference does
     (tests/trainer/test_sharded_equals_unsharded.py), but its optimizer state is kept under other
@@ -139,7 +135,7 @@ class ShardingConfig:
     table_sharding_types: list[str] = field(default_factory=list)
     """Per-table sharding types overriding sharding_types, as "table=type[+type...]"
     (e.g. "t_cat_25=row_wise+table_row_wise")."""
-    compute_kernels: list[str] = field(default_factory=list)
+    compute_kernels: list[Literal[COMPUTE_KERNELS]] = field(default_factory=list)
     """Embedding kernels the planner may use for every table (empty: any the device supports):
     fused (tables in GPU memory, or host memory on CPU), fused_uvm_caching (tables in host memory
     with a GPU cache of the hot rows: tables bigger than the GPUs), fused_uvm, dense."""
@@ -164,12 +160,7 @@ class ShardingConfig:
     """Bandwidth between hosts per rank, GB/s (0: torchrec's 12.5, 100 Gb/s networking)."""
 
     def __post_init__(self) -> None:
-        unknown = set(self.sharding_types) - set(SHARDING_TYPES)
-        if unknown:
-            raise ValueError(f"sharding.sharding_types: unknown {sorted(unknown)}; choose from {SHARDING_TYPES}")
-        unknown = set(self.compute_kernels) - set(COMPUTE_KERNELS)
-        if unknown:
-            raise ValueError(f"sharding.compute_kernels: unknown {sorted(unknown)}; choose from {COMPUTE_KERNELS}")
+        check_choices(self, "sharding")
         self.table_types(), self.table_kernels()  # validate the "table=..." entries now
         if not 0 < self.cache_load_factor <= 1 or not 0 <= self.storage_reserve < 1:
             raise ValueError("sharding.cache_load_factor must lie in (0, 1] and sharding.storage_reserve in [0, 1)")
@@ -203,7 +194,7 @@ class TrainingConfig:
     plain, non-overlapped step, for debugging."""
     progress_bar: bool = True
     """Show a progress bar (rank 0, tqdm) while training."""
-    mixed_precision: str = "fp32"
+    mixed_precision: Literal[PRECISIONS] = "fp32"
     """fp32, or bf16: the forward pass runs under torch.autocast in bfloat16 (the MLPs and
     interactions; embedding lookups and the loss stay fp32). No fp16: its loss scaling cannot
     be undone inside the tables' fused optimizer, which updates them during the backward pass."""
@@ -262,8 +253,7 @@ class TrainingConfig:
             raise ValueError("training.stop_at_step, training.table_stats_max_rows and training.threads must be >= 0")
         if self.epochs <= 0 or self.max_steps < 0 or self.eval_every < 0 or self.log_every <= 0:
             raise ValueError("training: epochs and log_every must be positive; max_steps and eval_every >= 0")
-        if self.mixed_precision not in ("fp32", "bf16"):
-            raise ValueError(f"training.mixed_precision must be fp32 or bf16, got '{self.mixed_precision}'")
+        check_choices(self, "training")
         if any(k <= 0 for k in self.top_k):
             raise ValueError(f"training.top_k must be positive, got {self.top_k}")
         if self.early_stopping_patience < 0:
@@ -391,13 +381,24 @@ class ConfigError(ValueError):
 
 
 def _type_name(kind: Any) -> str:
-    return f"a list of {_type_name(typing.get_args(kind)[0])}s" if typing.get_origin(kind) is list else kind.__name__
+    if typing.get_origin(kind) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(kind)))
+    if typing.get_origin(kind) is list:
+        inner = typing.get_args(kind)[0]
+        return (
+            f"a list, each {_type_name(inner)}"
+            if typing.get_origin(inner) is Literal
+            else f"a list of {inner.__name__}s"
+        )
+    return kind.__name__
 
 
 def _fits(value: Any, kind: Any) -> bool:
     """Whether a TOML value has the knob's type (an integer is a float; a boolean is not a number)."""
     if typing.get_origin(kind) is list:
         return isinstance(value, list) and all(_fits(v, typing.get_args(kind)[0]) for v in value)
+    if typing.get_origin(kind) is Literal:
+        return value in typing.get_args(kind)
     if kind is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if kind is int:
@@ -454,9 +455,11 @@ def _normalise(argv: list[str]) -> list[str]:
     return out
 
 
-def load_config(argv: list[str] | None = None) -> Config:
-    """`--config FILE` gives the defaults; every other flag overrides one field."""
-    argv = _normalise(sys.argv[1:] if argv is None else list(argv))
+def load_config(argv: Sequence[str] = (), prog: str | None = None) -> Config:
+    """`--config FILE` gives the defaults; every other flag overrides one field. The flags are
+    `argv` only (never sys.argv: a notebook's own flags are not the trainer's); `prog` names the
+    command in `--help`."""
+    argv = _normalise(list(argv))
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", "-c", default="")
     known, _ = pre.parse_known_args(argv)
@@ -485,15 +488,12 @@ def load_config(argv: list[str] | None = None) -> Config:
             Config,
             default=default,
             args=argv,
+            prog=prog,
             use_underscores=True,
             description=description,
             config=(tyro.conf.FlagConversionOff,),  # booleans take a value, as in TOML: --data.shuffle false
         )
     _check_finite(cfg)
-    from models import MODELS  # the registry (imports torchrec), so not at module level
-
-    if cfg.model.name not in MODELS:
-        raise ConfigError(f"model.name '{cfg.model.name}' is not a model here; choose from {', '.join(MODELS)}")
     cfg.explicit = explicit_keys(toml, argv)
     return cfg
 
@@ -515,9 +515,16 @@ def _raise_one_line(event: Any) -> None:
     tyro's framed message (other failures keep tyro's own output)."""
     from tyro import _errors
 
+    flags = getattr(getattr(getattr(event, "argument", None), "lowered", None), "name_or_flags", None)
+    where = f"{'/'.join(flags)}: " if flags else ""
     if isinstance(event, _errors.InstantiationFailure):  # a value a type or a section's check refused
-        flags = getattr(getattr(event.argument, "lowered", None), "name_or_flags", None)
-        raise ConfigError((f"{'/'.join(flags)}: " if flags else "") + event.message)
+        raise ConfigError(where + event.message)
+    if isinstance(event, _errors.InvalidChoice):
+        raise ConfigError(f"{where}{event.value!r} is not one of {', '.join(event.choices)}")
+    if isinstance(event, _errors.BadValue):
+        raise ConfigError(
+            f"{where}expected a value" + (f", got {event.offending_value!r}" if event.offending_value else "")
+        )
     if isinstance(event, _errors.UnrecognizedArgs):
         message = f"unknown flag(s) {' '.join(event.tokens)}"
         for token in event.tokens:

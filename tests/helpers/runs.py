@@ -70,12 +70,12 @@ def start_trainer(
         return subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=out, stderr=err)
 
 
-def run_recsys(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`recsys ARGS` (`python -m launch.cli`)."""
+def run_recsys(*args: str, timeout: int = 600, fault: str = "") -> subprocess.CompletedProcess:
+    """`recsys ARGS` (`python -m launch.cli`), RECSYS_FAULT=`fault` when given."""
     return subprocess.run(
         [sys.executable, "-m", "launch.cli", *args],
         cwd=ROOT,
-        env=_env(),
+        env=_env(fault),
         capture_output=True,
         text=True,
         timeout=timeout,

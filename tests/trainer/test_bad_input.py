@@ -53,7 +53,7 @@ def test_id_out_of_range_names_row_group(tmp_path, tiny_table):
         ("run dir under /proc", "run directory /proc/recsys-run cannot be written"),
         ("label is a feature", "column 'label' is listed as the label and as a dense feature"),
         ("lr -1", "optimizer.dense_lr is -1.0; a learning rate must be >= 0"),
-        ("unknown model", "model.name 'nosuch' is not a model here"),
+        ("unknown model", "--model.name: 'nosuch' is not one of dlrm, dlrm_dcn"),
         ("bad toml", "bad.toml: not valid TOML"),
         ("mlp does not fit", "embedding_dim"),  # a cross-field rule, checked with the derived defaults
     ],

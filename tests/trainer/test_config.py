@@ -41,7 +41,8 @@ def test_unknown_key_and_bad_values_are_errors(tmp_path):
         ("[optimizer]\nsparse_lr = nan\n", "optimizer.sparse_lr is nan"),
         ('[optimizer]\ntable_lr = ["a=-0.5"]\n', "optimizer.table_lr a is -0.5"),
         ("[checkpoint]\npreempt_grace_s = inf\n", "checkpoint.preempt_grace_s is inf; expected a finite number"),
-        ('[model]\nname = "nosuch"\n', "model.name 'nosuch' is not a model here; choose from dlrm, "),
+        ('[model]\nname = "nosuch"\n', "name = 'nosuch' should be one of 'dlrm', 'dlrm_dcn'"),
+        ('[sharding]\nsharding_types = ["table_wise", "rows"]\n', "should be a list, each one of 'table_wise', "),
     ],
 )
 def test_a_bad_config_file_is_one_config_error(tmp_path, toml, message):
@@ -59,10 +60,20 @@ def test_a_bad_config_file_is_one_config_error(tmp_path, toml, message):
         (["--training.epochs", "two"], "^--training.epochs: invalid literal for int"),
         (["--training.epoch", "2"], r"^unknown flag\(s\) --training.epoch 2 \(did you mean --training.epochs\?\)"),
         (["--data.batch_size", "0"], "^data.batch_size and data.eval_batch_size must be positive$"),
-        (["--model", "nosuch"], "^model.name 'nosuch' is not a model here"),
+        (["--model", "nosuch"], "^--model.name: 'nosuch' is not one of dlrm, "),
+        (["--optimizer.dense", "lamb"], "^--optimizer.dense: 'lamb' is not one of adam, adamw, adagrad, sgd$"),
+        (["--sharding.sharding_types", "table_wise", "rows"], "^--sharding.sharding_types: 'rows' is not one of "),
+        (["--data.batch_size"], "^--data.batch_size: expected a value"),
     ],
 )
 def test_a_bad_flag_is_one_line_not_a_box(flags, message, capsys):
     with pytest.raises(ConfigError, match=message):
         load_config(flags)
     assert capsys.readouterr().err == ""  # tyro's framed message was turned into the error
+
+
+def test_a_section_built_in_python_checks_its_choices():
+    from trainer.config import OptimizerConfig
+
+    with pytest.raises(ValueError, match="optimizer.lr_schedule: 'step' is not one of constant, linear"):
+        OptimizerConfig(lr_schedule="step")
