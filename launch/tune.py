@@ -292,13 +292,7 @@ def config_knobs(extra: list[str]) -> set[str]:
 
 def flatten(cfg: Any) -> dict[str, Any]:
     """A Config as {"section.key": value}."""
-    out = {}
-    for key, value in dataclasses.asdict(cfg).items():
-        if isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            out[key] = value
-    return out
+    return cfg.knobs()
 
 
 def run_headline(cfg: Any, schema: Any) -> Headline:

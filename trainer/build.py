@@ -22,6 +22,7 @@ from trainer.checkpoint.resume import checkpoint_root
 from trainer.config import Config, ConfigError
 from trainer.distributed import DistEnv, plan_with_estimate, shard_model
 from trainer.optim import apply_sparse_optimizer, build_optimizer
+from trainer.tracking import missing_packages
 
 
 def preflight(cfg: Config) -> DatasetSchema:
@@ -31,8 +32,16 @@ def preflight(cfg: Config) -> DatasetSchema:
     for split in SPLITS:
         check_files(schema, split)
     run_dir = Path(cfg.run_dir)
-    for what, path in (("run directory", run_dir), ("TensorBoard directory", run_dir / "tb")):
+    checked = [("run directory", run_dir)]
+    checked += [("TensorBoard directory", run_dir / "tb")] if "tensorboard" in cfg.logging.backends else []
+    for what, path in checked:
         check_writable(path, what)
+    missing = missing_packages(cfg.logging)
+    if missing:
+        raise ConfigError(
+            f"logging.backends {' '.join(missing)}: not installed here (pip install 'recsys-trainer[tracking]', "
+            "or pick other backends)"
+        )
     if cfg.checkpoint.enabled:
         check_writable(checkpoint_root(cfg), "checkpoint.dir")
     return schema

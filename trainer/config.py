@@ -26,6 +26,7 @@ import tyro
 
 from data_pipeline.config import DataConfig, check_choices
 from models.config import ModelConfig
+from trainer.tracking import LoggingConfig
 
 MODEL_PARALLEL_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
 SHARDING_TYPES = (*MODEL_PARALLEL_TYPES, "data_parallel")
@@ -334,6 +335,7 @@ class Config:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     explicit: tyro.conf.Suppress[frozenset[str]] = field(default_factory=frozenset, compare=False, repr=False)
     """(Not a knob.) The `section.key` names the config file or the command line set: derived
     defaults never replace them."""
@@ -343,6 +345,17 @@ class Config:
     def __post_init__(self) -> None:
         if not self.run_dir:
             self.run_dir = str(Path("runs") / (Path(self.config).stem if self.config else "default"))
+
+    def knobs(self) -> dict[str, Any]:
+        """Every knob as {"section.key": value} (what experiment trackers get as parameters)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                out.update({f"{f.name}.{k}": v for k, v in dataclasses.asdict(value).items()})
+            elif f.name not in NOT_KNOBS:
+                out[f.name] = value
+        return out
 
     def to_toml(self) -> str:
         """The resolved config as TOML (what `--config` reads back)."""

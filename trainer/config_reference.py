@@ -19,10 +19,11 @@ from trainer.config import ALIASES, NOT_KNOBS, Config, toml_value
 
 HEADER = """# Config reference
 
-One typed tree of dataclasses (`trainer/config.py`, `data_pipeline/config.py`, `models/config.py`),
-read from TOML (`--config FILE`: `[section]` tables of `key = value`) and overridden on the command
-line with `--section.key VALUE` (lists: `--section.key A B`; booleans: `true`/`false`). Every knob
-has the one name below everywhere: TOML, the command line, the run's resolved `config.toml`.
+One typed tree of dataclasses (`trainer/config.py`, `data_pipeline/config.py`, `models/config.py`,
+`trainer/tracking.py`), read from TOML (`--config FILE`: `[section]` tables of `key = value`) and
+overridden on the command line with `--section.key VALUE` (lists: `--section.key A B`; booleans:
+`true`/`false`). Every knob has the one name below everywhere: TOML, the command line, the run's
+resolved `config.toml`.
 Aliases: {aliases}, `--run-dir` = `run_dir`.
 `python -m trainer --help` prints the same.
 

@@ -4,11 +4,12 @@
     plan.txt        the sharding plan
     metrics.jsonl   one JSON record per log/eval event
     summary.json    final figures (written atomically at the end)
-    tb/             TensorBoard curves
+    tb/             TensorBoard curves (logging.backends; MLflow and W&B: trainer/tracking.py)
 
-The log is a Stateful part of a checkpoint: its state is how far metrics.jsonl had got. Loading it
-cuts the file back there (the records a failed attempt wrote after the checkpoint go) and tells
-TensorBoard to drop that attempt's later events.
+The log is a Stateful part of a checkpoint: its state is how far metrics.jsonl had got and the
+trackers' run ids. Loading it cuts the file back there (the records a failed attempt wrote after
+the checkpoint go), tells TensorBoard to drop that attempt's later events, and has MLflow / W&B go
+on in the same run.
 """
 
 from __future__ import annotations
@@ -19,22 +20,29 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.atomic import write_text_atomic
+from trainer.tracking import LoggingConfig, Tracker, open_trackers
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class RunLog:
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True) -> None:
+    def __init__(
+        self, run_dir: str | Path, enabled: bool, tracking: LoggingConfig | None = None, params: dict | None = None
+    ) -> None:
         self.dir = Path(run_dir)
         self.enabled = enabled
-        self.tensorboard = tensorboard
+        self.tracking = LoggingConfig() if tracking is None else tracking
+        self.params = params or {}
+        """The resolved config as `section.key` -> value, for the trackers."""
+        self.run_ids: dict[str, str] = {}
+        """Each tracker's run id (from a checkpoint when resumed)."""
         self.last_step = 0
         """The step of the latest record."""
         self.dropped_records = 0
         """Records of a failed attempt cut from metrics.jsonl by `load_state_dict`."""
         self._purge_step: int | None = None
         self._metrics = None
-        self._tb = None
+        self._trackers: dict[str, Tracker] = {}
         if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -51,26 +59,25 @@ class RunLog:
             return
         if self._metrics is None:  # opened at the first record, after any load_state_dict
             self._metrics = self.metrics_path.open("a")
-            if self.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.dir / "tb"), purge_step=self._purge_step)
+            self._trackers = open_trackers(self.tracking, self.dir, self.run_ids, self._purge_step)
+            self.run_ids = {name: t.run_id for name, t in self._trackers.items() if t.run_id}
+            for tracker in self._trackers.values():
+                tracker.log_config(self.params)
         self.last_step = step
         self._metrics.write(json.dumps({"time": round(time.time(), 3), "phase": phase, "step": step, **values}) + "\n")
         self._metrics.flush()
-        if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"{phase}/{key}", value, step)
+        for tracker in self._trackers.values():
+            tracker.log(phase, step, values)
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict:
         size = self.metrics_path.stat().st_size if self.enabled and self.metrics_path.is_file() else 0
-        return {"metrics_bytes": size, "step": self.last_step}
+        return {"metrics_bytes": size, "step": self.last_step, "run_ids": dict(self.run_ids)}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         """Cut metrics.jsonl back to its size at the checkpoint; TensorBoard drops the events from
-        the step after its last record on."""
+        the step after its last record on; the trackers go on in their runs."""
         self.last_step = state["step"]
+        self.run_ids = dict(state.get("run_ids", {}))  # (checkpoints before tracking have none)
         self._purge_step = state["step"] + 1
         if not self.enabled or not self.metrics_path.is_file():
             return
@@ -82,8 +89,14 @@ class RunLog:
                 self.dropped_records = f.read().count(b"\n")
                 f.truncate(state["metrics_bytes"])
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """End the run's records: the run's files to the trackers, and the status (FINISHED,
+        KILLED: stopped to be resumed, FAILED). Safe to call twice."""
         if self._metrics is not None:
             self._metrics.close()
-        if self._tb is not None:
-            self._tb.close()
+            self._metrics = None
+        files = [self.dir / name for name in ("config.toml", "plan.txt", "summary.json")]
+        trackers, self._trackers = self._trackers, {}
+        for tracker in trackers.values():
+            tracker.log_files([f for f in files if f.is_file()])
+            tracker.close(status)

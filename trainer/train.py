@@ -90,7 +90,7 @@ class Trainer:
             opt.plateau_patience,
             self.evaluator.headline.higher_is_better,
         )
-        self.log = RunLog(cfg.run_dir, enabled=env.is_main)
+        self.log = RunLog(cfg.run_dir, enabled=env.is_main, tracking=cfg.logging, params=cfg.knobs())
         parts = {"train": self.state, "lr": self.lr, "best": self.best, "run_log": self.log}
         self.checkpoints = Checkpointer(cfg, env, self.model, self.optimizer, schema, parts, data_files)
 
@@ -122,9 +122,13 @@ class Trainer:
         """Train to the end (or to training.stop_at_step, or a preemption signal), test, and return
         the summary (with `exit_code` when the run stopped for a signal)."""
         self.preempt.install()
+        status = "FAILED"
         try:
-            return self._run()
+            summary = self._run()
+            status = "FINISHED" if "test" in summary else "KILLED"  # KILLED: stopped here, to be resumed
+            return summary
         finally:
+            self.log.close(status)
             self.preempt.uninstall()
 
     def _run(self) -> dict:
@@ -360,7 +364,6 @@ class Trainer:
     def _stop(self) -> dict:
         """training.stop_at_step: the checkpoint is saved; exit as a pre-empted job would."""
         self.checkpoints.wait()
-        self.log.close()
         if self.env.is_main:
             path = self.checkpoints.path_of(self.state.step)
             where = f"; checkpoint {path}" if path else " (checkpoints are off)"
@@ -375,7 +378,6 @@ class Trainer:
         exit 128 + the signal's number; the same command resumes."""
         self._save()
         self.checkpoints.wait()
-        self.log.close()
         if self.env.is_main:
             path = self.checkpoints.path_of(self.state.step)
             seconds = time.monotonic() - self.preempt.received_at if self.preempt.received else None
@@ -424,7 +426,6 @@ class Trainer:
         self.log.record("test", tested_step, **test)
         summary = self._summary(test, tested_step)
         self.log.write_file("summary.json", json.dumps(summary, indent=2) + "\n")
-        self.log.close()
         if self.env.is_main:
             oracle = f" (oracle auc {summary['oracle_auc']:.4f})" if summary["oracle_auc"] else ""
             print(

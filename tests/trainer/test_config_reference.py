@@ -27,7 +27,7 @@ def test_the_reference_lists_every_leaf_with_its_default():
     ]
     leaves = sum(len(dataclasses.fields(section)) for section in sections)
     # every section's fields, plus config, run_dir and derive_defaults
-    assert len(sections) == 6 and len(table) == leaves + 3
+    assert len(sections) == 7 and len(table) == leaves + 3
 
 
 def test_field_docs_reads_the_docstring_under_each_field():
