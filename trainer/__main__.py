@@ -25,13 +25,13 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.dirlock import DirInUse, DirLock
-from data_pipeline.schema import DataError
+from data_pipeline.schema import DataError, DatasetSchema
 from trainer.build import preflight
 from trainer.checkpoint import CheckpointError, find_resume
 from trainer.checkpoint.store import OutOfSpace
-from trainer.config import load_config
+from trainer.config import Config, load_config
 from trainer.defaults import resolve
-from trainer.distributed import PlanError, destroy_distributed, init_distributed, raise_on_every_rank
+from trainer.distributed import DistEnv, PlanError, destroy_distributed, init_distributed, raise_on_every_rank
 from trainer.guard import Diverged
 from trainer.train import Trainer
 
@@ -81,6 +81,21 @@ def _join_attempt_process_group() -> None:
     )
 
 
+def train_rank(cfg: Config, env: DistEnv, schema: DatasetSchema) -> dict:
+    """This rank's part of the run, in its process group: the run directory's lock (rank 0), the
+    checkpoint to resume, training; returns the summary. Errors are raised (main turns them into
+    `error:` lines; the Python API, trainer.api, lets them through)."""
+    lock = DirLock(cfg.run_dir, "run directory")
+    try:
+        raise_on_every_rank(lambda: lock.acquire() if env.is_main else None, DirInUse)
+        if lock.note:
+            print(f"note: {lock.note}")
+        resume = find_resume(cfg, env, schema)
+        return Trainer(cfg, env, schema, resume).run()
+    finally:
+        lock.release()
+
+
 def main(argv: list[str] | None = None) -> int:
     # A rank that crashes in native code (SIGSEGV, or SIGABRT from glibc's heap checks) prints
     # every thread's Python stack first, so the job's log says where it was.
@@ -96,13 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _join_attempt_process_group()
     env = init_distributed()
-    lock = DirLock(cfg.run_dir, "run directory")
     try:
-        raise_on_every_rank(lambda: lock.acquire() if env.is_main else None, DirInUse)
-        if lock.note:
-            print(f"note: {lock.note}")
-        resume = find_resume(cfg, env, schema)
-        summary = Trainer(cfg, env, schema, resume).run()
+        summary = train_rank(cfg, env, schema)
     except DirInUse as e:
         if env.is_main:
             print(f"error: {e}", file=sys.stderr)
@@ -132,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        lock.release()
         destroy_distributed()
     return summary.get("exit_code", 0)  # 128 + the signal's number after a preemption
 
