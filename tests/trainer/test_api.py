@@ -39,7 +39,7 @@ def test_the_documented_example_runs_as_written_under_a_kernel_argv(tmp_path):
         [
             "import sys, json",
             "sys.argv = ['ipykernel_launcher.py', '-f', '/tmp/kernel-1.json']  # what Jupyter passes",
-            example.replace("summary = train(cfg, nproc_per_node=2)", "one = summary\nsummary = train(cfg, nproc_per_node=2)"),
+            example.replace("summary = train(cfg, nproc", "one = summary\nsummary = train(cfg, nproc"),
             f"json.dump({{'one': one, 'two': summary}}, open({str(results)!r}, 'w'))",
         ]
     )
