@@ -6,12 +6,22 @@ Shared by `dataset.json`, the preparers' Parquet/JSON/npz files and the trainer'
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+from data_pipeline.storage import is_local
 
 
 def write_atomic(path: Path, write) -> None:
     """Call `write(tmp_path)`, then rename the result to `path` (same directory, so the rename is
-    atomic); the temporary file is removed if `write` fails."""
+    atomic); the temporary file is removed if `write` fails. On an object store (no rename) the
+    file is written locally and uploaded as one object: a PUT is all or nothing there."""
+    if not is_local(path):
+        with tempfile.TemporaryDirectory(prefix="recsys-upload-") as folder:
+            tmp = Path(folder) / path.name
+            write(tmp)
+            path.fs.put_file(str(tmp), path.path)
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)

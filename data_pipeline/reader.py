@@ -50,7 +50,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -58,6 +57,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.batch import Batch, BatchLayout, RowStore, Runs, pad_batch
 from data_pipeline.config import DataConfig
 from data_pipeline.schema import DataError, DatasetSchema, check_files, check_row_group
+from data_pipeline.storage import parquet_file
 
 DEFAULT_SHUFFLE_BUFFER_ROWS = DataConfig.shuffle_buffer_rows
 
@@ -79,7 +79,7 @@ class RowGroup:
 def list_row_groups(files: list[Path]) -> list[RowGroup]:
     groups = []
     for path in files:
-        metadata = pq.ParquetFile(path).metadata
+        metadata = parquet_file(path).metadata
         groups += [RowGroup(path, i, metadata.row_group(i).num_rows) for i in range(metadata.num_row_groups)]
     return groups
 
@@ -224,7 +224,7 @@ class ParquetBatches(IterableDataset):
             # memory would grow with the number of files. pre_buffer: one coalesced read per row
             # group (also pyarrow.parquet.read_table's default). use_threads=False: one core per
             # worker; parallelism comes from the workers, not Arrow's thread pool.
-            with pq.ParquetFile(group.file, pre_buffer=True) as file:
+            with parquet_file(group.file, pre_buffer=True) as file:
                 if piece.stop == group.rows:
                     table = file.read_row_group(group.index, columns=columns, use_threads=False)
                 else:  # decode no further than the piece's last row

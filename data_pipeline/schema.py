@@ -16,9 +16,9 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from data_pipeline.atomic import write_text_atomic
+from data_pipeline.storage import StorageError, location, parquet_file
 
 SCHEMA_FILE = "dataset.json"
 FORMAT_VERSION = 1
@@ -44,7 +44,9 @@ class SparseFeature:
 @dataclass
 class SplitInfo:
     path: str
-    """Directory (relative to the dataset root) holding this split's `*.parquet` files."""
+    """Directory (relative to the dataset root) holding this split's `*.parquet` files, directly or
+    in Hive-style partition folders (`dt=2024-01-01/part-0.parquet`; the partition values are not
+    columns)."""
     rows: int | None = None
     oracle_auc: float | None = None
     """AUC of the true click probabilities (synthetic data only): the best any model can do."""
@@ -80,7 +82,9 @@ class DatasetSchema:
         if split not in self.splits:
             raise DataError(f"{self.root / SCHEMA_FILE}: no split '{split}' (splits: {sorted(self.splits)})")
         split_dir = self.root / self.splits[split].path
-        files = sorted(split_dir.glob("*.parquet"))
+        files = sorted(split_dir.rglob("*.parquet"), key=lambda f: relative(f, split_dir))
+        # Spark's and Hive's bookkeeping (_temporary/, .hive-staging/, _SUCCESS) is not data
+        files = [f for f in files if not any(part[0] in "._" for part in relative(f, split_dir).split("/"))]
         if not files:
             raise DataError(f"split '{split}': no *.parquet files in {split_dir}")
         return files
@@ -107,9 +111,14 @@ class DatasetSchema:
     @classmethod
     def load(cls, root: str | Path) -> DatasetSchema:
         """The dataset at `root`: its dataset.json, checked."""
-        root = Path(root)
-        if not root.is_dir():
-            raise DataError(f"dataset directory {root} does not exist")
+        try:
+            root = location(root)
+            if not root.is_dir():
+                raise DataError(f"dataset directory {root} does not exist")
+        except StorageError as e:
+            raise DataError(str(e)) from None
+        except OSError as e:  # an object store that refuses: credentials, a missing bucket
+            raise DataError(f"dataset directory {root} cannot be read ({type(e).__name__}: {e})") from None
         path = root / SCHEMA_FILE
         if not path.is_file():
             raise DataError(f"{path} not found: a dataset is a directory of Parquet files plus {SCHEMA_FILE}")
@@ -123,7 +132,7 @@ class DatasetSchema:
     def from_json(cls, raw: dict, root: str | Path, where: str | None = None) -> DatasetSchema:
         """A schema from dataset.json's contents (also as stored in checkpoints and model files),
         checked; `where` names the source in errors."""
-        root = Path(root)
+        root = location(root)
         where = where or str(root / SCHEMA_FILE)
         try:
             schema = cls(
@@ -234,7 +243,7 @@ def check_files(schema: DatasetSchema, split: str) -> list[Path]:
     rows = 0
     for path in files:
         try:
-            metadata = pq.read_metadata(path)
+            metadata = parquet_file(path).metadata
             arrow_schema = metadata.schema.to_arrow_schema()
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{path}: not a readable Parquet file (truncated or corrupt? {e})") from None
@@ -273,13 +282,19 @@ def split_identity(schema: DatasetSchema, split: str) -> list[list[str]]:
     changed, without reading the data (a Parquet footer holds the row count and every row
     group's size and column statistics, so rewritten contents change it)."""
     out = []
+    split_dir = schema.root / schema.splits[split].path
     for path in schema.split_files(split):
         with path.open("rb") as f:
             f.seek(-8, 2)
             length = int.from_bytes(f.read(4), "little")
             f.seek(-8 - length, 2)
-            out.append([path.name, hashlib.sha256(f.read(length)).hexdigest()[:16]])
+            out.append([relative(path, split_dir), hashlib.sha256(f.read(length)).hexdigest()[:16]])
     return out
+
+
+def relative(path: Path, folder: Path) -> str:
+    """`path` below `folder` as a/b/c: the file's name in a flat split, its partition folders too."""
+    return str(path)[len(str(folder)) :].strip("/")
 
 
 def split_digest(schema: DatasetSchema, split: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 
 from data_pipeline.reader import ParquetBatches, RankLoader
 from data_pipeline.schema import SPLITS, DatasetSchema, check_files
+from data_pipeline.storage import is_local
 from models import build_model
 from models.penalty import penalise
 from trainer.checkpoint.resume import checkpoint_root
@@ -50,7 +52,16 @@ def preflight(cfg: Config) -> DatasetSchema:
 def check_writable(path: Path, what: str) -> None:
     """Raise ConfigError unless `path` is a directory this process can create entries in, or can
     be created: a probe directory is made (and removed) in its nearest existing ancestor, so
-    nothing is left behind, even in a run directory another run holds."""
+    nothing is left behind, even in a run directory another run holds. On an object store, an
+    empty probe object is written and deleted (credentials, bucket and permissions, all at once)."""
+    if not is_local(path):
+        probe = path / f".write-probe-{uuid.uuid4().hex}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except Exception as e:  # botocore's and the other stores' errors share no base class
+            raise ConfigError(f"{what} {path} cannot be written: {type(e).__name__}: {e}") from None
+        return
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -23,12 +23,12 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
 from data_pipeline.batch import Batch, pad_batch, table_to_batch
 from data_pipeline.schema import SPLITS, DatasetSchema
+from data_pipeline.storage import read_table
 from trainer.metrics import top_k_metrics
 
 Encoder = Callable[[Batch], tuple[torch.Tensor, ...]]
@@ -65,7 +65,7 @@ def _batches(table: pa.Table, schema: DatasetSchema, batch_size: int, count: int
 
 def _positives(schema: DatasetSchema, split: str, user: str, item: str) -> tuple[np.ndarray, np.ndarray]:
     """(user ids, item ids) of the split's rows with label 1."""
-    tables = [pq.read_table(f, columns=[user, item, schema.label]) for f in schema.split_files(split)]
+    tables = [read_table(f, columns=[user, item, schema.label]) for f in schema.split_files(split)]
     table = pa.concat_tables(tables)
     table = table.filter(
         pc.and_(pc.greater(table[schema.label], 0), pc.and_(pc.is_valid(table[user]), pc.is_valid(table[item])))
@@ -124,10 +124,10 @@ class CatalogueRetrieval:
         sizes = {f.name: f.num_embeddings for f in schema.sparse}
         self.num_items = sizes[item_feature]
         self.positives = {split: _positives(schema, split, user_feature, item_feature) for split in SPLITS}
-        items = pq.read_table(schema.root / schema.extra["items"])
+        items = read_table(schema.root / schema.extra["items"])
         self.items = items.filter(pc.is_valid(items[item_feature]))
         self.item_ids = torch.from_numpy(self.items[item_feature].to_numpy().astype(np.int64))
-        self.users = pq.read_table(schema.root / schema.extra["users"])
+        self.users = read_table(schema.root / schema.extra["users"])
         self.popularity = torch.from_numpy(
             np.bincount(self.positives["train"][1], minlength=self.num_items).astype(np.float32)
         )

@@ -28,9 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import pyarrow.parquet as pq
-
 from data_pipeline.schema import DatasetSchema, check_files
+from data_pipeline.storage import parquet_file
 from models.config import DEEP_MODELS, DLRM_MODELS
 from trainer.config import getattr_path
 
@@ -69,7 +68,7 @@ class DataShape:
         # dataset.json's count, which preflight's check_files has held the files to; footers if absent
         rows = schema.splits["train"].rows
         if rows is None:
-            rows = sum(pq.ParquetFile(f).metadata.num_rows for f in check_files(schema, "train"))
+            rows = sum(parquet_file(f).metadata.num_rows for f in check_files(schema, "train"))
         tables = tuple(f.num_embeddings for f in schema.sparse)
         return cls(rows, world_size, len(schema.dense), tables)
 

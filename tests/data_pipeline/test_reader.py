@@ -9,7 +9,7 @@ import torch
 
 from data_pipeline.batch import BatchLayout, RowStore, table_to_batch
 from data_pipeline.reader import ParquetBatches, RankLoader
-from data_pipeline.schema import SparseFeature
+from data_pipeline.schema import SparseFeature, check_files
 from tests.helpers.data import TINY_SPARSE, write_dataset
 from tests.helpers.runs import ROOT
 
@@ -106,6 +106,29 @@ def _nulls_table(start: int, n: int) -> pa.Table:
             "m": pa.array([None if i % 5 == 0 else [int(i % 50)] * int(i % 3) for i in ids], pa.list_(pa.int64())),
         }
     )
+
+
+def test_hive_partitioned_split_reads_its_files_in_path_order_and_skips_bookkeeping(tmp_path):
+    # Spark/Hive write a split as dt=.../part-*.parquet, plus _SUCCESS, _temporary/ and .hive-staging/
+    schema = _rows_dataset(tmp_path)  # train/part-00000 (rows 0-999), -00001 (1000-1749), -00002 (1750-2299)
+    train = tmp_path / "train"
+    moves = {"part-00000": "dt=2024-01-01", "part-00001": "dt=2024-01-02", "part-00002": "dt=2024-01-01"}
+    for name, folder in moves.items():
+        (train / folder).mkdir(exist_ok=True)
+        (train / f"{name}.parquet").rename(train / folder / f"{name}.parquet")
+    (train / "_SUCCESS").write_text("")
+    for junk in ("_temporary/0/part-00009.parquet", ".hive-staging/part-00000.parquet"):
+        (train / junk).parent.mkdir(parents=True)
+        (train / junk).write_bytes(b"not parquet: a writer's leftovers")
+    assert [str(f.relative_to(train)) for f in schema.split_files("train")] == [
+        "dt=2024-01-01/part-00000.parquet",
+        "dt=2024-01-01/part-00002.parquet",
+        "dt=2024-01-02/part-00001.parquet",
+    ]
+    check_files(schema, "train")  # row counts and column types of the partition files
+    batches = ParquetBatches(schema, "train", batch_size=128, drop_last=False)
+    rows = [int(x) for b in batches for x in b.dense[b.weights > 0, 0]]
+    assert rows == list(range(1000)) + list(range(1750, 2300)) + list(range(1000, 1750))
 
 
 NULLS_SPARSE = [SparseFeature("a", 50), SparseFeature("m", 50, True)]

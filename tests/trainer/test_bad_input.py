@@ -99,3 +99,19 @@ def test_bad_rows_found_by_one_of_two_ranks_are_one_error_without_torchruns_repo
     result = run_recsys("train", *args)
     _assert_clear_error(result, "error (rank 1)", "part-00000.parquet row group 3", "'a'", "outside [0, 10)")
     assert "ChildFailedError" not in result.stderr and "Root Cause" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--data", "gs://bucket/d"], "gs://bucket/d: reading gs:// needs the gcsfs package (pip install gcsfs)"),
+        (["--data", "nosuch://bucket/d"], "nosuch://bucket/d: no file system for nosuch://"),
+        (["--data", "s3://no-such-bucket/d"], "dataset directory s3://no-such-bucket/d does not exist"),
+        (["--checkpoint.dir", "s3://no-such-bucket/ckpt"], "checkpoint.dir s3://no-such-bucket/ckpt cannot be written"),
+    ],
+)
+def test_an_object_store_url_that_cannot_be_used_is_one_error(tmp_path, tiny_table, s3, flags, message):
+    schema = _dataset(tmp_path, tiny_table)
+    data = [] if flags[0] == "--data" else ["--data", str(schema.root)]
+    result = run_recsys("train", *data, "--run-dir", str(tmp_path / "run"), *flags)
+    _assert_clear_error(result, message)

@@ -34,10 +34,12 @@ def test_mlflow_gets_params_metrics_and_files_and_a_resumed_run_stays_one_run(tm
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    artifacts = tmp_path / "artifacts"  # MLflow's default is ./mlruns in the trainer's working directory
+    mlflow.create_experiment("ctr", artifact_location=artifacts.as_uri())
     run_dir = tmp_path / "run"
     backends = ["--logging.backends", "tensorboard", "mlflow", "--logging.experiment", "ctr"]
     stop_at_10(data, run_dir, *backends)
-    mlflow.set_tracking_uri(uri)
     (stopped,) = mlflow.search_runs(experiment_names=["ctr"], output_format="list")
     assert stopped.info.status == "KILLED" and stopped.info.run_name == "run"
 
@@ -55,6 +57,7 @@ def test_mlflow_gets_params_metrics_and_files_and_a_resumed_run_stays_one_run(tm
     assert run.data.metrics["test/auc"] == pytest.approx(summary["test"]["auc"])
     files = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert files == {"config.toml", "plan.txt", "summary.json"}
+    assert (artifacts / run.info.run_id / "artifacts" / "plan.txt").is_file()
     assert (run_dir / "tb").is_dir()
 
 

@@ -23,7 +23,6 @@ pickled `.metadata` through `trainer.checkpoint.safe_reader`, which admits nothi
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,11 +33,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter  # not re-exported by the package
 
 from data_pipeline.schema import DatasetSchema, split_digest
+from data_pipeline.storage import is_local
 from trainer.checkpoint import reshard, store
 from trainer.checkpoint.resume import Resume, checkpoint_root
-from trainer.checkpoint.safe_reader import SafeReader, read_metadata
+from trainer.checkpoint.safe_reader import read_metadata, safe_reader
 from trainer.checkpoint.store import CheckpointError, step_dir_name
 from trainer.config import Config
 from trainer.distributed import DistEnv, raise_on_every_rank
@@ -47,6 +48,13 @@ from trainer.state import RngState
 
 # torchrec's sharded tables are ShardedTensors; torch warns about them on every size() and save.
 warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
+
+
+def dcp_writer(directory: Path) -> dcp.StorageWriter:
+    """DCP's writer for a local directory (files synced before the commit) or an fsspec URL."""
+    if is_local(directory):
+        return dcp.FileSystemWriter(directory, sync_files=True)
+    return FsspecWriter(str(directory), sync_files=False)
 
 
 class Stateful(Protocol):
@@ -124,15 +132,14 @@ class Checkpointer:
         self.wait()  # one save in flight at most; its error, if any, surfaces here
         start = time.perf_counter()
         name = step_dir_name(step)
-        tmp, final = self.root / f".tmp-{name}", self.root / name
+        tmp, final = store.staging(self.root, name), self.root / name
         if self.env.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+            store.begin(self.root, name)
         dist.barrier()
         try:
-            torch.save(RngState.state_dict(), tmp / f"rank-{self.env.rank:05d}.pt")
-            writer = dcp.FileSystemWriter(tmp, sync_files=True)
+            with (tmp / f"rank-{self.env.rank:05d}.pt").open("wb") as f:
+                torch.save(RngState.state_dict(), f)
+            writer = dcp_writer(tmp)
             if self._executor is None:
                 dcp.save(self.tensors(), storage_writer=writer)
                 self._commit(None, step, parts, keep, tmp, final, start)
@@ -223,7 +230,7 @@ class Checkpointer:
             return reshard.convertible_states(tensors, metadata)
 
         converted = raise_on_every_rank(check, CheckpointError)
-        dcp.load(tensors, storage_reader=SafeReader(path))
+        dcp.load(tensors, storage_reader=safe_reader(path))
         for (param, key), (full, widths, original) in converted.items():
             reshard.set_rowwise_state(original, full, widths)
             tensors["optim"][param][key] = original
@@ -238,7 +245,8 @@ class Checkpointer:
         self.saved_step = resume.meta["step"]
         rng = path / f"rank-{self.env.rank:05d}.pt"
         if resume.meta["world_size"] == self.env.world_size and rng.is_file():
-            return torch.load(rng, weights_only=True), notes
+            with rng.open("rb") as f:
+                return torch.load(f, weights_only=True), notes
         notes.append(
             f"saved on {resume.meta['world_size']} ranks, resumed on {self.env.world_size}: RNG states not restored"
         )
@@ -249,7 +257,7 @@ class Checkpointer:
         tensors = {"model": self.model.state_dict()}
         metadata = read_metadata(path)
         raise_on_every_rank(lambda: reshard.check_shapes(tensors, metadata, path), CheckpointError)
-        dcp.load(tensors, storage_reader=SafeReader(path))
+        dcp.load(tensors, storage_reader=safe_reader(path))
 
     def init_from(self, path: Path) -> str:
         """The model weights of checkpoint `path` that fit (fine-tuning); a report of what was
@@ -269,4 +277,4 @@ class Checkpointer:
     def path_of(self, step: int) -> Path | None:
         """The committed checkpoint of `step`, if it exists."""
         path = self.root / step_dir_name(step)
-        return path if path in store.committed(self.root) else None
+        return path if str(path) in map(str, store.committed(self.root)) else None

@@ -23,7 +23,7 @@ from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from trainer.checkpoint.safe_reader import SafeReader, read_metadata
+from trainer.checkpoint.safe_reader import read_metadata, safe_reader
 from trainer.checkpoint.store import CheckpointError
 
 
@@ -179,7 +179,7 @@ def init_from(model: nn.Module, path: Path) -> str:
         raise CheckpointError(f"init_from {path}:\n  " + "\n  ".join(errors))
     if not loaded and not resized:
         raise CheckpointError(f"init_from {path}: no tensor of the checkpoint fits this model (another model?)")
-    dcp.load({"model": targets}, storage_reader=SafeReader(path))
+    dcp.load({"model": targets}, storage_reader=safe_reader(path))
     lines = [
         f"init_from {path}: {len(loaded)} tensors loaded as saved, {len(resized)} tables resized, "
         f"{len(fresh)} new, {len(changed)} re-initialised (shape changed); optimizer fresh, step 0"

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from data_pipeline.schema import DatasetSchema
+from data_pipeline.storage import location
 from trainer.checkpoint.compat import IncompatibleCheckpoint, check_compatible
 from trainer.checkpoint.store import META, CheckpointError, committed, locate, read_meta, verify_files
 from trainer.config import Config
@@ -32,7 +33,8 @@ class Resume:
 
 
 def checkpoint_root(cfg: Config) -> Path:
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run_dir) / "checkpoints"
+    """checkpoint.dir (a path or an fsspec URL), by default the run directory's checkpoints/."""
+    return location(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run_dir) / "checkpoints"
 
 
 def _verified(path: Path, meta: dict, env: DistEnv, hashes: bool) -> list[str]:

@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader  # not re-exported by the package
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
 
+from data_pipeline.storage import is_local
 from trainer.checkpoint.store import CheckpointError
 
 _ALLOWED: dict[str, set[str]] = {
@@ -50,11 +52,11 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it names {module}.{name}, which a checkpoint's metadata never holds")
 
 
-def _refused(where: Path, why: object) -> CheckpointError:
+def _refused(where: Path | str, why: object) -> CheckpointError:
     return CheckpointError(f"{where}: not a checkpoint this trainer wrote ({why}); refusing to load it")
 
 
-def _checked(metadata: Any, where: Path) -> Metadata:
+def _checked(metadata: Any, where: Path | str) -> Metadata:
     """`metadata` if it is what this trainer's saves write: tensors only, in files of the directory."""
 
     def refuse(why: str) -> CheckpointError:
@@ -78,8 +80,8 @@ def _checked(metadata: Any, where: Path) -> Metadata:
     return metadata
 
 
-class SafeReader(dcp.FileSystemReader):
-    """DCP's file-system reader with `.metadata` read by `_MetadataUnpickler` and checked."""
+class _SafeMetadata:
+    """`read_metadata` of DCP's readers, with `.metadata` read by `_MetadataUnpickler` and checked."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
@@ -87,14 +89,27 @@ class SafeReader(dcp.FileSystemReader):
             with self.fs.create_stream(path, "rb") as stream:
                 metadata = _MetadataUnpickler(stream).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError) as e:
-            raise _refused(Path(path), e) from None
-        metadata = _checked(metadata, Path(path))
+            raise _refused(path, e) from None
+        metadata = _checked(metadata, path)
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
 
+class SafeReader(_SafeMetadata, dcp.FileSystemReader):
+    """DCP's local file-system reader, its metadata read safely."""
+
+
+class SafeFsspecReader(_SafeMetadata, FsspecReader):
+    """DCP's fsspec reader (checkpoints on object stores), its metadata read safely."""
+
+
+def safe_reader(path: Path) -> dcp.StorageReader:
+    """The safe DCP reader for checkpoint directory `path`, local or an fsspec URL."""
+    return SafeReader(path) if is_local(path) else SafeFsspecReader(str(path))
+
+
 def read_metadata(path: Path) -> Metadata:
     """The checked DCP metadata of checkpoint directory `path`."""
-    return SafeReader(path).read_metadata()
+    return safe_reader(path).read_metadata()

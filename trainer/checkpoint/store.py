@@ -12,6 +12,11 @@
         .tmp-step-00000600/     a save in progress, or one a crash interrupted: never read, removed
         .trash-step-.../        a checkpoint being deleted: not a committed name any more
 
+On an object store (checkpoint.dir = s3://..., any fsspec URL) there is no rename: a save writes
+straight into `step-N/` and checkpoint.json, the last object written, is the commit; a `step-N/`
+without it is an interrupted save, never read, and removed at start-up. A delete removes
+checkpoint.json first, so a half-deleted checkpoint is not a committed one either.
+
 No collectives and no torch here: only paths and files.
 """
 
@@ -24,6 +29,8 @@ import os
 import re
 import shutil
 from pathlib import Path
+
+from data_pipeline.storage import is_local, location, refresh, remove_tree
 
 FORMAT = "recsys-trainer checkpoint"
 VERSION = 2
@@ -63,7 +70,8 @@ def _errors(error: BaseException) -> list[BaseException]:
 def check_space(error: BaseException, directory: Path) -> None:
     """Raise OutOfSpace if `error`, raised while writing into `directory`, is a full file system."""
     errors = _errors(error)
-    if not any(getattr(e, "errno", None) in FULL_ERRNOS or any(w in str(e) for w in FULL_WORDS) for e in errors):
+    full = any(getattr(e, "errno", None) in FULL_ERRNOS or any(w in str(e) for w in FULL_WORDS) for e in errors)
+    if not full or not is_local(directory):
         return
     try:
         free = f"{shutil.disk_usage(directory).free / 1e6:.1f} MB free"
@@ -85,6 +93,7 @@ def step_of(path: Path) -> int:
 
 def committed(root: Path) -> list[Path]:
     """The committed checkpoints under `root`, oldest first."""
+    refresh(root)
     if not root.is_dir():
         return []
     found = []
@@ -98,7 +107,10 @@ def committed(root: Path) -> list[Path]:
 def locate(path: str | Path) -> Path:
     """A checkpoint directory; or the latest committed checkpoint of a checkpoints directory or of
     a run directory (its `checkpoints/`)."""
-    path = Path(path)
+    try:
+        path = location(path)
+    except ValueError as e:  # storage.StorageError: a URL this machine cannot open
+        raise CheckpointError(str(e)) from None
     if (path / META).is_file():
         return path
     for root in (path, path / "checkpoints"):
@@ -186,14 +198,39 @@ def verify_files(path: Path, meta: dict, rank: int = 0, world_size: int = 1, has
 
 
 def remove_interrupted(root: Path) -> None:
-    """Delete saves a crash interrupted (.tmp-*) and deletions it cut short (.trash-*)."""
+    """Delete saves a crash interrupted (.tmp-*; on object stores, step-* without checkpoint.json)
+    and deletions it cut short (.trash-*)."""
+    refresh(root)
     if root.is_dir():
         for path in root.iterdir():
-            if path.name.startswith((".tmp-", ".trash-")) and path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
+            local_leftover = path.name.startswith((".tmp-", ".trash-"))
+            remote_leftover = not is_local(root) and STEP_DIR.match(path.name) and not (path / META).is_file()
+            if (local_leftover or remote_leftover) and path.is_dir():
+                remove_tree(path)
+
+
+def staging(root: Path, name: str) -> Path:
+    """Where the files of checkpoint `name` are written before the commit."""
+    return root / f".tmp-{name}" if is_local(root) else root / name
+
+
+def begin(root: Path, name: str) -> Path:
+    """Make an empty staging directory for checkpoint `name` (rank 0, before any rank writes)."""
+    tmp = staging(root, name)
+    root.mkdir(parents=True, exist_ok=True)
+    if is_local(root):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    elif tmp.exists():  # an earlier attempt's files of this step, committed or not
+        _delete(root, tmp)
+    return tmp
 
 
 def _delete(root: Path, path: Path, tag: str = "") -> None:
+    if not is_local(root):
+        (path / META).unlink(missing_ok=True)  # not committed any more, even if the delete stops halfway
+        remove_tree(path)
+        return
     trash = root / f".trash-{path.name}{tag}"
     os.rename(path, trash)  # not a committed name any more, even if the delete stops halfway
     shutil.rmtree(trash, ignore_errors=True)
@@ -201,8 +238,13 @@ def _delete(root: Path, path: Path, tag: str = "") -> None:
 
 def commit(root: Path, tmp: Path, final: Path, meta: dict) -> None:
     """Write checkpoint.json into `tmp` (synced), then rename `tmp` to `final`: the commit. A
-    checkpoint of the same step from an earlier attempt is replaced."""
-    _write_synced(tmp / META, json.dumps(meta, indent=1) + "\n")
+    checkpoint of the same step from an earlier attempt is replaced. On an object store `tmp` is
+    `final` and writing checkpoint.json (one object, whole or absent) is the commit."""
+    text = json.dumps(meta, indent=1) + "\n"
+    if not is_local(root):
+        (final / META).write_text(text)
+        return
+    _write_synced(tmp / META, text)
     _fsync_dir(tmp)
     if final.exists():
         _delete(root, final, f"-{os.getpid()}")

@@ -49,6 +49,7 @@ import torch
 
 from data_pipeline.atomic import write_atomic, write_text_atomic
 from data_pipeline.schema import DataError, DatasetSchema
+from data_pipeline.storage import StorageError, location, parquet_file, read_table
 from trainer.checkpoint import CheckpointError, locate, read_meta
 from trainer.headline import headline
 from trainer.metrics import task_metrics, top_k_metrics
@@ -125,7 +126,8 @@ class Trained:
     """The metric the training run chose its best by (None: not recorded)."""
 
 
-def load_model(checkpoint: Path) -> Trained:
+def load_model(checkpoint: str | Path) -> Trained:
+    checkpoint = location(checkpoint)
     if checkpoint.is_file():
         model, _, schema, blob = load_model_file(checkpoint)
         return Trained(model, schema, checkpoint, int(blob["step"]), blob.get("headline"))
@@ -147,13 +149,13 @@ def read_column(schema: DatasetSchema, split: str, column: str, purpose: str) ->
     """One column of every file of a split, in file order (the order the rows were scored in)."""
     pieces = []
     for file in schema.split_files(split):
-        fields = pq.read_schema(file)
+        fields = parquet_file(file).schema_arrow
         if column not in fields.names:
             raise DataError(f"{file}: no column '{column}' to {purpose} (file has: {', '.join(fields.names)})")
         kind = fields.field(column).type
         if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
             raise DataError(f"{file}: column '{column}' holds lists ({kind}); to {purpose} needs one value per row")
-        piece = pq.read_table(file, columns=[column]).column(column)
+        piece = read_table(file, columns=[column]).column(column)
         if pa.types.is_dictionary(piece.type):
             piece = piece.cast(piece.type.value_type)
         pieces.append(piece if not pieces else piece.cast(pieces[0].type))
@@ -162,7 +164,7 @@ def read_column(schema: DatasetSchema, split: str, column: str, purpose: str) ->
 
 def default_user_column(schema: DatasetSchema, split: str) -> str | None:
     """`user_id` when the split's files have it (MovieLens and the like), else no ranking."""
-    return "user_id" if "user_id" in pq.read_schema(schema.split_files(split)[0]).names else None
+    return "user_id" if "user_id" in parquet_file(schema.split_files(split)[0]).schema_arrow.names else None
 
 
 def _number(value: float) -> str:
@@ -339,13 +341,13 @@ def relevance(scored: Scored, relevant_at: float | None) -> torch.Tensor:
 
 
 def evaluate(
-    checkpoint: Path,
-    data: Path,
+    checkpoint: str | Path,
+    data: str | Path,
     split: str = "test",
     specs: list[SegmentSpec] = (),
     user_column: str | None = None,
     ks: list[int] = (10, 50),
-    out: Path | None = None,
+    out: str | Path | None = None,
     batch_size: int = 8192,
     relevant_at: float | None = None,
 ) -> tuple[dict, Path]:
@@ -385,7 +387,7 @@ def evaluate(
             for code, label in named
             if (codes == code).any()
         ]
-    out = out or default_out(source, split)
+    out = location(out) if out else default_out(source, split)
     write_outputs(out, result, scored, extra)
     return result, out
 
@@ -437,10 +439,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--checkpoint",
         required=True,
-        type=Path,
         help="a checkpoint (step-N), a checkpoints or run directory (its latest), or a model file from `recsys export`",
     )
-    parser.add_argument("--data", required=True, type=Path, help="a dataset directory (dataset.json + Parquet)")
+    parser.add_argument("--data", required=True, help="a dataset directory (dataset.json + Parquet; a path or URL)")
     parser.add_argument("--split", default="test", help="the split to evaluate (default: test)")
     parser.add_argument(
         "--segment-by",
@@ -462,7 +463,7 @@ def main(argv: list[str]) -> int:
         "(default: label > 0 for binary tasks, >= 4 for regression)",
     )
     parser.add_argument(
-        "--out", type=Path, help="output directory (default: <run dir>/eval/<split>, or ./eval/<split>)"
+        "--out", help="output directory, a path or URL (default: <run dir>/eval/<split>, or ./eval/<split>)"
     )
     parser.add_argument("--batch-size", type=int, default=8192)
     args = parser.parse_args(argv)
@@ -479,7 +480,7 @@ def main(argv: list[str]) -> int:
             args.batch_size,
             args.relevant_at,
         )
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(

@@ -41,8 +41,9 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from data_pipeline.atomic import write_atomic
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DataError, DatasetSchema
+from data_pipeline.storage import StorageError, location
 from trainer.checkpoint import CheckpointError, locate, read_meta, step_dir_name, verify_files
-from trainer.checkpoint.safe_reader import SafeReader
+from trainer.checkpoint.safe_reader import safe_reader
 from trainer.config import Config, from_dict
 
 MODEL_FORMAT = "recsys-trainer model"
@@ -52,7 +53,7 @@ MODEL_VERSION = 1
 def checkpoint_tensors(path: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
     """Every tensor under `prefix` ("model" or "optim") of a checkpoint, unsharded, read in this
     process alone (DCP assembles each tensor from the shards every rank wrote)."""
-    reader = SafeReader(path)
+    reader = safe_reader(path)
     metadata = reader.read_metadata()
     lead = prefix + "."
     tensors = {
@@ -93,10 +94,10 @@ def checkpoint_model(path: Path, meta: dict) -> tuple[torch.nn.Module, dict[str,
     return model, state
 
 
-def export(checkpoint: str | Path, out: Path, best: bool = False) -> dict:
+def export(checkpoint: str | Path, out: str | Path, best: bool = False) -> dict:
     """Write the model file of `checkpoint` (a checkpoint, checkpoints or run directory) to `out`;
     with `best`, of the checkpoint of its best validation (kept by checkpoint.keep_best)."""
-    path = locate(checkpoint)
+    path, out = locate(checkpoint), location(out)
     meta = read_meta(path)
     if best:
         step = meta["state"].get("best", {}).get("step")
@@ -126,10 +127,13 @@ def export(checkpoint: str | Path, out: Path, best: bool = False) -> dict:
     return blob
 
 
-def load_model_file(file: Path) -> tuple[torch.nn.Module, Config, DatasetSchema, dict]:
-    """(model in eval mode, config, training dataset schema, the file's contents) of a model file."""
+def load_model_file(file: str | Path) -> tuple[torch.nn.Module, Config, DatasetSchema, dict]:
+    """(model in eval mode, config, training dataset schema, the file's contents) of a model file
+    (a path or an object-store URL)."""
+    file = location(file)
     try:
-        blob = torch.load(file, map_location="cpu", weights_only=True)
+        with file.open("rb") as f:
+            blob = torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"model file {file} does not exist") from None
     except Exception as e:  # not a torch file, truncated, or holding something other than data
@@ -197,7 +201,7 @@ def prediction_columns(
     return columns
 
 
-def predict(model_file: Path, data: Path, split: str, out: Path, batch_size: int = 8192) -> dict:
+def predict(model_file: str | Path, data: str | Path, split: str, out: str | Path, batch_size: int = 8192) -> dict:
     """Score every row of `split` of dataset `data` with a model file; write the predictions to
     `out` (Parquet, atomically). Returns the split's metrics when it has labels."""
     from trainer.metrics import task_metrics
@@ -208,6 +212,7 @@ def predict(model_file: Path, data: Path, split: str, out: Path, batch_size: int
     metrics.update(score, label, weight)
     results = metrics.compute()
     columns = prediction_columns(schema, score, label, weight)
+    out = location(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, lambda tmp: pq.write_table(pa.table(columns), tmp))
     return {"rows": len(score), **results}
@@ -220,7 +225,9 @@ def main_export(argv: list[str]) -> int:
     parser.add_argument(
         "checkpoint", help="a checkpoint (step-N), a checkpoints directory or a run directory (its latest)"
     )
-    parser.add_argument("--out", required=True, type=Path, help="the model file to write (e.g. models/demo.pt)")
+    parser.add_argument(
+        "--out", required=True, help="the model file to write (e.g. models/demo.pt, s3://bucket/demo.pt)"
+    )
     parser.add_argument(
         "--best", action="store_true", help="the checkpoint of the best validation instead of the latest"
     )
@@ -241,16 +248,16 @@ def main_export(argv: list[str]) -> int:
 
 def main_predict(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="recsys predict", description="Score a dataset split with a model file.")
-    parser.add_argument("--model", required=True, type=Path, help="a model file from `recsys export`")
-    parser.add_argument("--data", required=True, type=Path, help="a dataset directory (dataset.json + Parquet)")
+    parser.add_argument("--model", required=True, help="a model file from `recsys export` (a path or URL)")
+    parser.add_argument("--data", required=True, help="a dataset directory (dataset.json + Parquet; a path or URL)")
     parser.add_argument("--split", default="test", help="the split to score (default: test)")
-    parser.add_argument("--out", required=True, type=Path, help="the Parquet file to write")
+    parser.add_argument("--out", required=True, help="the Parquet file to write (a path or URL)")
     parser.add_argument("--batch-size", type=int, default=8192)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         results = predict(args.model, args.data, args.split, args.out, args.batch_size)
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     shown = " ".join(f"{k} {v:.4f}" for k, v in results.items() if k not in ("rows", "ctr"))

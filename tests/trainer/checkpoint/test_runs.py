@@ -350,3 +350,50 @@ def test_init_from_copies_grown_tables_and_initialises_new_ones(data, clean, tmp
     same = [k for k in before if k in after and before[k].shape == after[k].shape]
     assert len(same) == len(before) - 2  # all but t_cat_3 and the top MLP's first layer
     assert all(torch.equal(before[k], after[k]) for k in same)
+
+
+def test_data_and_checkpoints_on_s3_survive_a_crash_inside_a_save_and_resume_bit_identical(data, clean, tmp_path, s3):
+    """Object stores have no rename: the save writes step-N/ in place and checkpoint.json last."""
+    from data_pipeline.storage import location, read_table, refresh
+    from tests.helpers.object_store import upload
+
+    remote_data = upload(data, "datasets/synthetic")
+    checkpoints = "s3://recsys/runs/ckpt"
+    run_dir = tmp_path / "run"
+    args = ["--data", remote_data, "--checkpoint.dir", checkpoints]
+    crashed = run_trainer([*args, "--run-dir", str(run_dir), *ARGS], nproc=2, timeout=300, fault="save@30:1")
+    assert crashed.returncode != 0 and "fails inside the save of step 30" in crashed.stderr, crashed.stderr[-3000:]
+    half = locate(checkpoints).parent / "step-00000030"
+    assert any(half.glob("__1_*.distcp")) and not (half / "checkpoint.json").exists()
+    assert locate(checkpoints).name == "step-00000020"
+
+    resumed = run_trainer([*args, "--run-dir", str(run_dir), *ARGS], nproc=2, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resumed from {checkpoints}/step-00000020 (step 20" in resumed.stdout
+    refresh(half)  # this process listed it before the run
+    steps = [p for p in half.parent.iterdir() if p.name.startswith("step-")]
+    assert steps and all((p / "checkpoint.json").exists() for p in steps)  # nothing half-written is left
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (clean, run_dir))
+    assert {k: a[k] for k in SAME} == {k: b[k] for k in SAME}
+    assert records(clean) == records(run_dir)
+    last = locate(checkpoints)
+    assert str(last) == f"{checkpoints}/step-00000124"
+    for part in ("model", "optim"):
+        ta, tb = checkpoint_tensors(locate(clean), part), checkpoint_tensors(last, part)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+    # serving from the bucket: a model file exported there, predictions and an evaluation written there
+    from trainer.tools.evaluate import evaluate
+    from trainer.tools.export import export, predict
+
+    export(checkpoints, "s3://recsys/models/m.pt")
+    remote = predict("s3://recsys/models/m.pt", remote_data, "test", "s3://recsys/preds/test.parquet")
+    export(clean, tmp_path / "m.pt")
+    local = predict(tmp_path / "m.pt", data, "test", tmp_path / "test.parquet")
+    assert remote == local and remote["rows"] > 0
+    assert read_table(location("s3://recsys/preds/test.parquet")).equals(read_table(tmp_path / "test.parquet"))
+    result, out = evaluate(checkpoints, remote_data, out="s3://recsys/eval")
+    assert str(out) == "s3://recsys/eval" and json.loads((out / "metrics.json").read_text()) == json.loads(
+        json.dumps(result)
+    )
+    assert result["overall"]["auc"] == pytest.approx(local["auc"], abs=1e-6)
