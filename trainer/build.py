@@ -17,7 +17,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 
 from data_pipeline.reader import ParquetBatches, RankLoader
 from data_pipeline.schema import SPLITS, DatasetSchema, check_files
-from data_pipeline.storage import is_local
+from data_pipeline.storage import is_local, is_url
 from models import build_model
 from models.penalty import penalise
 from trainer.checkpoint.resume import checkpoint_root
@@ -33,6 +33,11 @@ def preflight(cfg: Config) -> DatasetSchema:
     schema = DatasetSchema.load(cfg.data.path)
     for split in SPLITS:
         check_files(schema, split)
+    if is_url(cfg.run_dir):  # Path() would quietly make it the local folder "s3:/bucket/..."
+        raise ConfigError(
+            f"run_dir {cfg.run_dir}: a run directory is local (metrics.jsonl, TensorBoard, the lock); "
+            "put the checkpoints in the bucket with --checkpoint.dir URL"
+        )
     run_dir = Path(cfg.run_dir)
     checked = [("run directory", run_dir)]
     checked += [("TensorBoard directory", run_dir / "tb")] if "tensorboard" in cfg.logging.backends else []

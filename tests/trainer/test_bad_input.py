@@ -108,6 +108,7 @@ def test_bad_rows_found_by_one_of_two_ranks_are_one_error_without_torchruns_repo
         (["--data", "nosuch://bucket/d"], "nosuch://bucket/d: no file system for nosuch://"),
         (["--data", "s3://no-such-bucket/d"], "dataset directory s3://no-such-bucket/d does not exist"),
         (["--checkpoint.dir", "s3://no-such-bucket/ckpt"], "checkpoint.dir s3://no-such-bucket/ckpt cannot be written"),
+        (["--run-dir", "s3://recsys/run"], "run_dir s3://recsys/run: a run directory is local"),
     ],
 )
 def test_an_object_store_url_that_cannot_be_used_is_one_error(tmp_path, tiny_table, s3, flags, message):
