@@ -96,6 +96,15 @@ def train_rank(cfg: Config, env: DistEnv, schema: DatasetSchema) -> dict:
         lock.release()
 
 
+def _say_from_rank(cfg, env, line: str) -> None:
+    """Print one rank's own line to the shared stderr. Rank 0's progress bar may be mid-line there
+    (its line is ended only when rank 0 itself stops), so another rank starts a fresh line first:
+    the message must begin a line for a reader (or `grep ^error`) to find it."""
+    fresh = "\n" if env.rank != 0 and cfg.training.progress_bar else ""
+    sys.stderr.write(f"{fresh}{line}\n")  # one write: nothing from rank 0 lands inside the line
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     # A rank that crashes in native code (SIGSEGV, or SIGABRT from glibc's heap checks) prints
     # every thread's Python stack first, so the job's log says where it was.
@@ -122,20 +131,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return DIVERGED_EXIT
     except OutOfSpace as e:  # found by each rank whose write failed
-        print(f"error (rank {env.rank}): {e}", file=sys.stderr)
+        _say_from_rank(cfg, env, f"error (rank {env.rank}): {e}")
         return 2
     except CheckpointError as e:
         if env.is_main:  # every rank agreed on the same problem
             print(f"error: {e}", file=sys.stderr)
         return 2
     except DataError as e:
-        print(f"error (rank {env.rank}): {_message(e)}", file=sys.stderr)
+        _say_from_rank(cfg, env, f"error (rank {env.rank}): {_message(e)}")
         return 2
     except RuntimeError as e:
         if not any(words in str(e) for words in PEER_LOST):
             raise
         # a collective failed because another rank exited: that rank printed the cause
-        print(f"rank {env.rank}: stopped because another rank failed (its error is above)", file=sys.stderr)
+        _say_from_rank(cfg, env, f"rank {env.rank}: stopped because another rank failed (its error is above)")
         return 1
     except PlanError as e:
         if env.is_main:  # rank 0's planner failed and every rank raised its message
