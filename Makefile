@@ -55,6 +55,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_reader.py --quick
 	$(BIN)/python benchmarks/bench_prepare_criteo.py --lines 1000000
 	$(BIN)/python benchmarks/bench_object_store.py
+	$(BIN)/python benchmarks/bench_serving.py
 
 clean:
 	rm -rf $(VENV) data runs

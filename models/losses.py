@@ -60,10 +60,14 @@ class RankingModel(Penalised, nn.Module):
         """Added to the model's output: the middle of a regression label's range, so predictions
         start near the labels (3 stars, not 0) instead of spending the first steps getting there."""
 
+    def scores(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """The model's raw output of each row: logits for binary tasks, values for regression."""
+        return self.model(dense, sparse).squeeze(-1) + self.offset
+
     def forward(
         self, batch: Batch
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        logits = self.model(batch.dense, batch.sparse).squeeze(-1) + self.offset
+        logits = self.scores(batch.dense, batch.sparse)
         if self.task == "binary":
             losses = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
         else:
@@ -149,10 +153,17 @@ class InBatchSoftmax(Penalised, nn.Module):
         self.model = model
         self.loss = InBatchSoftmaxLoss(num_items, model.item_id, logq_correction, device)
 
+    def _pointwise(self, user, item, user_bias, item_bias) -> torch.Tensor:
+        return (user * item).sum(dim=1) + user_bias + item_bias + self.model.global_bias
+
+    def scores(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """Each row's pointwise score (a logit): its user vector against its own item's."""
+        return self._pointwise(*self.model.encode(dense, sparse))
+
     def forward(
         self, batch: Batch
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         user, item, user_bias, item_bias = self.model.encode(batch.dense, batch.sparse)
-        scores = (user * item).sum(dim=1) + user_bias + item_bias + self.model.global_bias
+        scores = self._pointwise(user, item, user_bias, item_bias)
         loss = self.loss(user, item, item_bias, batch.sparse, batch.labels, batch.weights)
         return self.penalised(loss, scores), (loss.detach(), scores.detach(), batch.labels, batch.weights)

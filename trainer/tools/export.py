@@ -5,6 +5,7 @@ torch.distributed.
     recsys export runs/demo/checkpoints/step-00000400 --out models/demo-400.pt
     recsys export runs/demo --best --out models/demo-best.pt    # the best validation's checkpoint
     recsys predict --model models/demo.pt --data data/synthetic --split test --out preds.parquet
+    recsys export runs/demo --format torch-export --out models/demo.pt2  # for serving: trainer.tools.serving
 
 A model file is one `torch.save` of plain tensors, strings and numbers, read back with
 `torch.load(weights_only=True)` (no pickled code runs):
@@ -28,6 +29,7 @@ import sys
 import time
 import tomllib
 import warnings
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -94,21 +96,26 @@ def checkpoint_model(path: Path, meta: dict) -> tuple[torch.nn.Module, dict[str,
     return model, state
 
 
-def export(checkpoint: str | Path, out: str | Path, best: bool = False) -> dict:
-    """Write the model file of `checkpoint` (a checkpoint, checkpoints or run directory) to `out`;
-    with `best`, of the checkpoint of its best validation (kept by checkpoint.keep_best)."""
-    path, out = locate(checkpoint), location(out)
+def chosen_checkpoint(checkpoint: str | Path, best: bool = False) -> tuple[Path, dict]:
+    """(path, checkpoint.json) of `checkpoint` (a checkpoint, checkpoints or run directory: its
+    latest); with `best`, of the checkpoint of its best validation (kept by checkpoint.keep_best)."""
+    path = locate(checkpoint)
     meta = read_meta(path)
-    if best:
-        step = meta["state"].get("best", {}).get("step")
-        if step is None:
-            raise CheckpointError(f"{path}: no validation has been recorded, so there is no best checkpoint")
-        path = path.parent / step_dir_name(step)
-        if not (path / "checkpoint.json").is_file():
-            raise CheckpointError(
-                f"the best validation was at step {step}, but {path} was not kept (checkpoint.keep_best)"
-            )
-        meta = read_meta(path)
+    if not best:
+        return path, meta
+    step = meta["state"].get("best", {}).get("step")
+    if step is None:
+        raise CheckpointError(f"{path}: no validation has been recorded, so there is no best checkpoint")
+    path = path.parent / step_dir_name(step)
+    if not (path / "checkpoint.json").is_file():
+        raise CheckpointError(f"the best validation was at step {step}, but {path} was not kept (checkpoint.keep_best)")
+    return path, read_meta(path)
+
+
+def export(checkpoint: str | Path, out: str | Path, best: bool = False) -> dict:
+    """Write the model file of `checkpoint` (see `chosen_checkpoint`) to `out`; returns its contents."""
+    path, meta = chosen_checkpoint(checkpoint, best)
+    out = location(out)
     _, state = checkpoint_model(path, meta)  # the file will load: every name and shape fits the model code
     train, best = meta["state"].get("train", {}), meta["state"].get("best", {})
     blob = {
@@ -127,6 +134,21 @@ def export(checkpoint: str | Path, out: str | Path, best: bool = False) -> dict:
     return blob
 
 
+def export_serving(checkpoint: str | Path, out: str | Path, best: bool = False) -> dict:
+    """Write `checkpoint`'s model as a torch.export program (trainer.tools.serving) to `out`;
+    returns the input contract written inside it."""
+    from trainer.tools.serving import contract, export_program
+
+    path, meta = chosen_checkpoint(checkpoint, best)
+    out = location(out)
+    model, _ = checkpoint_model(path, meta)
+    schema = DatasetSchema.from_json(meta["dataset"], ".", f"{path}/checkpoint.json dataset")
+    about = {"step": meta["step"], "checkpoint": str(path), "model": _config(meta["config"], "x").model.name}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_program(model, schema, out, about)
+    return contract(schema, about)
+
+
 def load_model_file(file: str | Path) -> tuple[torch.nn.Module, Config, DatasetSchema, dict]:
     """(model in eval mode, config, training dataset schema, the file's contents) of a model file
     (a path or an object-store URL)."""
@@ -137,6 +159,11 @@ def load_model_file(file: str | Path) -> tuple[torch.nn.Module, Config, DatasetS
     except FileNotFoundError:
         raise CheckpointError(f"model file {file} does not exist") from None
     except Exception as e:  # not a torch file, truncated, or holding something other than data
+        if _is_program(file):
+            raise CheckpointError(
+                f"{file} is a torch.export program (for serving: docs/serving.md), not a model file; "
+                "make one for predict/evaluate with `recsys export RUN --out FILE.pt`"
+            ) from None
         raise CheckpointError(f"{file} is not a readable model file ({type(e).__name__}: {e})") from None
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{file} is not a recsys-trainer model file (make one with `recsys export`)")
@@ -148,6 +175,15 @@ def load_model_file(file: str | Path) -> tuple[torch.nn.Module, Config, DatasetS
     model.load_state_dict(blob["state_dict"], strict=True)
     model.eval()
     return model, cfg, schema, blob
+
+
+def _is_program(file) -> bool:
+    """Whether `file` is a .pt2 archive of `recsys export --format torch-export`."""
+    try:
+        with file.open("rb") as f, zipfile.ZipFile(f) as archive:
+            return any(name.endswith("/extra/recsys.json") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 @torch.no_grad()
@@ -231,17 +267,35 @@ def main_export(argv: list[str]) -> int:
     parser.add_argument(
         "--best", action="store_true", help="the checkpoint of the best validation instead of the latest"
     )
+    parser.add_argument(
+        "--format",
+        choices=["model", "torch-export"],
+        default="model",
+        help="model: a model file for recsys predict/evaluate (default); torch-export: a torch.export "
+        "program (.pt2) that serving loads with torch.export.load, without this repository",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        blob = export(args.checkpoint, args.out, args.best)
-    except (CheckpointError, ValueError, RuntimeError) as e:
+        if args.format == "torch-export":
+            about = export_serving(args.checkpoint, args.out, args.best)
+        else:
+            blob = export(args.checkpoint, args.out, args.best)
+    except (CheckpointError, StorageError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    took = f"in {time.perf_counter() - start:.2f} s"
+    if args.format == "torch-export":
+        print(
+            f"exported {about['checkpoint']} (step {about['step']}, model {about['model']}) as a torch.export "
+            f"program to {args.out} {took}; inputs: dense [B, {len(about['dense'])}] float32, "
+            f"ids and lengths of {len(about['sparse'])} sparse features (docs/serving.md)"
+        )
+        return 0
     size = sum(t.numel() * t.element_size() for t in blob["state_dict"].values())
     print(
         f"exported {blob['checkpoint']} (step {blob['step']}, model {_config(blob['config'], 'x').model.name}, "
-        f"{len(blob['state_dict'])} tensors, {size / 1e6:.1f} MB) to {args.out} in {time.perf_counter() - start:.2f} s"
+        f"{len(blob['state_dict'])} tensors, {size / 1e6:.1f} MB) to {args.out} {took}"
     )
     return 0
 

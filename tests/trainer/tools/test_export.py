@@ -17,11 +17,11 @@ import torch
 
 from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DatasetSchema
-from models import MODELS, ModelConfig, build_model
+from models import MODELS, build_model
 from tests.helpers.data import synthetic
 from tests.helpers.dist import copy_state_dict, run_ranks
+from tests.helpers.models import small_config
 from trainer.checkpoint import Checkpointer, CheckpointError
-from trainer.config import Config, ShardingConfig
 from trainer.distributed import DistEnv, plan_sharding, shard_model
 from trainer.headline import headline
 from trainer.optim import apply_sparse_optimizer, build_optimizer
@@ -31,24 +31,6 @@ from trainer.tools.export import MODEL_FORMAT, export, load_model_file
 pytestmark = pytest.mark.slow
 
 BATCH = 256
-TOWERS = dict(
-    user_features=[f"cat_{i}" for i in range(13)] + [f"int_{i}" for i in range(7)],
-    item_features=[f"cat_{i}" for i in range(13, 26)] + [f"int_{i}" for i in range(7, 13)],
-)
-
-
-def config(name: str, run_dir: Path) -> Config:
-    extra = TOWERS if name == "two_tower" else {}
-    model = ModelConfig(
-        name=name,
-        embedding_dim=8,
-        dense_arch_layer_sizes=[16, 8],
-        over_arch_layer_sizes=[16, 1],
-        deep_layer_sizes=[16],
-        tower_layer_sizes=[16],
-        **extra,
-    )
-    return Config(run_dir=str(run_dir), model=model, sharding=ShardingConfig(sharding_types=["table_wise"]))
 
 
 def _batch(schema: DatasetSchema, rank: int, world_size: int):
@@ -61,7 +43,7 @@ def _save_sharded(env: DistEnv, data: str, out: str) -> None:
     batch = _batch(schema, env.rank, env.world_size).to(env.device)
     scores = {}
     for name in MODELS:
-        cfg = config(name, Path(out) / name)
+        cfg = small_config(name, Path(out) / name)
         torch.manual_seed(0)
         reference = build_model(cfg.model, schema, torch.device("cpu"), torch.device("cpu"))
         for p in reference.parameters():  # the linear tables start at 0: give every weight a value
