@@ -47,7 +47,7 @@ docs: install
 	$(BIN)/python -m trainer.config_reference > docs/config.md
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=40 tests
 
 # Benchmarks print ratios against a reference measured in the same run (see BENCHMARKS.md).
 bench: install
