@@ -11,14 +11,13 @@ NPROC   ?= 2
 
 install: $(STAMP)
 
-# The CPU triple: torch 2.13.0 (CPU build), fbgemm-gpu-cpu 1.8.0, torchrec 1.8.0 installed with
+# The project with the CPU triple ([cpu]: torch 2.13.0 CPU build, fbgemm-gpu-cpu 1.8.0, torchrec's
+# own dependencies) and every optional feature ([test] includes [all]); then torchrec 1.8.0 with
 # --no-deps (its metadata asks for the CUDA fbgemm-gpu, which would replace the CPU build).
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0 fbgemm-gpu-cpu==1.8.0
+	$(BIN)/pip install -q -e ".[cpu,test,lint]"
 	$(BIN)/pip install -q --no-deps torchrec==1.8.0
-	$(BIN)/pip install -q pyre-extensions tensordict iopath
-	$(BIN)/pip install -q -e ".[test,lint]"
 	@echo "(pip's note 'torchrec requires fbgemm-gpu' is expected: fbgemm-gpu-cpu provides the same module)"
 	$(BIN)/python -c "import torchrec, fbgemm_gpu, torch; print('installed torch', torch.__version__, 'torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '1.8.0')"
 	touch $(STAMP)

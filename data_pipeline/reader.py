@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import os
 import select
 import signal
@@ -371,6 +372,14 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 """What schedulers preempt with (trainer/preempt.py); a rank's loader processes ignore them."""
 
 
+def _start_worker(owner: int, log_levels: dict[str, int], worker_id: int) -> None:
+    """Worker init: the rank's levels for the loggers it names (a worker is a fresh process from
+    the fork server, which has none of the rank's logging setup), then `_exit_with(owner)`."""
+    for name, level in log_levels.items():
+        logging.getLogger(name).setLevel(level)
+    _exit_with(owner, worker_id)
+
+
 def _exit_with(owner: int, worker_id: int) -> None:
     """Worker init: end this worker as soon as process `owner` (the one iterating the loader) is gone.
 
@@ -438,7 +447,10 @@ class RankLoader:
     pin thread would otherwise make), and its slot is handed back at once.
     """
 
-    def __init__(self, dataset: ParquetBatches, pin_memory: bool = False) -> None:
+    def __init__(
+        self, dataset: ParquetBatches, pin_memory: bool = False, log_levels: dict[str, int] | None = None
+    ) -> None:
+        """`log_levels`: {logger name: level} set in each worker (the rank's quiet third-party loggers)."""
         self.dataset = dataset
         self.pin_memory = pin_memory
         self.context = _worker_context() if dataset.num_workers else None
@@ -449,7 +461,9 @@ class RankLoader:
             pin_memory=pin_memory,
             persistent_workers=False,
             multiprocessing_context=self.context,
-            worker_init_fn=functools.partial(_exit_with, os.getpid()) if dataset.num_workers else None,
+            worker_init_fn=functools.partial(_start_worker, os.getpid(), dict(log_levels or {}))
+            if dataset.num_workers
+            else None,
         )
         # Ring slots per worker: every batch a worker can have in flight (prefetched, being
         # received, being written). 0: no ring, every batch goes the normal way.

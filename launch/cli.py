@@ -21,6 +21,9 @@ rendezvous endpoint.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import os
 import sys
 
 from data_pipeline.prepare import KINDS
@@ -116,10 +119,14 @@ def _torchrun(args: list[str]) -> int:
     process (the agent) returns 128 + its number, as the preempted ranks do."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.run import determine_local_world_size, parse_args, run
 
+    parsed = parse_args(args)
+    if "OMP_NUM_THREADS" not in os.environ and determine_local_world_size(parsed.nproc_per_node) > 1:
+        # torchrun's own default for several local ranks, without its five-line banner
+        os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        run(parse_args(args))
+        run(parsed)
     except SignalException as e:  # torchrun passed the signal on to the ranks, which checkpointed
         return 128 + int(e.sigval)
     except ChildFailedError as e:
@@ -139,7 +146,11 @@ COMMANDS = {
     "predict": "score a dataset split with an exported model",
     "evaluate": "metrics of a checkpoint on a split, overall and per segment",
     "report": "plots and a shareable report of a run directory",
+    "configs": "the shipped config presets: recsys configs [ls | cp NAME DEST]",
 }
+
+NEEDS = {"tune": ("optuna", "tune"), "report": ("matplotlib", "report")}
+"""command -> (the module it needs, the extra that installs it)."""
 
 
 def _usage() -> str:
@@ -179,8 +190,16 @@ def main(argv: list[str] | None = None) -> int:
         which = f"unknown kind '{argv[1]}'; " if len(argv) > 1 and not argv[1].startswith("-") else ""
         print(f"error: recsys prepare: {which}choose one of {', '.join(KINDS)}", file=sys.stderr)
         return 2
+    if command in NEEDS and importlib.util.find_spec(NEEDS[command][0]) is None:
+        module, extra = NEEDS[command]
+        print(f"error: recsys {command} needs {module}: pip install 'recsys-trainer[{extra}]'", file=sys.stderr)
+        return 2
     if command == "train":
         return _train(argv[1:])
+    if command == "configs":
+        from launch import presets
+
+        return presets.main(argv[1:])
     if command == "tune":
         from launch import tune
 
@@ -190,8 +209,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return (export.main_export if command == "export" else export.main_predict)(argv[1:])
     if command in ("evaluate", "report"):
-        import importlib
-
         return importlib.import_module(f"trainer.tools.{command}").main(argv[1:])
     print(_usage(), file=sys.stderr)
     if command:

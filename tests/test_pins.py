@@ -60,11 +60,25 @@ def test_dockerfiles_and_makefile_pin_the_same_triple():
             p: v for p, v in make_pins.items() if p in image_pins
         }
         assert any(c.endswith("pyre-extensions tensordict iopath") for c in pip_installs(kind)), path.name
-    for package, version in {**TRIPLE, "fbgemm-gpu-cpu": "1.8.0"}.items():
-        assert make_pins.get(package) == version, package
-    assert "pyre-extensions tensordict iopath" in makefile
-    dependencies = PYPROJECT["project"]["dependencies"]
-    assert "torchmetrics==1.0.3" in dependencies and "torchx==0.7.0" in dependencies
+    assert make_pins.get("torchrec") == TRIPLE["torchrec"] and "--no-deps torchrec" in makefile
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert pins(" ".join(extras["cpu"])) == {"torch": TRIPLE["torch"], "fbgemm-gpu-cpu": "1.8.0"}
+    assert {"pyre-extensions", "tensordict", "iopath"} <= set(extras["cpu"])  # torchrec's, as it has --no-deps
+    assert pins(" ".join(extras["gpu"])) == {**TRIPLE, "fbgemm-gpu": "1.8.0"}
+    assert "torchmetrics==1.0.3" in PYPROJECT["project"]["dependencies"] and "torchx==0.7.0" in extras["launch"]
+
+
+def test_optional_features_are_extras_and_the_base_install_is_lean():
+    """tensorboard, MLflow/W&B, s3fs, optuna, matplotlib and torchx come with the extras that use
+    them ([all] has every one, [test] has [all]); the base dependencies hold none of them."""
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    base = " ".join(PYPROJECT["project"]["dependencies"])
+    for extra, package in [("tensorboard", "tensorboard"), ("tracking", "mlflow-skinny"), ("s3", "s3fs"),
+                           ("tune", "optuna"), ("report", "matplotlib"), ("launch", "torchx")]:  # fmt: skip
+        assert any(d.startswith(package) for d in extras[extra]), extra
+        assert package not in base, package
+    assert extras["all"] == ["recsys-trainer[tracking,s3,tune,report,launch]"]
+    assert "recsys-trainer[all]" in extras["test"] and "recsys-trainer[tensorboard]" in extras["tracking"]
 
 
 @pytest.mark.parametrize("kind", DOCKERFILES)
@@ -124,8 +138,9 @@ def test_dockerfile_copies_what_the_image_needs(kind):
             copied += [s for s in sources if not s.startswith("--")]
     for source in copied:
         assert (ROOT / source).exists(), source
-    needed = {"pyproject.toml", "README.md", "configs", *PACKAGES}
+    needed = {"pyproject.toml", "README.md", *PACKAGES}  # the presets come with launch/ (configs/ links there)
     assert needed <= set(copied), needed - set(copied)
+    assert any(op == "RUN" and "ln -s launch/configs configs" in value for op, value in instructions(kind))
     assert PYPROJECT["project"]["readme"] in copied  # setuptools reads it when installing
 
 
@@ -151,4 +166,4 @@ def test_test_and_lint_dependencies_are_installed_by_make():
     assert any(d.startswith("dockerfile-parse") for d in extras["test"])
     assert any(d.startswith("ruff==") for d in extras["lint"])  # pinned: formatting differs across releases
     install = [line for line in (ROOT / "Makefile").read_text().splitlines() if "pip install" in line and "-e" in line]
-    assert any('-e ".[test,lint]"' in line for line in install), install
+    assert any('-e ".[cpu,test,lint]"' in line for line in install), install

@@ -33,7 +33,10 @@ from trainer.config import Config, load_config
 from trainer.defaults import resolve
 from trainer.distributed import DistEnv, PlanError, destroy_distributed, init_distributed, raise_on_every_rank
 from trainer.guard import Diverged
+from trainer.logs import get_logger, setup_logging
 from trainer.train import Trainer
+
+log = get_logger(__name__)
 
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
 """How gloo reports a collective whose peer process is gone."""
@@ -85,11 +88,12 @@ def train_rank(cfg: Config, env: DistEnv, schema: DatasetSchema) -> dict:
     """This rank's part of the run, in its process group: the run directory's lock (rank 0), the
     checkpoint to resume, training; returns the summary. Errors are raised (main turns them into
     `error:` lines; the Python API, trainer.api, lets them through)."""
+    setup_logging(env.rank, cfg.logging.verbose)
     lock = DirLock(cfg.run_dir, "run directory")
     try:
         raise_on_every_rank(lambda: lock.acquire() if env.is_main else None, DirInUse)
         if lock.note:
-            print(f"note: {lock.note}")
+            log.info(f"note: {lock.note}")
         resume = find_resume(cfg, env, schema)
         return Trainer(cfg, env, schema, resume).run()
     finally:

@@ -23,6 +23,7 @@ from models.penalty import penalise
 from trainer.checkpoint.resume import checkpoint_root
 from trainer.config import Config, ConfigError
 from trainer.distributed import DistEnv, plan_with_estimate, shard_model
+from trainer.logs import noise_levels
 from trainer.optim import apply_sparse_optimizer, build_optimizer
 from trainer.tracking import missing_packages
 
@@ -38,12 +39,20 @@ def preflight(cfg: Config) -> DatasetSchema:
             f"run_dir {cfg.run_dir}: a run directory is local (metrics.jsonl, TensorBoard, the lock); "
             "put the checkpoints in the bucket with --checkpoint.dir URL"
         )
+    missing = missing_packages(cfg.logging)
+    if missing == ["tensorboard"] and "logging.backends" not in cfg.explicit:  # the default, not asked for
+        cfg.logging.backends.remove("tensorboard")
+        missing = []
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                "note: TensorBoard is not installed: curves go to metrics.jsonl only "
+                "(pip install 'recsys-trainer[tensorboard]')"
+            )
     run_dir = Path(cfg.run_dir)
     checked = [("run directory", run_dir)]
     checked += [("TensorBoard directory", run_dir / "tb")] if "tensorboard" in cfg.logging.backends else []
     for what, path in checked:
         check_writable(path, what)
-    missing = missing_packages(cfg.logging)
     if missing:
         raise ConfigError(
             f"logging.backends {' '.join(missing)}: not installed here (pip install 'recsys-trainer[tracking]', "
@@ -95,6 +104,7 @@ def train_loader(cfg: Config, env: DistEnv, schema: DatasetSchema) -> RankLoader
             shuffle_buffer_rows=data.shuffle_buffer_rows,
         ),
         env.device.type == "cuda",
+        noise_levels(cfg.logging.verbose),
     )
 
 
@@ -113,6 +123,7 @@ def eval_loader(cfg: Config, env: DistEnv, schema: DatasetSchema, split: str) ->
             seed=cfg.training.seed,
         ),
         env.device.type == "cuda",
+        noise_levels(cfg.logging.verbose),
     )
 
 

@@ -452,14 +452,21 @@ def _check_finite(section: Any, prefix: str = "") -> None:
 
 
 # Short flags for the knobs set most often; each stands for one `--section.key`.
-ALIASES = {"--model": "--model.name", "--data": "--data.path"}
+ALIASES = {"--model": "--model.name", "--data": "--data.path", "--verbose": "--logging.verbose"}
+
+
+SWITCHES = {"--verbose"}
+"""Aliases of boolean knobs that may stand alone: `--verbose` is `--logging.verbose true`."""
 
 
 def _normalise(argv: list[str]) -> list[str]:
     """Expand aliases, and accept TOML's `true`/`false` where the parser wants True/False."""
     out = []
-    for arg in argv:
+    for i, arg in enumerate(argv):
         flag, eq, value = arg.partition("=")
+        if flag in SWITCHES and not eq and (i + 1 == len(argv) or argv[i + 1] not in ("true", "false")):
+            out += [ALIASES[flag], "True"]
+            continue
         if not eq and flag in ("true", "false"):
             flag = flag.capitalize()
         elif value in ("true", "false"):

@@ -219,7 +219,7 @@ def few_steps_warning(total_steps: int) -> str | None:
     if total_steps >= FEW_STEPS:
         return None
     return (
-        f"warning: this run trains {total_steps} steps in all (< {FEW_STEPS}): too few for a good model; "
+        f"this run trains {total_steps} steps in all (< {FEW_STEPS}): too few for a good model; "
         "lower data.batch_size or raise training.epochs"
     )
 

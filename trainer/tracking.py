@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from data_pipeline.config import check_choices
+from trainer.logs import get_logger
+
+log = get_logger(__name__)
 
 BACKENDS = ("tensorboard", "mlflow", "wandb")
 
@@ -31,6 +34,9 @@ class LoggingConfig:
     experiment: str = ""
     """mlflow: the experiment (default: MLFLOW_EXPERIMENT_NAME, else "recsys"); wandb: the
     project (default: WANDB_PROJECT, else "recsys"). The run is named after the run directory."""
+    verbose: bool = False
+    """Every rank logs at DEBUG (normally rank 0 at INFO, the others at WARNING) and third-party
+    warnings the trainer hides are shown (trainer/logs.py). `--verbose` for short."""
 
     def __post_init__(self) -> None:
         check_choices(self, "logging")
@@ -100,7 +106,7 @@ class MLflowTracker:
             run_id = self.client.create_run(experiment_id, run_name=run_dir.resolve().name).info.run_id
         self.run_id = run_id
         how = "goes on in" if self.resumed else "logs to"
-        print(f"mlflow: this run {how} MLflow run {run_id} at {mlflow.get_tracking_uri()}", flush=True)
+        log.info(f"mlflow: this run {how} MLflow run {run_id} at {mlflow.get_tracking_uri()}")
 
     def log_config(self, params: dict[str, Any]) -> None:
         if self.resumed:  # MLflow refuses to change a logged param; the resumed run keeps its own

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data_pipeline.batch import Batch
 from data_pipeline.schema import DataError, DatasetSchema, split_digest
@@ -37,12 +39,15 @@ from trainer.distributed import DistEnv, describe_plan, local_state_tensors
 from trainer.evaluator import Evaluator
 from trainer.faults import fault
 from trainer.guard import NumericsGuard
+from trainer.logs import LOGGER, get_logger
 from trainer.numbers import format_metrics
 from trainer.observe import StepProfiler, TableCoverage, memory_per_rank, memory_record
 from trainer.optim import LearningRates
 from trainer.preempt import Preemption
 from trainer.run_log import RunLog
 from trainer.state import BestValidation, DataOrder, RngState, TrainState
+
+log = get_logger(__name__)
 
 
 class Trainer:
@@ -136,14 +141,18 @@ class Trainer:
         self._announce()
         self.checkpoints.cleanup()
         rng = self._start()
-        # `with`: the bar is closed (and its line ended) even when a phase raises.
-        with tqdm(
-            total=self.total_steps,
-            initial=self.state.step,
-            unit="step",
-            disable=not (self.env.is_main and t.progress_bar),
-            dynamic_ncols=True,
-        ) as progress:
+        # `with`: the bar is closed (and its line ended) even when a phase raises; log lines are
+        # written above it while it runs.
+        with (
+            logging_redirect_tqdm([logging.getLogger(LOGGER)]),
+            tqdm(
+                total=self.total_steps,
+                initial=self.state.step,
+                unit="step",
+                disable=not (self.env.is_main and t.progress_bar),
+                dynamic_ncols=True,
+            ) as progress,
+        ):
             for epoch in range(self.state.epoch, t.epochs):
                 if self.finished:
                     break
@@ -202,7 +211,7 @@ class Trainer:
             self.preempt.poll()
             note = self.profiler.after_step(step)
             if note and self.env.is_main:
-                progress.write(note)
+                log.info(note)
             fault("kill", step, self.env.rank)
             self.lr.after_step()
             loss_sum += torch.stack([loss.detach().float(), torch.ones((), device=loss.device)])
@@ -245,7 +254,7 @@ class Trainer:
             self.table_stats = self.tables.report()
             self.log.record("tables", step, **self.table_stats)
         if self.env.is_main:
-            progress.write(f"step {step}: valid " + format_metrics(valid))
+            log.info(f"step {step}: valid " + format_metrics(valid))
         name = self.best.headline.name
         self.lr.after_eval(valid[name])
         improved = self.best.update(valid, step)
@@ -253,7 +262,7 @@ class Trainer:
             # On the host: a second copy of the tables must not take device memory.
             self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in local_state_tensors(self.model).items()}
         if self.best.should_stop and self.env.is_main:
-            progress.write(
+            log.info(
                 f"early stop at step {step}: no better valid {name} for {self.best.evals_since_best} "
                 f"evaluations (best at step {self.best.step})"
             )
@@ -264,23 +273,23 @@ class Trainer:
         """Print the run's shape and plan; write config.toml and plan.txt."""
         plan_text = describe_plan(self.plan)
         if self.env.is_main:
-            print(
+            log.info(
                 f"world_size {self.env.world_size} on {self.env.device.type} ({self.env.backend}); "
                 f"model {self.cfg.model.name}; global batch {self.global_batch}; loader workers per rank "
                 f"{self.train_data.dataset.num_workers}; "
                 f"{torch.get_num_threads()} intra-op threads per rank"
             )
             for key, why in self.cfg.derived.items():
-                print(f"derived {key} = {toml_value(getattr_path(self.cfg, key))} ({why})")
+                log.info(f"derived {key} = {toml_value(getattr_path(self.cfg, key))} ({why})")
             warning = few_steps_warning(self.total_steps)
             if warning:
-                print(warning)
-            print("sharding plan:\n" + plan_text, flush=True)
+                log.warning(warning)
+            log.info("sharding plan:\n" + plan_text)
             if self.memory_estimate:
                 estimates = ", ".join(
                     f"{r}: {e['hbm_gb']:.3f}/{e['ddr_gb']:.3f}" for r, e in enumerate(self.memory_estimate)
                 )
-                print(f"planner's memory estimate per rank (GB, device/host): {estimates}", flush=True)
+                log.info(f"planner's memory estimate per rank (GB, device/host): {estimates}")
         self.log.write_file("config.toml", self.cfg.to_toml())
         self.log.write_file("plan.txt", plan_text + "\n")
 
@@ -292,7 +301,7 @@ class Trainer:
         if self.cfg.checkpoint.init_from:
             report = self.checkpoints.init_from(find_init(self.cfg, self.env))
             if self.env.is_main:
-                print(report, flush=True)
+                log.info(report)
         return None
 
     def _restore(self) -> dict | None:
@@ -312,19 +321,17 @@ class Trainer:
             dropped_records=self.log.dropped_records,
         )  # fmt: skip
         if self.env.is_main:
-            print(
+            log.info(
                 f"resumed from {path} (step {step}, epoch {epoch}, batch {position} of it): checked in "
-                f"{self.resume.seconds:.2f} s, loaded in {time.perf_counter() - start:.2f} s",
-                flush=True,
+                f"{self.resume.seconds:.2f} s, loaded in {time.perf_counter() - start:.2f} s"
             )
             if self.state.complete:
-                print(
+                log.info(
                     "  note: the checkpoint is the end of training: nothing is left to train, only the test split "
-                    "(a new --run-dir, or --checkpoint.dir, trains afresh)",
-                    flush=True,
+                    "(a new --run-dir, or --checkpoint.dir, trains afresh)"
                 )
             for line in [*(f"changed since the checkpoint: {c}" for c in self.resume.changes), *notes]:
-                print(f"  note: {line}", flush=True)
+                log.info(f"  note: {line}")
         return rng
 
     def _open_epoch(self, epoch: int, rng: dict | None) -> Iterator[Batch]:
@@ -341,10 +348,9 @@ class Trainer:
             start = time.perf_counter()
             collections.deque(itertools.islice(batches, skip), maxlen=0)  # read and drop
             if self.env.is_main:
-                print(
+                log.info(
                     f"skipped the {skip} batches of epoch {epoch} trained before the checkpoint in "
-                    f"{time.perf_counter() - start:.2f} s",
-                    flush=True,
+                    f"{time.perf_counter() - start:.2f} s"
                 )
             if rng is not None:
                 RngState.load_state_dict(rng)
@@ -367,7 +373,7 @@ class Trainer:
         if self.env.is_main:
             path = self.checkpoints.path_of(self.state.step)
             where = f"; checkpoint {path}" if path else " (checkpoints are off)"
-            print(
+            log.info(
                 f"stopped at step {self.state.step} (training.stop_at_step){where}; "
                 "run the same command again to continue"
             )
@@ -383,14 +389,13 @@ class Trainer:
             seconds = time.monotonic() - self.preempt.received_at if self.preempt.received else None
             where = f"checkpoint {path}" if path else "checkpoints are off: nothing was saved"
             when = "signalled on another rank" if seconds is None else f"{seconds:.1f} s after rank 0 got the signal"
-            print(
+            log.info(
                 f"preempted ({self.preempt.name}) at step {self.state.step}: {where} ({when}); "
-                "run the same command again to continue",
-                flush=True,
+                "run the same command again to continue"
             )
             if seconds is not None and seconds > self.cfg.checkpoint.preempt_grace_s:
-                print(
-                    f"warning: that is over checkpoint.preempt_grace_s ({self.cfg.checkpoint.preempt_grace_s:g} s): "
+                log.warning(
+                    f"that is over checkpoint.preempt_grace_s ({self.cfg.checkpoint.preempt_grace_s:g} s): "
                     "a scheduler with that grace period would have killed the job first"
                 )
         return {"preempted": self.preempt.name, "exit_code": 128 + self.preempt.agreed}
@@ -408,14 +413,14 @@ class Trainer:
             path = self.checkpoints.path_of(best.step)
             if path is None:
                 if self.env.is_main:
-                    print(
-                        f"warning: the weights of the best validation (step {best.step}) were neither kept in "
+                    log.warning(
+                        f"the weights of the best validation (step {best.step}) were neither kept in "
                         f"memory nor in a checkpoint (checkpoint.keep_best); testing the last weights"
                     )
                 return step
             self.checkpoints.load_model(path)
         if self.env.is_main:
-            print(f"test with the weights of step {best.step} (best valid {best.headline.name})")
+            log.info(f"test with the weights of step {best.step} (best valid {best.headline.name})")
         return best.step
 
     def _finish(self) -> dict:
@@ -428,7 +433,7 @@ class Trainer:
         self.log.write_file("summary.json", json.dumps(summary, indent=2) + "\n")
         if self.env.is_main:
             oracle = f" (oracle auc {summary['oracle_auc']:.4f})" if summary["oracle_auc"] else ""
-            print(
+            log.info(
                 f"test {format_metrics(test)}{oracle} | valid {format_metrics(self.state.valid)} | "
                 f"{summary['samples_per_s']:,.0f} samples/s | {self.state.step} steps | "
                 f"summary: {self.log.dir / 'summary.json'}"

@@ -43,6 +43,9 @@ def test_two_ranks_reach_the_oracle_auc(tmp_path):
     assert [t.name.split(".")[0] for t in traces] == ["rank0", "rank1"]
     assert all(json.loads(t.read_text())["traceEvents"] for t in traces)
     assert "profile of steps 50-52 written" in result.stdout
+    # rank 0 says it all, each line marked; rank 1 (at WARNING) and the known third-party noise say nothing
+    assert all(line.startswith("[rank0] ") for line in result.stdout.splitlines()), result.stdout[:3000]
+    assert "broadcast_buffers" not in result.stderr and "is_fx_tracing" not in result.stderr, result.stderr[-3000:]
     plan = [line.split() for line in (run_dir / "plan.txt").read_text().splitlines()[1:]]
     assert sorted(row[0] for row in plan) == sorted(f"t_{f.name}" for f in data.sparse)
     assert {rank for row in plan for rank in row[2].split(",")} == {"0", "1"}  # both ranks hold tables

@@ -44,7 +44,10 @@ from trainer.checkpoint.store import CheckpointError, step_dir_name
 from trainer.config import Config
 from trainer.distributed import DistEnv, raise_on_every_rank
 from trainer.faults import fault
+from trainer.logs import get_logger
 from trainer.state import RngState
+
+log = get_logger(__name__)
 
 # torchrec's sharded tables are ShardedTensors; torch warns about them on every size() and save.
 warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
@@ -183,9 +186,8 @@ class Checkpointer:
         self.last_bytes = sum(f["bytes"] for f in files.values())
         if self.env.is_main:
             how = " in the background" if written is not None else ""
-            print(
-                f"checkpoint {final} ({self.last_bytes / 1e6:.1f} MB) saved{how} in {self.save_seconds_last:.2f} s",
-                flush=True,
+            log.info(
+                f"checkpoint {final} ({self.last_bytes / 1e6:.1f} MB) saved{how} in {self.save_seconds_last:.2f} s"
             )
 
     def _meta(self, step: int, parts: dict, files: dict) -> dict:

@@ -19,6 +19,9 @@ from trainer.checkpoint.compat import IncompatibleCheckpoint, check_compatible
 from trainer.checkpoint.store import META, CheckpointError, committed, locate, read_meta, verify_files
 from trainer.config import Config
 from trainer.distributed import DistEnv, from_main
+from trainer.logs import get_logger
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -88,7 +91,7 @@ def find_resume(cfg: Config, env: DistEnv, schema: DatasetSchema) -> Resume | No
         if isinstance(result, CheckpointError):
             if auto and not isinstance(result, IncompatibleCheckpoint):
                 if env.is_main:
-                    print(f"warning: skipping checkpoint {path}: {result}", flush=True)
+                    log.warning(f"skipping checkpoint {path}: {result}")
                 continue
             raise result
         meta, changes = result
@@ -99,7 +102,7 @@ def find_resume(cfg: Config, env: DistEnv, schema: DatasetSchema) -> Resume | No
         if not auto:
             raise CheckpointError(message)
         if env.is_main:
-            print(f"warning: {message}; trying the one before it", flush=True)
+            log.warning(f"{message}; trying the one before it")
     if paths and auto:
         raise CheckpointError(
             f"no usable checkpoint in {checkpoint_root(cfg)}: every one is corrupt (see the warnings); "
