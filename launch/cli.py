@@ -204,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         from launch import tune
 
         return tune.main(argv[1:])
+    if command in ("export", "predict", "evaluate", "report"):
+        from trainer.logs import hide_noise
+
+        hide_noise()
     if command in ("export", "predict"):
         from trainer.tools import export
 

@@ -59,11 +59,17 @@ def setup_logging(rank: int, verbose: bool = False) -> logging.Logger:
     logger.propagate = False  # the caller's root handlers would print every line twice
     logger.setLevel(logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING)
 
-    for category, message in NOISY_WARNINGS:
-        warnings.filterwarnings("default" if verbose else "ignore", message=message, category=category)
-    for name, level in noise_levels(verbose).items():
-        logging.getLogger(name).setLevel(level)
+    hide_noise(not verbose)
     return logger
+
+
+def hide_noise(hide: bool = True) -> None:
+    """Hide (or show again) the known third-party warnings in this process; the single-process
+    tools (`recsys evaluate`, `export`, `predict`) call it too."""
+    for category, message in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore" if hide else "default", message=message, category=category)
+    for name, level in noise_levels(not hide).items():
+        logging.getLogger(name).setLevel(level)
 
 
 def noise_levels(verbose: bool) -> dict[str, int]:
