@@ -73,7 +73,9 @@ def dataset(tmp_path_factory):
     )
 
 
-def run_train(dataset, run_dir: Path, j: str, *component_args: str) -> subprocess.CompletedProcess:
+def run_train(
+    dataset, run_dir: Path, j: str, *component_args: str, trainer_args: tuple = ()
+) -> subprocess.CompletedProcess:
     return torchx(
         "run",
         "-s",
@@ -91,6 +93,7 @@ def run_train(dataset, run_dir: Path, j: str, *component_args: str) -> subproces
         str(run_dir),
         "--training.progress_bar",
         "false",
+        *trainer_args,
     )
 
 
@@ -122,7 +125,8 @@ def test_two_simulated_nodes_match_one_node(dataset, one_node_two_ranks, tmp_pat
     one, one_dir = one_node_two_ranks
     assert one.returncode == 0, (one.stdout + one.stderr)[-4000:]
     run_dir = tmp_path / "2x1"
-    two = run_train(dataset, run_dir, "2x1", "--rdzv_port", str(free_port()))
+    # verbose: rank 1 (node 1) prints too (its third-party warnings), so both replicas show in the output
+    two = run_train(dataset, run_dir, "2x1", "--rdzv_port", str(free_port()), trainer_args=("--verbose",))
     assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
     output = two.stdout + two.stderr
     assert "trainer/0 [0]:" in output and "trainer/1 [0]:" in output  # two replicas (nodes), local rank 0 each
