@@ -29,6 +29,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from data_pipeline.atomic import write_atomic
 from data_pipeline.schema import DatasetSchema
+from trainer.tools.export import to_prediction
 
 PROGRAM_FORMAT = "recsys-trainer torch-export"
 PROGRAM_VERSION = 1
@@ -44,8 +45,7 @@ class ServingModel(nn.Module):
         super().__init__()
         self.trained = trained
         self.keys = [f.name for f in schema.sparse]
-        self.binary = schema.task == "binary"
-        self.label_range = tuple(schema.label_range) if schema.label_range else None
+        self.schema = schema
 
     def _keyed_jagged(
         self, ids: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor], rows: int
@@ -79,9 +79,10 @@ class ServingModel(nn.Module):
         self, dense: torch.Tensor, ids: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         score = self.trained.scores(dense, self._keyed_jagged(ids, lengths, dense.shape[0])).float()
-        if self.binary:
-            return {"prediction": torch.sigmoid(score), "logit": score}
-        return {"prediction": score.clamp(*self.label_range) if self.label_range else score}
+        prediction = to_prediction(self.schema, score)  # the rule recsys predict applies
+        if self.schema.task == "binary":
+            return {"prediction": prediction, "logit": score}
+        return {"prediction": prediction}
 
 
 def contract(schema: DatasetSchema, about: dict) -> dict:
