@@ -159,7 +159,8 @@ def _raw(job: dict, schema: DatasetSchema) -> int:
 
 
 def _ours(job: dict, schema: DatasetSchema) -> tuple[int, float, float]:
-    from data_pipeline.reader import ParquetBatches, RankLoader
+    from data_pipeline.loader import RankLoader
+    from data_pipeline.reader import ParquetBatches
 
     kwargs = dict(num_workers=job["workers"], shuffle=job["shuffle"], drop_last=True, seed=0)
     if "shuffle_buffer_rows" in inspect.signature(ParquetBatches).parameters:  # absent before this benchmark

@@ -28,7 +28,7 @@ and one rank with an extra batch would hang the others:
 `SPLIT_RULE` numbers this rule; checkpoints record it (`trainer.state.DataOrder`).
 
 Workers hand batches to the training process through a small ring of shared-memory slots per
-worker instead of a fresh shared-memory segment per batch (see `RankLoader`). They are started by
+worker instead of a fresh shared-memory segment per batch (see `data_pipeline.loader.RankLoader`). They are started by
 a fork server, never forked from the training process itself: by the time a loader starts, that
 process runs gloo/NCCL, OpenMP and TensorBoard threads, and a fork taken while one of them holds a
 lock can leave the child hung (seen here: an evaluation worker stuck right after fork).
@@ -37,7 +37,6 @@ lock can leave the child hung (seen here: an evaluation worker stuck right after
 from __future__ import annotations
 
 import atexit
-import functools
 import logging
 import os
 import select
@@ -48,17 +47,21 @@ from dataclasses import dataclass
 from multiprocessing import forkserver
 from multiprocessing.queues import SimpleQueue
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.multiprocessing as mp
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from data_pipeline.batch import Batch, BatchLayout, RowStore, Runs, pad_batch
 from data_pipeline.config import DataConfig
+from data_pipeline.rows import BatchLayout, RowStore, Runs
 from data_pipeline.schema import DataError, DatasetSchema, check_files, check_row_group
 from data_pipeline.storage import parquet_file
+
+if TYPE_CHECKING:  # only the training process builds Batches (see ParquetBatches.__iter__)
+    from data_pipeline.batch import Batch
 
 DEFAULT_SHUFFLE_BUFFER_ROWS = DataConfig.shuffle_buffer_rows
 
@@ -182,7 +185,7 @@ class ParquetBatches(IterableDataset):
         self.shuffle_buffer_rows = shuffle_buffer_rows
         self.epoch = 0
         self.row_groups = list_row_groups(check_files(schema, split))
-        self.transport: _Transport | None = None  # set by RankLoader for the workers it starts
+        self.transport: Transport | None = None  # set by RankLoader for the workers it starts
         self._plan: tuple[tuple, Plan] | None = None  # (what it was planned for, the plan)
 
     def set_epoch(self, epoch: int) -> None:
@@ -287,22 +290,28 @@ class ParquetBatches(IterableDataset):
             store.keep(rng.permutation(_runs(blocks)))  # the rest, as one block in random order
         blocks[:] = [[0, store.rows]]
 
-    def __iter__(self) -> Iterator[Batch | SharedBatch]:
+    def __iter__(self) -> Iterator[Batch | SharedBatch | PackedBatch]:
+        """Batches, in this process; in a DataLoader worker, their buffers (a ring slot when one is
+        free, else a `PackedBatch`), which `RankLoader` turns into Batches: a worker never builds
+        one, so its process needs no torchrec (see `worker_context`)."""
         info = get_worker_info()
         worker = 0 if info is None else info.id
         if (0 if info is None else info.num_workers) != self.num_workers:
             raise RuntimeError(f"built for {self.num_workers} loader workers, run with {info and info.num_workers}")
-        ring = None
-        if info is not None and self.transport is not None:
-            ring = _Ring(worker, self.transport.free[worker], self.transport.slots)
+        if info is None:
+            yield from self._batches()
+            return
+        ring = _Ring(worker, self.transport.free[worker], self.transport.slots) if self.transport else None
         for store, runs in self.row_batches(worker):
             full = sum(stop - start for start, stop in runs) == self.batch_size
             item = ring.put(store, runs) if ring is not None and full else None
-            if item is None:
-                item = store.batch(runs)
-                if not full:
-                    item = pad_batch(item, self.batch_size, self.schema)
-            yield item
+            yield PackedBatch.of(store, runs) if item is None else item
+
+    def _batches(self) -> Iterator[Batch]:
+        from data_pipeline.batch import batch_of, pad_batch  # the training process: torchrec is loaded
+
+        for store, runs in self.row_batches(0):
+            yield pad_batch(batch_of(store, runs), self.batch_size, self.schema)
 
 
 def _runs(ranges: list[list[int]]) -> np.ndarray:
@@ -314,7 +323,7 @@ def _runs(ranges: list[list[int]]) -> np.ndarray:
 
 
 @dataclass
-class _Transport:
+class Transport:
     free: list[SimpleQueue]  # per worker: slots the training process has copied out
     slots: int  # ring slots per worker
 
@@ -331,6 +340,27 @@ class SharedBatch:
 
     def pin_memory(self) -> SharedBatch:
         return self  # the DataLoader's pin thread must not copy the ring; RankLoader pins the copy
+
+
+@dataclass
+class PackedBatch:
+    """A batch in its own flat buffer (`buf`, in shared memory on its way from a worker): when no
+    ring slot was free, it did not fit one, or it is a worker's last, partial batch."""
+
+    layout: BatchLayout
+    length_per_key: list[int]
+    buf: torch.Tensor  # uint8 [layout.nbytes]
+
+    @classmethod
+    def of(cls, store: RowStore, runs: Runs) -> PackedBatch:
+        layout, counts = store.plan(runs)
+        buf = torch.empty(layout.nbytes, dtype=torch.uint8)
+        store.fill(runs, layout, counts, buf.numpy())
+        return cls(layout, counts, buf)
+
+    def pin_memory(self) -> PackedBatch:
+        """Called by the DataLoader's pin thread: the buffer, page-locked."""
+        return PackedBatch(self.layout, self.length_per_key, self.buf.pin_memory())
 
 
 class _Ring:
@@ -372,7 +402,7 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 """What schedulers preempt with (trainer/preempt.py); a rank's loader processes ignore them."""
 
 
-def _start_worker(owner: int, log_levels: dict[str, int], worker_id: int) -> None:
+def start_worker(owner: int, log_levels: dict[str, int], worker_id: int) -> None:
     """Worker init: the rank's levels for the loggers it names (a worker is a fresh process from
     the fork server, which has none of the rank's logging setup), then `_exit_with(owner)`."""
     for name, level in log_levels.items():
@@ -417,11 +447,12 @@ def _kill_workers_at_exit() -> None:
             child.kill()
 
 
-def _worker_context() -> mp.context.BaseContext:
-    """The "forkserver" context, its server preloaded with this module (torch, torchrec, pyarrow),
-    so that starting a worker is a fork of a small single-threaded process, not a fresh
-    interpreter. The server is started now (one per process, a few seconds of imports, done in the
-    background while the model is built), not when the first batch is wanted."""
+def worker_context() -> mp.context.BaseContext:
+    """The "forkserver" context, its server preloaded with this module (torch, numpy, pyarrow; no
+    torchrec: workers send buffers, `data_pipeline.loader` builds the Batches), so that starting a
+    worker is a fork of a small single-threaded process, not a fresh interpreter. The server is
+    started now (one per process, about 2 s of imports, done in the background while the model is
+    built; 3.5 s while it also loaded torchrec), not when the first batch is wanted."""
     atexit.unregister(_kill_workers_at_exit)  # registered once, after multiprocessing's hook
     atexit.register(_kill_workers_at_exit)
     mp.set_forkserver_preload([__name__])
@@ -437,64 +468,3 @@ def _worker_context() -> mp.context.BaseContext:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return mp.get_context("forkserver")
-
-
-class RankLoader:
-    """A DataLoader over `ParquetBatches` that yields exactly `len(self)` batches on every rank.
-
-    With workers, batches arrive through per-worker shared-memory rings (see `_Ring`): each is
-    copied out into private memory, or straight into pinned memory when `pin_memory` (the copy the
-    pin thread would otherwise make), and its slot is handed back at once.
-    """
-
-    def __init__(
-        self, dataset: ParquetBatches, pin_memory: bool = False, log_levels: dict[str, int] | None = None
-    ) -> None:
-        """`log_levels`: {logger name: level} set in each worker (the rank's quiet third-party loggers)."""
-        self.dataset = dataset
-        self.pin_memory = pin_memory
-        self.context = _worker_context() if dataset.num_workers else None
-        self.loader = DataLoader(
-            dataset,
-            batch_size=None,  # the dataset yields whole batches
-            num_workers=dataset.num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=False,
-            multiprocessing_context=self.context,
-            worker_init_fn=functools.partial(_start_worker, os.getpid(), dict(log_levels or {}))
-            if dataset.num_workers
-            else None,
-        )
-        # Ring slots per worker: every batch a worker can have in flight (prefetched, being
-        # received, being written). 0: no ring, every batch goes the normal way.
-        self.ring_slots = self.loader.prefetch_factor + 2 if dataset.num_workers else 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __iter__(self) -> Iterator[Batch]:
-        free = [self.context.SimpleQueue() for _ in range(self.dataset.num_workers)]
-        if free:
-            # Set before the workers start: the dataset, queues included, is sent to each as it starts.
-            self.dataset.transport = _Transport(free, slots=self.ring_slots)
-        batches = iter(self.loader)
-        self.dataset.transport = None  # the workers have their copy; in-process iteration needs none
-        rings: dict[int, torch.Tensor] = {}
-        keys = self.dataset.schema.sparse_names
-        for _ in range(len(self)):
-            item = next(batches, None)
-            if isinstance(item, SharedBatch):
-                if item.ring is not None:
-                    rings[item.worker] = item.ring
-                buf = torch.empty(item.layout.nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
-                # numpy: one thread (torch's copy_ would wake its OpenMP pool, which then spins)
-                np.copyto(buf.numpy(), rings[item.worker][item.slot, : item.layout.nbytes].numpy())
-                free[item.worker].put(item.slot)
-                item = item.layout.batch(buf, keys, item.length_per_key)
-            elif item is None:  # only evaluation can run short here (training stops at the smallest count)
-                item = pad_batch(None, self.dataset.batch_size, self.dataset.schema)
-                item = item.pin_memory() if self.pin_memory else item
-            yield item

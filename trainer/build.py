@@ -15,7 +15,8 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer
 
-from data_pipeline.reader import ParquetBatches, RankLoader
+from data_pipeline.loader import RankLoader
+from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import SPLITS, DatasetSchema, check_files
 from data_pipeline.storage import is_local, is_url
 from models import build_model

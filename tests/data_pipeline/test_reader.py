@@ -7,8 +7,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from data_pipeline.batch import BatchLayout, RowStore, table_to_batch
-from data_pipeline.reader import ParquetBatches, RankLoader
+from data_pipeline.batch import table_to_batch
+from data_pipeline.loader import RankLoader
+from data_pipeline.reader import ParquetBatches
+from data_pipeline.rows import RowStore
 from data_pipeline.schema import SparseFeature, check_files
 from tests.helpers.data import TINY_SPARSE, write_dataset
 from tests.helpers.runs import ROOT
@@ -166,9 +168,9 @@ def _nulls_dataset(tmp_path, split="valid"):
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_every_row_exact_through_worker_rings(tmp_path, monkeypatch, shuffle):
     schema = _nulls_dataset(tmp_path)
-    received = []  # ring batches are turned into Batches here, in this process
-    original = BatchLayout.batch
-    monkeypatch.setattr(BatchLayout, "batch", lambda self, *a: received.append(1) or original(self, *a))
+    received = []  # ring batches are copied out here, in this process
+    original = RankLoader._copy_out
+    monkeypatch.setattr(RankLoader, "_copy_out", lambda self, *a: received.append(1) or original(self, *a))
     dataset = ParquetBatches(
         schema, "valid", batch_size=96, num_workers=2, shuffle=shuffle, drop_last=False, shuffle_buffer_rows=300
     )
@@ -225,8 +227,8 @@ def test_runs_of_scalar_features_are_copied_exactly(tmp_path, shuffle, workers):
 def test_batches_go_the_normal_way_when_no_ring_slot_is_free(tmp_path, monkeypatch):
     schema = _nulls_dataset(tmp_path)
     received = []
-    original = BatchLayout.batch
-    monkeypatch.setattr(BatchLayout, "batch", lambda self, *a: received.append(1) or original(self, *a))
+    original = RankLoader._copy_out
+    monkeypatch.setattr(RankLoader, "_copy_out", lambda self, *a: received.append(1) or original(self, *a))
     loader = RankLoader(ParquetBatches(schema, "valid", batch_size=96, num_workers=2, drop_last=False))
     loader.ring_slots = 0  # sent to the workers with the dataset
     rows = _rows(loader)
@@ -234,9 +236,20 @@ def test_batches_go_the_normal_way_when_no_ring_slot_is_free(tmp_path, monkeypat
     assert not received
 
 
+def test_the_workers_module_needs_no_torchrec():
+    """The fork server preloads data_pipeline.reader and every worker is a fork of it: workers
+    send buffers and never build a KJT, so a rank's loader starts without torchrec's seconds of
+    imports. Any torchrec (or fbgemm) import creeping into the reader's modules fails this."""
+    heavy = "('torchrec', 'fbgemm_gpu')"
+    code = f"import sys, data_pipeline.reader; print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout[-2000:], done.stderr[-2000:])
+
+
 KILLED_OWNER = """
 import sys
-from data_pipeline.reader import ParquetBatches, RankLoader
+from data_pipeline.loader import RankLoader
+from data_pipeline.reader import ParquetBatches
 from data_pipeline.schema import DatasetSchema
 
 if __name__ == "__main__":
