@@ -81,10 +81,9 @@ def _launch_flags(torchrun: list[str]) -> tuple[list[str], int | None]:
 
 def _train(argv: list[str]) -> int:
     from data_pipeline.schema import DataError
-    from trainer.__main__ import _message
-    from trainer.build import preflight
     from trainer.config import load_config
     from trainer.defaults import resolve
+    from trainer.preflight import message, preflight
 
     torchrun, rest = split_torchrun_flags(argv)
     if "-h" in rest or "--help" in rest:
@@ -103,7 +102,7 @@ def _train(argv: list[str]) -> int:
         if world_size is not None:  # the same derived defaults and cross-field checks each rank will make
             resolve(cfg, schema, world_size)
     except (DataError, ValueError) as e:  # ConfigError is a ValueError
-        print(f"error: {_message(e) if isinstance(e, DataError) else e}", file=sys.stderr)
+        print(f"error: {message(e) if isinstance(e, DataError) else e}", file=sys.stderr)
         return 2
     return _torchrun([*torchrun, "-m", "trainer", *rest])
 

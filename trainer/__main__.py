@@ -26,7 +26,6 @@ import torch.distributed as dist
 
 from data_pipeline.dirlock import DirInUse, DirLock
 from data_pipeline.schema import DataError, DatasetSchema
-from trainer.build import preflight
 from trainer.checkpoint import CheckpointError, find_resume
 from trainer.checkpoint.store import OutOfSpace
 from trainer.config import Config, load_config
@@ -34,6 +33,7 @@ from trainer.defaults import resolve
 from trainer.distributed import DistEnv, PlanError, destroy_distributed, init_distributed, raise_on_every_rank
 from trainer.guard import Diverged
 from trainer.logs import get_logger, setup_logging
+from trainer.preflight import message, preflight
 from trainer.train import Trainer
 
 log = get_logger(__name__)
@@ -43,14 +43,6 @@ PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote wo
 
 DIVERGED_EXIT = 3
 """The exit code of a run the numerics guard stopped (2 is bad input)."""
-
-
-def _message(error: DataError) -> str:
-    """The error's own message, without the worker traceback a DataLoader wraps around it."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split("DataError: ", 1)[-1]
-    return text
 
 
 def _join_attempt_process_group() -> None:
@@ -120,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         resolve(cfg, schema, int(os.environ.get("WORLD_SIZE", "1")))
     except (DataError, ValueError) as e:
         if rank == "0":  # every rank finds the same problem; say it once
-            print(f"error: {_message(e)}", file=sys.stderr)
+            print(f"error: {message(e)}", file=sys.stderr)
         return 2
     _join_attempt_process_group()
     env = init_distributed()
@@ -142,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     except DataError as e:
-        _say_from_rank(cfg, env, f"error (rank {env.rank}): {_message(e)}")
+        _say_from_rank(cfg, env, f"error (rank {env.rank}): {message(e)}")
         return 2
     except RuntimeError as e:
         if not any(words in str(e) for words in PEER_LOST):

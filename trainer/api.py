@@ -60,8 +60,8 @@ def explicit_toml(cfg: Config) -> str:
 def train(config: Config | Sequence[str], nproc_per_node: int = 1) -> dict:
     """Train `config` (a Config, or the flags `recsys train` takes) and return the run's summary
     (summary.json; `stopped_at_step` or `exit_code` for a run that stopped early)."""
-    from trainer.build import preflight
     from trainer.defaults import resolve
+    from trainer.preflight import preflight
 
     cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(list(config))  # the caller's stays
     cfg.explicit, cfg.derived = set_knobs(cfg), {}

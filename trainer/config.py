@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 import tyro
 
 from data_pipeline.config import DataConfig, check_choices
+from data_pipeline.storage import location
 from models.config import ModelConfig
 from trainer.tracking import LoggingConfig
 
@@ -387,6 +388,11 @@ def getattr_path(cfg: Config, key: str) -> Any:
     """The value of knob `section.key`."""
     section, _, name = key.rpartition(".")
     return getattr(getattr(cfg, section) if section else cfg, name)
+
+
+def checkpoint_root(cfg: Config) -> Path:
+    """checkpoint.dir (a path or an fsspec URL), by default the run directory's checkpoints/."""
+    return location(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run_dir) / "checkpoints"
 
 
 class ConfigError(ValueError):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from importlib.metadata import version
 
 import pytest
@@ -11,7 +13,7 @@ from launch.cli import COMMANDS, split_torchrun_flags
 from models import MODELS
 from models.config import MODEL_NAMES
 from tests.helpers.data import synthetic
-from tests.helpers.runs import one_error, run_recsys
+from tests.helpers.runs import ROOT, one_error, run_recsys
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
@@ -40,6 +42,18 @@ def test_train_help_names_the_command_and_lists_choices():
     assert "usage: recsys train" in result.stdout
     assert "--optimizer.dense {adam,adamw,adagrad,sgd}" in result.stdout
     assert "--model.name {" + ",".join(MODEL_NAMES) + "}" in result.stdout
+
+
+def test_the_checks_before_launch_load_no_torchrec():
+    """`recsys train` reads the config, the dataset and the directories before torchrun starts: a
+    bad one is one error line in about two seconds, not the seven torchrec's imports take."""
+    heavy = "('torchrec', 'fbgemm_gpu')"
+    code = (
+        "import sys; import trainer.config, trainer.defaults, trainer.preflight, models; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout[-2000:], done.stderr[-2000:])
 
 
 def test_the_model_choices_are_the_registry():

@@ -14,10 +14,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 from data_pipeline.schema import DatasetSchema
-from data_pipeline.storage import location
 from trainer.checkpoint.compat import IncompatibleCheckpoint, check_compatible
 from trainer.checkpoint.store import META, CheckpointError, committed, locate, read_meta, verify_files
-from trainer.config import Config
+from trainer.config import Config, checkpoint_root
 from trainer.distributed import DistEnv, from_main
 from trainer.logs import get_logger
 
@@ -33,11 +32,6 @@ class Resume:
     """The allowed config changes since the checkpoint, to print."""
     seconds: float = 0.0
     """Time spent finding and verifying it."""
-
-
-def checkpoint_root(cfg: Config) -> Path:
-    """checkpoint.dir (a path or an fsspec URL), by default the run directory's checkpoints/."""
-    return location(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run_dir) / "checkpoints"
 
 
 def _verified(path: Path, meta: dict, env: DistEnv, hashes: bool) -> list[str]:
