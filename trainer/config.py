@@ -238,6 +238,11 @@ class TrainingConfig:
     """Stop the run with an error when a log interval's mean loss exceeds this many times the median
     of the intervals before it (0: off; trainer/guard.py). A non-finite loss or weight stops it always."""
 
+    skip_nonfinite_batches: int = 0
+    """Skip up to this many batches in a run whose loss is not finite on some rank (no backward:
+    no weight, table or optimizer state moves), with a warning each; one more stops the run as
+    diverged. 0 (off): a non-finite loss stops the run. Costs one all-reduce and host sync per step."""
+
     stop_at_step: int = 0
     """Save a checkpoint and exit at this step without finishing the run, as a pre-empted job would
     (0: off). Unlike max_steps it changes neither the learning-rate schedule nor when training
@@ -251,8 +256,11 @@ class TrainingConfig:
             raise ValueError(
                 f"training.profile_steps must be [first, last] with 1 <= first <= last, got {self.profile_steps}"
             )
-        if self.stop_at_step < 0 or self.table_stats_max_rows < 0 or self.threads < 0:
-            raise ValueError("training.stop_at_step, training.table_stats_max_rows and training.threads must be >= 0")
+        if min(self.stop_at_step, self.table_stats_max_rows, self.threads, self.skip_nonfinite_batches) < 0:
+            raise ValueError(
+                "training.stop_at_step, training.table_stats_max_rows, training.threads and "
+                "training.skip_nonfinite_batches must be >= 0"
+            )
         if self.epochs <= 0 or self.max_steps < 0 or self.eval_every < 0 or self.log_every <= 0:
             raise ValueError("training: epochs and log_every must be positive; max_steps and eval_every >= 0")
         check_choices(self, "training")

@@ -2,6 +2,9 @@
 
     RECSYS_FAULT=kill@STEP:RANK   RANK SIGKILLs itself after training step STEP
     RECSYS_FAULT=save@STEP:RANK   RANK fails inside the save of step STEP, after writing its files
+    RECSYS_FAULT=nan@STEP:RANK    RANK's loss is NaN at step STEP (`poison`)
+
+STEP may list several steps, comma-separated (nan@5,9:1).
 
 Only on a job's first attempt (torchrun's TORCHELASTIC_RESTART_COUNT = 0), so a restarted job
 runs clean. Unset, `fault` returns at once.
@@ -12,15 +15,27 @@ from __future__ import annotations
 import os
 import signal
 
+import torch
+
+
+def planned(point: str, step: int, rank: int) -> bool:
+    """Whether RECSYS_FAULT names this point, step and rank (on a job's first attempt)."""
+    spec = os.environ.get("RECSYS_FAULT", "")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return False
+    kind, _, where = spec.partition("@")
+    at, _, who = where.partition(":")
+    return kind == point and step in {int(s) for s in at.split(",")} and int(who or 0) == rank
+
+
+def poison(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    """The loss, or NaN where RECSYS_FAULT=nan names this step and rank."""
+    return loss * float("nan") if planned("nan", step, rank) else loss
+
 
 def fault(point: str, step: int, rank: int) -> None:
     """Fail here if RECSYS_FAULT names this point ("kill" or "save"), step and rank."""
-    spec = os.environ.get("RECSYS_FAULT", "")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    kind, _, where = spec.partition("@")
-    at, _, who = where.partition(":")
-    if kind == point and int(at) == step and int(who or 0) == rank:
+    if planned(point, step, rank):
         if point == "kill":
             print(f"RECSYS_FAULT: rank {rank} kills itself (SIGKILL) after step {step}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)

@@ -12,6 +12,12 @@ loss can still have produced an infinite update). It stops the run when:
     0 turns this test off.
 Every rank sees the same all-reduced numbers, so every rank raises together. Not saved in
 checkpoints: a resumed run starts a fresh median (and trains exactly as before either way).
+
+`training.skip_nonfinite_batches N` lets a run skip up to N batches whose loss is not finite on
+some rank instead (`NonFiniteSkips`): the ranks agree on each step's loss before its backward, and
+skip the backward together (no gradient: no weight, fused table or optimizer state moves; the
+step, its batch and the learning-rate schedule go on). The skipped steps are saved with the run's
+state, so the budget holds across resumes.
 """
 
 from __future__ import annotations
@@ -19,12 +25,17 @@ from __future__ import annotations
 import collections
 import math
 import statistics
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 
 from trainer.distributed import local_state_tensors
+from trainer.logs import get_logger
+
+log = get_logger(__name__)
 
 WINDOW = 20
 """Log intervals in the running median."""
@@ -93,3 +104,57 @@ class NumericsGuard:
         if bad.item():
             where = f" (here: {', '.join(sorted(set(names))[:3])})" if names else ""
             self._raise(step, f"{int(bad.item())} weight tensors hold inf or NaN{where}")
+
+
+class NonFiniteSkips:
+    """Which training batches had a non-finite loss on some rank and were skipped; at most `budget`.
+
+    `skipped` is the run's list of skipped steps (TrainState.skipped_steps, saved in checkpoints);
+    `step` gives the step being trained. Every rank all-reduces the same flag, so every rank skips
+    (or raises) together: a rank that ran its backward alone would wait forever for the others'
+    gradients."""
+
+    def __init__(self, budget: int, skipped: list[int], step: Callable[[], int]) -> None:
+        self.budget, self.skipped, self.step = budget, skipped, step
+        self.now = False
+        """Whether the batch just trained was skipped (its loss counts in no mean)."""
+
+    def keep(self, losses: torch.Tensor) -> bool:
+        """Whether to run this batch's backward (a collective and a host sync)."""
+        bad = (~torch.isfinite(losses.detach())).any().to(torch.float32).reshape(1)
+        dist.all_reduce(bad)
+        self.now = bool(bad.item())
+        if not self.now:
+            return True
+        step = self.step()
+        if len(self.skipped) >= self.budget:
+            raise Diverged(
+                f"training diverged at step {step}: its loss is not finite on {int(bad.item())} rank(s), and "
+                f"{len(self.skipped)} batches were skipped already (training.skip_nonfinite_batches "
+                f"{self.budget}: steps {', '.join(map(str, self.skipped))}); lower the learning rates or check "
+                "the data"
+            )
+        self.skipped.append(step)
+        log.warning(
+            "step %d: the loss is not finite on %d rank(s): batch skipped (%d of training.skip_nonfinite_batches %d)",
+            step, int(bad.item()), len(self.skipped), self.budget,
+        )  # fmt: skip
+        return False
+
+
+class _SkipsNonFinite:
+    """A train pipeline whose backward asks `skips` first (None: always runs it)."""
+
+    skips: NonFiniteSkips | None = None
+
+    def _backward(self, losses: torch.Tensor) -> None:
+        if self.skips is None or self.skips.keep(losses):
+            super()._backward(losses)  # type: ignore[misc]
+
+
+class GuardedPipeline(_SkipsNonFinite, TrainPipelineSparseDist):
+    """torchrec's pipelined trainer (input dist of the next batch overlapping this one's compute)."""
+
+
+class GuardedBasePipeline(_SkipsNonFinite, TrainPipelineBase):
+    """torchrec's plain trainer (training.pipelined false)."""

@@ -82,6 +82,8 @@ class TrainState:
     """Seconds spent in training steps, over every attempt."""
     most_popular: dict[str, dict[str, float]] = field(default_factory=dict)
     """split -> the most-popular baseline's retrieval metrics."""
+    skipped_steps: list[int] = field(default_factory=list)
+    """The steps whose batch was skipped for a non-finite loss (training.skip_nonfinite_batches)."""
     saved_order: DataOrder | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -95,6 +97,7 @@ class TrainState:
         )
         for name in ("step", "epoch", "epoch_batches", "complete", "valid", "valid_step", "train_time", "most_popular"):
             setattr(self, name, state[name])
+        self.skipped_steps[:] = state.get("skipped_steps", [])  # in place: NonFiniteSkips holds the list
 
     def resume_position(self, steps_per_epoch: list[int]) -> tuple[int, int, str | None]:
         """(epoch, batches of it to skip, a note when the data order changed) to continue from.

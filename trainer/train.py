@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -37,8 +36,8 @@ from trainer.config import Config, getattr_path, toml_value
 from trainer.defaults import as_record, few_steps_warning
 from trainer.distributed import DistEnv, describe_plan, local_state_tensors
 from trainer.evaluator import Evaluator
-from trainer.faults import fault
-from trainer.guard import NumericsGuard
+from trainer.faults import fault, poison
+from trainer.guard import GuardedBasePipeline, GuardedPipeline, NonFiniteSkips, NumericsGuard
 from trainer.logs import LOGGER, get_logger
 from trainer.numbers import format_metrics
 from trainer.observe import StepProfiler, TableCoverage, memory_per_rank, memory_record
@@ -67,9 +66,8 @@ class Trainer:
                 f"{self.train_data.dataset.shares} loader workers; lower data.batch_size or use fewer ranks"
             )
         self.model, self.optimizer, self.plan, self.memory_estimate = build_sharded(cfg, env, schema)
-        pipeline = TrainPipelineSparseDist if t.pipelined else TrainPipelineBase
-        forward = self._bf16_forward if t.mixed_precision == "bf16" else None
-        self.pipeline = pipeline(self.model, self.optimizer, env.device, custom_model_fwd=forward)
+        pipeline = GuardedPipeline if t.pipelined else GuardedBasePipeline
+        self.pipeline = pipeline(self.model, self.optimizer, env.device, custom_model_fwd=self._forward)
         self.evaluator = Evaluator(cfg, env, schema, self.model, self.pipeline)
 
         self.steps_per_epoch = []
@@ -84,6 +82,9 @@ class Trainer:
         workers = self.train_data.dataset.num_workers
         order = DataOrder(env.world_size, cfg.data.batch_size, workers, t.seed, train_files=data_files["train"])
         self.state = TrainState(order)
+        if t.skip_nonfinite_batches:  # asked with the step being trained
+            skipped, budget = self.state.skipped_steps, t.skip_nonfinite_batches
+            self.pipeline.skips = NonFiniteSkips(budget, skipped, lambda: self.state.step + 1)
         self.best = BestValidation(self.evaluator.headline, t.early_stopping_patience)
         self.lr = LearningRates(
             self.optimizer,
@@ -107,12 +108,20 @@ class Trainer:
         self.guard = NumericsGuard(t.divergence_factor)
         self.preempt = Preemption()
 
-    def _bf16_forward(self, batch: Batch):
-        """The model's forward under bfloat16 autocast; outputs back in fp32 for the loss's
-        backward and the metrics. The backward pass runs outside autocast, as torch advises."""
-        with torch.autocast(self.env.device.type, dtype=torch.bfloat16):
+    def _forward(self, batch: Batch):
+        """The model's forward, under bfloat16 autocast with training.mixed_precision bf16 (outputs
+        back in fp32 for the loss's backward and the metrics; the backward runs outside autocast,
+        as torch advises). A training step's loss is NaN where RECSYS_FAULT=nan says (tests)."""
+        if self.cfg.training.mixed_precision != "bf16":
             loss, outputs = self.model(batch)
-        return loss.float(), tuple(t.float() if t.is_floating_point() else t for t in outputs)
+        else:
+            with torch.autocast(self.env.device.type, dtype=torch.bfloat16):
+                loss, outputs = self.model(batch)
+            loss, outputs = loss.float(), tuple(t.float() if t.is_floating_point() else t for t in outputs)
+        if self.model.training:
+            step, rank = self.state.step + 1, self.env.rank
+            loss, outputs = poison(loss, step, rank), (poison(outputs[0], step, rank), *outputs[1:])
+        return loss, outputs
 
     @property
     def global_batch(self) -> int:
@@ -207,32 +216,39 @@ class Trainer:
                 break
             self.state.step += 1
             step = self.state.step
-            self.guard.first_step(loss)
+            skipped = self.pipeline.skips is not None and self.pipeline.skips.now
+            if skipped:
+                self.log.record("skipped", step, reason="non-finite loss")
+            else:
+                self.guard.first_step(loss)
             self.preempt.poll()
             note = self.profiler.after_step(step)
             if note and self.env.is_main:
                 log.info(note)
             fault("kill", step, self.env.rank)
             self.lr.after_step()
-            loss_sum += torch.stack([loss.detach().float(), torch.ones((), device=loss.device)])
+            if not skipped:  # a skipped batch's loss counts in no mean
+                loss_sum += torch.stack([loss.detach().float(), torch.ones((), device=loss.device)])
             unlogged += 1
             progress.update(1)
             if step % every == 0:
                 dist.all_reduce(loss_sum)  # mean over ranks; also syncs the device before timing
                 now = time.perf_counter()
-                rate = loss_sum[1].item() / self.env.world_size * self.global_batch / (now - last)
-                mean_loss = (loss_sum[0] / loss_sum[1]).item()
-                self.log.record("train", step, loss=mean_loss, samples_per_s=rate, lr=self.lr.current())
+                rate = unlogged * self.global_batch / (now - last)
+                if loss_sum[1].item():  # not every step of the interval skipped
+                    mean_loss = (loss_sum[0] / loss_sum[1]).item()
+                    self.log.record("train", step, loss=mean_loss, samples_per_s=rate, lr=self.lr.current())
+                    progress.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:,.0f}")
+                    self.guard.check_loss(step, mean_loss, unlogged)
                 self.memory = memory_per_rank(self.env.device)
                 self.log.record("memory", step, **memory_record(self.memory))
-                progress.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:,.0f}")
-                self.guard.check_loss(step, mean_loss, unlogged)
                 loss_sum.zero_()
                 unlogged, last = 0, now
         self.state.train_time += time.perf_counter() - start
         if unlogged:  # the phase's tail: checked before anything validates or saves these weights
             dist.all_reduce(loss_sum)
-            self.guard.check_loss(self.state.step, (loss_sum[0] / loss_sum[1]).item(), unlogged, logged=False)
+            if loss_sum[1].item():
+                self.guard.check_loss(self.state.step, (loss_sum[0] / loss_sum[1]).item(), unlogged, logged=False)
         self.preempt.settle()
         return self.state.step - first
 
@@ -449,6 +465,7 @@ class Trainer:
             "model": self.cfg.model.name,
             "dataset": str(self.cfg.data.path),
             "steps": s.step,
+            "skipped_steps": s.skipped_steps,
             "epochs": self.cfg.training.epochs,
             "global_batch_size": self.global_batch,
             "derived": as_record(self.cfg, self.cfg.derived),

@@ -1,5 +1,6 @@
 """The numerics guard: a run whose loss explodes or turns NaN stops with one error naming the step
-and the last good checkpoint, exit 3, and commits no checkpoint, summary or "best" after it."""
+and the last good checkpoint, exit 3, and commits no checkpoint, summary or "best" after it; or,
+with training.skip_nonfinite_batches, skips a few such batches without moving anything."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from torch import nn
 
 from tests.helpers.dist import free_port, rank_context
 from tests.helpers.runs import ROOT, run_trainer
+from trainer.checkpoint import locate
 from trainer.guard import MIN_HISTORY, Diverged, NumericsGuard
 from trainer.headline import Headline
+from trainer.tools.export import checkpoint_tensors
 
 DATA = ROOT / "tests" / "data" / "format_v1" / "data"
 
@@ -86,3 +89,39 @@ def test_a_diverging_run_stops_with_one_error_and_commits_nothing_after(tmp_path
     assert (run_dir / "summary.json").read_text() == summary  # the good run's, untouched
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in records if r["phase"] in ("valid", "test") and r["step"] > 10]
+
+
+@pytest.mark.slow
+def test_skipped_nonfinite_batches_move_nothing_and_a_spent_budget_stops_the_run(tmp_path):
+    """RECSYS_FAULT=nan makes one rank's loss NaN: both ranks skip that backward, so a run whose
+    step 6 was skipped ends with the tensors (weights, fused-table and Adam state) of a run that
+    stopped at step 5; a batch beyond the budget stops the run as diverged."""
+    args = [
+        *f"--data {DATA} --training.progress_bar false --data.batch_size 64 --training.log_every 5".split(),
+        *"--optimizer.lr_schedule constant --training.skip_nonfinite_batches 1".split(),
+    ]
+    five, six = tmp_path / "five", tmp_path / "six"
+    first = run_trainer([*args, "--run-dir", str(five), "--training.max_steps", "5"], nproc=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    skipped = run_trainer([*args, "--run-dir", str(six), "--training.max_steps", "6"], nproc=2, fault="nan@6:1")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert "step 6: the loss is not finite on 1 rank(s): batch skipped (1 of training.skip_nonfinite_batches 1)" in (
+        skipped.stdout
+    )
+    summary = json.loads((six / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["skipped_steps"] == [6] and math.isfinite(summary["test"]["logloss"])
+    records = [json.loads(line) for line in (six / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["phase"] == "skipped"] == [6]
+    assert all(math.isfinite(r["loss"]) for r in records if r["phase"] == "train")
+    for part in ("model", "optim"):
+        a, b = (checkpoint_tensors(locate(run), part) for run in (five, six))
+        assert a.keys() == b.keys() and a
+        assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+    spent = tmp_path / "spent"
+    result = run_trainer([*args, "--run-dir", str(spent), "--training.max_steps", "6"], nproc=2, fault="nan@2,4:0")
+    ranks = result.stderr.split("failed (exitcode: 3)")[0]
+    assert result.returncode != 0 and "Traceback" not in ranks, result.stderr[-4000:]
+    (error,) = [line for line in ranks.splitlines() if line.startswith("error")]
+    assert error.startswith("error: training diverged at step 4: its loss is not finite on 1 rank(s), and 1 batches")
+    assert "(training.skip_nonfinite_batches 1: steps 2)" in error

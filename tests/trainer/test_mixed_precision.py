@@ -24,8 +24,13 @@ def test_bf16_forward_runs_the_mlps_in_bfloat16_and_returns_fp32(tmp_path, tiny_
     for layer in model.modules():
         if isinstance(layer, torch.nn.Linear):
             layer.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
-    trainer = SimpleNamespace(env=SimpleNamespace(device=torch.device("cpu")), model=model)
-    loss, (detached, logits, labels, weights) = Trainer._bf16_forward(trainer, batch)
+    trainer = SimpleNamespace(
+        cfg=SimpleNamespace(training=SimpleNamespace(mixed_precision="bf16")),
+        env=SimpleNamespace(device=torch.device("cpu"), rank=0),
+        state=SimpleNamespace(step=0),
+        model=model,
+    )
+    loss, (detached, logits, labels, weights) = Trainer._forward(trainer, batch)
     assert seen and set(seen) == {torch.bfloat16}
     assert loss.dtype == detached.dtype == logits.dtype == torch.float32
     loss.backward()  # outside autocast, as the pipeline calls it
