@@ -29,7 +29,7 @@ demo: install data/synthetic/dataset.json
 	rm -rf runs/demo  # a fresh run each time (a run dir with checkpoints would resume them)
 	$(BIN)/recsys train --model dlrm --data data/synthetic --run-dir runs/demo --nproc-per-node $(NPROC)  # defaults derived from the data
 	@$(BIN)/python -c "import json; s = json.load(open('runs/demo/summary.json')); print('summary: world_size', s['world_size'], '| test auc %.4f (oracle %.4f) | valid auc %.4f | %.0f samples/s' % (s['test']['auc'], s['oracle_auc'], s['valid']['auc'], s['samples_per_s']))"
-	$(BIN)/recsys evaluate --checkpoint runs/demo --data data/synthetic --segment-by popularity:cat_0 --segment-by int_0
+	$(BIN)/recsys evaluate --checkpoint runs/demo --best --data data/synthetic --segment-by popularity:cat_0 --segment-by int_0
 	$(BIN)/recsys report runs/demo
 
 # ruff: lint and format check (pyproject.toml [tool.ruff]); `make format` rewrites the files.

@@ -1,5 +1,5 @@
 """Early stopping keeps the best weights: with `training.keep_best`, the test split is scored with
-the weights of the best validation, on 2 sharded ranks.
+the weights of the best validation, on 2 sharded ranks; `recsys evaluate --best` scores the same.
 
 The dataset's test split points at the valid files, so test metrics must equal the best (not the
 last) validation metrics exactly."""
@@ -9,7 +9,7 @@ import json
 from data_pipeline.prepare.synthetic import SyntheticSpec
 from data_pipeline.prepare.synthetic import prepare as prepare_synthetic
 from data_pipeline.schema import DatasetSchema
-from tests.helpers.runs import train
+from tests.helpers.runs import run_recsys, train
 
 
 def test_test_split_is_scored_with_the_best_weights(tmp_path):
@@ -29,3 +29,13 @@ def test_test_split_is_scored_with_the_best_weights(tmp_path):
     assert summary["test_weights_step"] == summary["best_valid_step"]
     assert abs(summary["test"]["auc"] - summary["best_valid"]["auc"]) < 1e-6, summary
     assert abs(summary["test"]["logloss"] - summary["best_valid"]["logloss"]) < 1e-6
+
+    for flag, step in (["--best"], summary["best_valid_step"]), ([], summary["steps"]):
+        out = tmp_path / f"eval{len(flag)}"
+        args = ["--checkpoint", str(run_dir), *flag, "--data", str(schema.root), "--out", str(out)]
+        done = run_recsys("evaluate", *args)
+        assert done.returncode == 0, done.stderr[-3000:]
+        result = json.loads((out / "metrics.json").read_text())
+        assert result["step"] == step
+        same = abs(result["overall"]["auc"] - summary["test"]["auc"]) < 1e-5
+        assert same == bool(flag), (result["overall"], summary["test"])  # one CPU process, as the 2 ranks scored

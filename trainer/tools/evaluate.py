@@ -4,8 +4,9 @@
     recsys evaluate --checkpoint models/ml.pt --data data/quality/movielens \\
         --segment-by gender --segment-by activity:user_id --segment-by popularity:movie_id --k 10,50
 
-`--checkpoint` is a checkpoint (step-N), a checkpoints or run directory (its latest checkpoint),
-or a model file from `recsys export`. One process scores every row of the split on the CPU, with
+`--checkpoint` is a checkpoint (step-N), a checkpoints or run directory (its latest checkpoint;
+with `--best`, the one of its best validation: the weights a keep_best run tested), or a model file
+from `recsys export`. One process scores every row of the split on the CPU, with
 every embedding table unsharded, so the tables must fit in host memory.
 
 Metrics (rows of weight 0 do not count): count; binary tasks: positives, AUC, log loss, NE (log
@@ -50,12 +51,13 @@ import torch
 from data_pipeline.atomic import write_atomic, write_text_atomic
 from data_pipeline.schema import DataError, DatasetSchema
 from data_pipeline.storage import StorageError, location, parquet_file, read_table
-from trainer.checkpoint import CheckpointError, locate, read_meta
+from trainer.checkpoint import CheckpointError
 from trainer.headline import headline
 from trainer.metrics import task_metrics, top_k_metrics
 from trainer.numbers import format_number
 from trainer.tools.export import (
     checkpoint_model,
+    chosen_checkpoint,
     load_model_file,
     prediction_columns,
     score_split,
@@ -126,13 +128,16 @@ class Trained:
     """The metric the training run chose its best by (None: not recorded)."""
 
 
-def load_model(checkpoint: str | Path) -> Trained:
+def load_model(checkpoint: str | Path, best: bool = False) -> Trained:
+    """A model file, or a checkpoint (`chosen_checkpoint`: the latest, or with `best` the one of
+    the best validation, which is what a keep_best run tested)."""
     checkpoint = location(checkpoint)
     if checkpoint.is_file():
+        if best:
+            raise CheckpointError(f"{checkpoint} is a model file: --best picks among a run's checkpoints")
         model, _, schema, blob = load_model_file(checkpoint)
         return Trained(model, schema, checkpoint, int(blob["step"]), blob.get("headline"))
-    path = locate(checkpoint)
-    meta = read_meta(path)
+    path, meta = chosen_checkpoint(checkpoint, best)
     model, _ = checkpoint_model(path, meta)
     schema = DatasetSchema.from_json(meta["dataset"], ".", f"{path}/checkpoint.json dataset")
     return Trained(model, schema, path, int(meta["step"]), meta["state"].get("best", {}).get("metric"))
@@ -350,10 +355,12 @@ def evaluate(
     out: str | Path | None = None,
     batch_size: int = 8192,
     relevant_at: float | None = None,
+    best: bool = False,
 ) -> tuple[dict, Path]:
-    """Score `split` of `data` with a checkpoint or model file, compute every metric overall and per
-    segment, write metrics.json and predictions.parquet into `out`; returns (metrics, out)."""
-    trained = load_model(checkpoint)
+    """Score `split` of `data` with a checkpoint or model file (`load_model`), compute every metric
+    overall and per segment, write metrics.json and predictions.parquet into `out`; returns
+    (metrics, out)."""
+    trained = load_model(checkpoint, best)
     scored = Scored(*score_split(trained.model, trained.schema, data, split, batch_size))
     schema, ks, source = scored.schema, sorted(ks), trained.source
     user_column = user_column or default_user_column(schema, split)
@@ -441,6 +448,11 @@ def main(argv: list[str]) -> int:
         required=True,
         help="a checkpoint (step-N), a checkpoints or run directory (its latest), or a model file from `recsys export`",
     )
+    parser.add_argument(
+        "--best",
+        action="store_true",
+        help="the checkpoint of the best validation instead of the latest (what a keep_best run tested)",
+    )
     parser.add_argument("--data", required=True, help="a dataset directory (dataset.json + Parquet; a path or URL)")
     parser.add_argument("--split", default="test", help="the split to evaluate (default: test)")
     parser.add_argument(
@@ -479,6 +491,7 @@ def main(argv: list[str]) -> int:
             args.out,
             args.batch_size,
             args.relevant_at,
+            args.best,
         )
     except (CheckpointError, DataError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
