@@ -15,7 +15,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from data_pipeline.rows import BatchLayout, RowStore, Runs
+from data_pipeline.rows import BatchLayout, PackedBatch, RowStore, Runs
 from data_pipeline.schema import DatasetSchema
 
 
@@ -78,10 +78,8 @@ def assemble(layout: BatchLayout, buf: torch.Tensor, keys: list[str], length_per
 
 def batch_of(store: RowStore, runs: Runs) -> Batch:
     """The rows of `runs` as a Batch in a fresh buffer."""
-    layout, counts = store.plan(runs)
-    buf = torch.empty(layout.nbytes, dtype=torch.uint8)
-    store.fill(runs, layout, counts, buf.numpy())
-    return assemble(layout, buf, store.keys, counts)
+    packed = PackedBatch.of(store, runs)
+    return assemble(packed.layout, packed.buf, store.keys, packed.length_per_key)
 
 
 def table_to_batch(table: pa.Table, schema: DatasetSchema) -> Batch:

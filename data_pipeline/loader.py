@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_pipeline.batch import Batch, assemble, pad_batch
-from data_pipeline.reader import PackedBatch, ParquetBatches, SharedBatch, Transport, start_worker, worker_context
+from data_pipeline.reader import ParquetBatches, SharedBatch, Transport, start_worker, worker_context
+from data_pipeline.rows import PackedBatch
 
 
 class RankLoader:

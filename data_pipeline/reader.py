@@ -56,7 +56,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_pipeline.config import DataConfig
-from data_pipeline.rows import BatchLayout, RowStore, Runs
+from data_pipeline.rows import BatchLayout, PackedBatch, RowStore, Runs
 from data_pipeline.schema import DataError, DatasetSchema, check_files, check_row_group
 from data_pipeline.storage import parquet_file
 
@@ -340,27 +340,6 @@ class SharedBatch:
 
     def pin_memory(self) -> SharedBatch:
         return self  # the DataLoader's pin thread must not copy the ring; RankLoader pins the copy
-
-
-@dataclass
-class PackedBatch:
-    """A batch in its own flat buffer (`buf`, in shared memory on its way from a worker): when no
-    ring slot was free, it did not fit one, or it is a worker's last, partial batch."""
-
-    layout: BatchLayout
-    length_per_key: list[int]
-    buf: torch.Tensor  # uint8 [layout.nbytes]
-
-    @classmethod
-    def of(cls, store: RowStore, runs: Runs) -> PackedBatch:
-        layout, counts = store.plan(runs)
-        buf = torch.empty(layout.nbytes, dtype=torch.uint8)
-        store.fill(runs, layout, counts, buf.numpy())
-        return cls(layout, counts, buf)
-
-    def pin_memory(self) -> PackedBatch:
-        """Called by the DataLoader's pin thread: the buffer, page-locked."""
-        return PackedBatch(self.layout, self.length_per_key, self.buf.pin_memory())
 
 
 class _Ring:

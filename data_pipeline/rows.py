@@ -12,8 +12,8 @@ into a `Batch` (its tensors are views of it).
   values and lengths straight from the Arrow list's flattened values and offsets (null and empty
   lists have length 0); a scalar id column gives lengths of 1 (0 where the id is null, i.e. missing).
 
-numpy and pyarrow only: this runs in the loader workers, whose fork server must start fast
-(`data_pipeline.reader`), so nothing here imports torch or torchrec.
+This runs in the loader workers, whose fork server must start fast (`data_pipeline.reader`): numpy,
+pyarrow and torch (for `PackedBatch`'s buffer) only, no torchrec.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from data_pipeline.schema import DatasetSchema
 
@@ -275,3 +276,24 @@ class RowStore:
                 np.cumsum(lengths, out=where.offsets[1 : n + 1])
             where.values[: len(kept)] = kept
         self.rows = n
+
+
+@dataclass
+class PackedBatch:
+    """A batch in its own flat buffer (`buf`, in shared memory on its way from a worker): when no
+    ring slot was free, it did not fit one, or it is a worker's last, partial batch."""
+
+    layout: BatchLayout
+    length_per_key: list[int]
+    buf: torch.Tensor  # uint8 [layout.nbytes]
+
+    @classmethod
+    def of(cls, store: RowStore, runs: Runs) -> PackedBatch:
+        layout, counts = store.plan(runs)
+        buf = torch.empty(layout.nbytes, dtype=torch.uint8)
+        store.fill(runs, layout, counts, buf.numpy())
+        return cls(layout, counts, buf)
+
+    def pin_memory(self) -> PackedBatch:
+        """Called by the DataLoader's pin thread: the buffer, page-locked."""
+        return PackedBatch(self.layout, self.length_per_key, self.buf.pin_memory())

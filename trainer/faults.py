@@ -2,7 +2,7 @@
 
     RECSYS_FAULT=kill@STEP:RANK   RANK SIGKILLs itself after training step STEP
     RECSYS_FAULT=save@STEP:RANK   RANK fails inside the save of step STEP, after writing its files
-    RECSYS_FAULT=nan@STEP:RANK    RANK's loss is NaN at step STEP (`poison`)
+    RECSYS_FAULT=nan@STEP:RANK    RANK's loss is NaN at step STEP (trainer.train's forward)
 
 STEP may list several steps, comma-separated (nan@5,9:1).
 
@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 import signal
 
-import torch
-
 
 def planned(point: str, step: int, rank: int) -> bool:
     """Whether RECSYS_FAULT names this point, step and rank (on a job's first attempt)."""
@@ -26,11 +24,6 @@ def planned(point: str, step: int, rank: int) -> bool:
     kind, _, where = spec.partition("@")
     at, _, who = where.partition(":")
     return kind == point and step in {int(s) for s in at.split(",")} and int(who or 0) == rank
-
-
-def poison(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
-    """The loss, or NaN where RECSYS_FAULT=nan names this step and rank."""
-    return loss * float("nan") if planned("nan", step, rank) else loss
 
 
 def fault(point: str, step: int, rank: int) -> None:

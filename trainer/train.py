@@ -18,6 +18,7 @@ import collections
 import itertools
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ from trainer.config import Config, getattr_path, toml_value
 from trainer.defaults import as_record, few_steps_warning
 from trainer.distributed import DistEnv, describe_plan, local_state_tensors
 from trainer.evaluator import Evaluator
-from trainer.faults import fault, poison
+from trainer.faults import fault, planned
 from trainer.guard import GuardedBasePipeline, GuardedPipeline, NonFiniteSkips, NumericsGuard
 from trainer.logs import LOGGER, get_logger
 from trainer.numbers import format_metrics
@@ -118,9 +119,8 @@ class Trainer:
             with torch.autocast(self.env.device.type, dtype=torch.bfloat16):
                 loss, outputs = self.model(batch)
             loss, outputs = loss.float(), tuple(t.float() if t.is_floating_point() else t for t in outputs)
-        if self.model.training:
-            step, rank = self.state.step + 1, self.env.rank
-            loss, outputs = poison(loss, step, rank), (poison(outputs[0], step, rank), *outputs[1:])
+        if self.model.training and planned("nan", self.state.step + 1, self.env.rank):
+            loss, outputs = loss * math.nan, (outputs[0] * math.nan, *outputs[1:])
         return loss, outputs
 
     @property
