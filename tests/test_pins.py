@@ -167,3 +167,29 @@ def test_test_and_lint_dependencies_are_installed_by_make():
     assert any(d.startswith("ruff==") for d in extras["lint"])  # pinned: formatting differs across releases
     install = [line for line in (ROOT / "Makefile").read_text().splitlines() if "pip install" in line and "-e" in line]
     assert any('-e ".[cpu,test,lint]"' in line for line in install), install
+
+
+def test_the_lock_satisfies_pyprojects_requirements():
+    """constraints.txt (make install's lock) pins every package it names once, and each of
+    pyproject's requirements that make install asks for is met by the locked version: a
+    requirement changed without `make lock` fails here, not in CI's install."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lines = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and line[0] != "#"]
+    locked = {}
+    for line in lines:
+        name, version = line.split("==")
+        assert canonicalize_name(name) not in locked, name
+        locked[canonicalize_name(name)] = version
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    requirements = PYPROJECT["project"]["dependencies"] + [
+        r for extra in ("cpu", "test", "lint", "all", "tracking", "tensorboard", "s3", "tune", "report", "launch")
+        for r in extras[extra] if not r.startswith("recsys-trainer")
+    ]  # fmt: skip
+    for text in requirements:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in locked, f"{name} is not in constraints.txt (run make lock)"
+        assert requirement.specifier.contains(locked[name], prereleases=True), (text, locked[name])
+    assert "torchrec" not in locked  # installed with --no-deps after the lock (see the Makefile)
