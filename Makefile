@@ -56,8 +56,12 @@ format: install
 docs: install
 	$(BIN)/python -m trainer.config_reference > docs/config.md
 
+# Two workers (pytest-xdist), each test file on one of them so its module fixtures are built
+# once: the suite is mostly 2-rank jobs that spend their first seconds importing, which the
+# other worker's job overlaps. TEST_WORKERS=0 runs it in this process, as plain pytest does.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q --durations=40 tests
+	$(BIN)/python -m pytest -q --durations=40 -n $(TEST_WORKERS) --dist loadfile tests
 
 # Benchmarks print ratios against a reference measured in the same run (see BENCHMARKS.md).
 bench: install
