@@ -132,6 +132,9 @@ def _torchrun(args: list[str]) -> int:
         _, first = e.get_first_failure()
         if first.exitcode in CLEAN_EXITS or first.exitcode > 128:
             return first.exitcode
+        said = [f.exitcode for f in e.failures.values() if f.exitcode in CLEAN_EXITS]
+        if said:  # a peer that lost the failing rank exited first: the failing rank still said why
+            return said[0]
         print(e.format_msg(), file=sys.stderr)
         return 1
     return 0

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -40,6 +42,9 @@ log = get_logger(__name__)
 
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
 """How gloo reports a collective whose peer process is gone."""
+
+PEER_LOST_GRACE_S = 10.0
+"""How long a rank whose peer vanished waits before it exits 1 (torchrun stops it sooner)."""
 
 DIVERGED_EXIT = 3
 """The exit code of a run the numerics guard stopped (2 is bad input)."""
@@ -101,6 +106,16 @@ def _say_from_rank(cfg, env, line: str) -> None:
     sys.stderr.flush()
 
 
+def _outlive_the_cause() -> None:
+    """Let the rank that failed first exit first. Its peers see the lost connection while it is
+    still tearing down, and torchrun reports whichever rank exits first as the root cause: an exit
+    1 from here would hide the failing rank's exit 2 behind torchrun's failure report (seen on a
+    loaded machine). torchrun terminates this rank as soon as the other one is gone, so the wait
+    costs nothing there; SIGTERM is made fatal again in case the preemption handler still holds it."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(PEER_LOST_GRACE_S)
+
+
 def main(argv: list[str] | None = None) -> int:
     # A rank that crashes in native code (SIGSEGV, or SIGABRT from glibc's heap checks) prints
     # every thread's Python stack first, so the job's log says where it was.
@@ -141,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # a collective failed because another rank exited: that rank printed the cause
         _say_from_rank(cfg, env, f"rank {env.rank}: stopped because another rank failed (its error is above)")
+        _outlive_the_cause()
         return 1
     except PlanError as e:
         if env.is_main:  # rank 0's planner failed and every rank raised its message
