@@ -29,8 +29,7 @@ from data_pipeline.storage import location
 from models.config import ModelConfig
 from trainer.tracking import LoggingConfig
 
-MODEL_PARALLEL_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
-SHARDING_TYPES = (*MODEL_PARALLEL_TYPES, "data_parallel")
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel")
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine", "plateau")
@@ -127,13 +126,13 @@ def _table_entries(entries: list[str], key: str, allowed: tuple[str, ...]) -> di
 
 @dataclass
 class ShardingConfig:
-    sharding_types: list[Literal[SHARDING_TYPES]] = field(default_factory=lambda: list(MODEL_PARALLEL_TYPES))
+    sharding_types: list[Literal[SHARDING_TYPES]] = field(default_factory=lambda: list(SHARDING_TYPES))
     """Sharding types the planner may use for every table. data_parallel (each rank a full copy,
-    gradients all-reduced) is opt-in: it trains as the unsharded reference does
-    (tests/trainer/test_sharded_equals_unsharded.py), but its optimizer state is kept under other
-    names than the fused tables', so a checkpoint does not yet reshard between the two, and
-    unpooled tables (EmbeddingCollection) cannot use it on CPU. torchrec offers row_wise and
-    table_row_wise on CUDA only; on CPU a table is split column-wise."""
+    gradients all-reduced; the planner's cost model picks it for small, busy tables) trains as the
+    unsharded reference does (tests/trainer/test_sharded_equals_unsharded.py) and checkpoints as a
+    sharded table does, so a run can resume on a plan that shards it. Unpooled tables
+    (EmbeddingCollection) never get it on CPU, where torchrec cannot run it. torchrec offers
+    row_wise and table_row_wise on CUDA only; on CPU a table is split column-wise."""
     table_sharding_types: list[str] = field(default_factory=list)
     """Per-table sharding types overriding sharding_types, as "table=type[+type...]"
     (e.g. "t_cat_25=row_wise+table_row_wise")."""

@@ -30,7 +30,7 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import CacheParams, ShardingPlan
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from trainer.config import UVM_KERNELS, ShardingConfig
 
@@ -144,10 +144,14 @@ def topology(env: DistEnv, sharding: ShardingConfig) -> Topology:
 
 def table_constraints(model: nn.Module, sharding: ShardingConfig, device_type: str) -> dict[str, ParameterConstraints]:
     """One ParameterConstraints per table: the allowed sharding types and kernels (per-table
-    entries override the global lists), the cache size for UVM caching, the narrowest column shard."""
-    tables = [
+    entries override the global lists), the cache size for UVM caching, the narrowest column shard.
+    An unpooled table (EmbeddingCollection) is never data_parallel off CUDA: torchrec's replicated
+    sequence kernel fails on CPU (FBGEMM #4586)."""
+    pooled = [
         t.name for m in model.modules() if isinstance(m, EmbeddingBagCollection) for t in m.embedding_bag_configs()
     ]
+    unpooled = [t.name for m in model.modules() if isinstance(m, EmbeddingCollection) for t in m.embedding_configs()]
+    tables = pooled + unpooled
     types, kernels = sharding.table_types(), sharding.table_kernels()
     unknown = sorted((set(types) | set(kernels)) - set(tables))
     if unknown:
@@ -162,8 +166,13 @@ def table_constraints(model: nn.Module, sharding: ShardingConfig, device_type: s
                 f"sharding: {table} may only use {table_kernels}, but UVM kernels need a GPU "
                 f"(this run is on {device_type})"
             )
+        table_types = types.get(table, sharding.sharding_types)
+        if table in unpooled and device_type != "cuda":
+            if table_types == ["data_parallel"]:
+                raise ValueError(f"sharding: {table} is an unpooled table, which cannot be data_parallel on CPU")
+            table_types = [t for t in table_types if t != "data_parallel"]
         constraints[table] = ParameterConstraints(
-            sharding_types=types.get(table, sharding.sharding_types),
+            sharding_types=table_types,
             compute_kernels=table_kernels,
             min_partition=sharding.min_partition or None,
             cache_params=CacheParams(load_factor=sharding.cache_load_factor),

@@ -68,6 +68,26 @@ TABLE_WEIGHT = re.compile(r"(?:^|\.)(?:embedding_bags|embeddings)\.([^.]+)\.weig
 """The name of an embedding table's weight in a (sharded) model; group 1 is the table."""
 
 
+class ReplicatedTables(KeyedOptimizerWrapper):
+    """The unfused optimizer of data_parallel tables, its state named as fbgemm names a fused
+    table's: Adagrad's running sum is `{table}.momentum1` (one value per row for the rowwise rule,
+    the table's shape for plain Adagrad), with no step count (fbgemm keeps none; torch's update uses
+    it only for lr_decay, which is 0 here). Named alike, a checkpoint moves between a plan that
+    replicates a table and one that shards it (trainer/checkpoint/reshard.py converts the layout)."""
+
+    def __init__(self, params: dict[str, nn.Parameter], cls: type, kwargs: dict) -> None:
+        super().__init__(params, lambda p: cls(p, **kwargs))
+        rowwise = issubclass(cls, RowWiseAdagrad)
+        named: dict = {}
+        for fqn, param in params.items():
+            table, own = TABLE_WEIGHT.search(fqn)[1], self._optimizer.state[param]
+            if "sum" in own:  # a view: the optimizer's own updates show, and loads land, in place
+                named[param] = {f"{table}.momentum1": own["sum"].view(-1) if rowwise else own["sum"]}
+            else:  # SGD: no state, as fused
+                named[param] = {k: v for k, v in own.items() if k != "step"}
+        self.state = named
+
+
 def _replicated_table_optimizers(params: dict[str, nn.Parameter], tables: TableOptimizers) -> list:
     """Optimizers for the tables sharded data_parallel: DMP keeps these as plain replicated weights
     (a dense kernel, gradients all-reduced by DDP) and fuses no optimizer into them, so without
@@ -80,10 +100,7 @@ def _replicated_table_optimizers(params: dict[str, nn.Parameter], tables: TableO
         if match and match[1] in tables:
             cls, kwargs = tables[match[1]]
             groups.setdefault((cls, tuple(sorted(kwargs.items()))), {})[fqn] = param
-    return [
-        KeyedOptimizerWrapper(group, lambda p, cls=cls, kwargs=dict(kwargs): cls(p, **kwargs))
-        for (cls, kwargs), group in groups.items()
-    ]
+    return [ReplicatedTables(group, cls, dict(kwargs)) for (cls, kwargs), group in groups.items()]
 
 
 def build_optimizer(

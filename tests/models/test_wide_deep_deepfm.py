@@ -180,4 +180,7 @@ def test_two_sharded_ranks_train(tmp_path, dataset, name, table_prefix, extra):
     assert summary["test"]["auc"] > 0.6, summary
     plan = [line.split() for line in (run_dir / "plan.txt").read_text().splitlines()[1:]]
     linear = [row for row in plan if row[0].startswith(table_prefix)]
-    assert len(linear) == len(dataset.sparse) and {row[2] for row in linear} == {"0", "1"}  # sharded over both ranks
+    assert len(linear) == len(dataset.sparse)
+    # the planner replicates the smallest (data_parallel on "0,1") and shards the rest over both ranks
+    assert {row[1] for row in linear if row[2] == "0,1"} == {"data_parallel"}
+    assert {row[2] for row in linear if row[1] != "data_parallel"} == {"0", "1"}

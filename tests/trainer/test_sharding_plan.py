@@ -78,6 +78,31 @@ def test_table_constraints_apply_per_table_entries_over_the_global_lists(big_tab
         ShardingConfig(table_sharding_types=["t_big=diagonal"])
 
 
+def test_unpooled_tables_are_never_data_parallel_off_cuda():
+    """data_parallel is a default sharding type; torchrec's replicated EmbeddingCollection fails on
+    CPU (FBGEMM #4586), so an unpooled table loses it there and keeps it on CUDA."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+    model = torch.nn.ModuleDict(
+        {
+            "pooled": EmbeddingBagCollection(
+                [EmbeddingBagConfig(num_embeddings=10, embedding_dim=4, name="t_bag", feature_names=["a"])],
+                device="meta",
+            ),
+            "seq": EmbeddingCollection(
+                [EmbeddingConfig(num_embeddings=10, embedding_dim=4, name="t_seq", feature_names=["b"])], device="meta"
+            ),
+        }
+    )
+    cpu = table_constraints(model, ShardingConfig(), "cpu")
+    assert "data_parallel" in ShardingConfig().sharding_types and "data_parallel" in cpu["t_bag"].sharding_types
+    assert "data_parallel" not in cpu["t_seq"].sharding_types and "table_wise" in cpu["t_seq"].sharding_types
+    assert "data_parallel" in table_constraints(model, ShardingConfig(), "cuda")["t_seq"].sharding_types
+    with pytest.raises(ValueError, match="t_seq is an unpooled table, which cannot be data_parallel on CPU"):
+        table_constraints(model, ShardingConfig(table_sharding_types=["t_seq=data_parallel"]), "cpu")
+
+
 def _train(data, run_dir, *flags):
     return run_trainer(
         [

@@ -12,7 +12,6 @@ global shape is unchanged; what remains is checked or converted here.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 
 from trainer.checkpoint.safe_reader import read_metadata, safe_reader
 from trainer.checkpoint.store import CheckpointError
+from trainer.optim import TABLE_WEIGHT
 
 
 def tensor_size(value: Any) -> tuple[int, ...] | None:
@@ -134,9 +134,11 @@ def set_rowwise_state(target: torch.Tensor, full: torch.Tensor, widths: list[int
     else:  # the whole row's mean (each shard's value is the mean over its columns)
         w = torch.tensor(widths, dtype=full.dtype)
         per_row = (full.view(len(widths), -1) * w[:, None]).sum(0) / w.sum()
+    if not isinstance(target, ShardedTensor):  # a replicated (data_parallel) table's: one value per row
+        target.copy_(per_row.view_as(target))
+        return
     rows = per_row.numel()
-    shards = target.local_shards() if isinstance(target, ShardedTensor) else []
-    for shard in shards:
+    for shard in target.local_shards():
         start = shard.metadata.shard_offsets[0] % rows
         shard.tensor.copy_(per_row[start : start + shard.tensor.numel()])
 
@@ -161,7 +163,7 @@ def init_from(model: nn.Module, path: Path) -> str:
         if before == size:
             targets[key] = value
             loaded.append(key)
-        elif isinstance(value, ShardedTensor) and len(before) == 2 and len(size) == 2:
+        elif table_name(key) != key and len(before) == 2 and len(size) == 2:  # a table, sharded or replicated
             if before[1] == size[1] and before[0] < size[0]:
                 targets[key] = grown_view(value, before[0])
                 resized.append(
@@ -193,5 +195,5 @@ def init_from(model: nn.Module, path: Path) -> str:
 
 def table_name(key: str) -> str:
     """A table's name for a table's weight key, the key otherwise."""
-    match = re.search(r"embedding_bags\.([^.]+)\.weight$", key)
+    match = TABLE_WEIGHT.search(key)
     return match[1] if match else key

@@ -23,7 +23,7 @@ from tests.helpers.dist import run_ranks
 from trainer.checkpoint import Checkpointer, Resume, committed, read_meta
 from trainer.config import Config, ShardingConfig
 from trainer.distributed import DistEnv, plan_sharding, shard_model
-from trainer.optim import apply_sparse_optimizer, build_optimizer
+from trainer.optim import TABLE_WEIGHT, apply_sparse_optimizer, build_optimizer
 
 pytestmark = pytest.mark.slow
 
@@ -32,17 +32,23 @@ MODEL = ModelConfig(embedding_dim=8, dense_arch_layer_sizes=[16, 8], over_arch_l
 
 
 def _dump(model, optimizer) -> dict:
-    """This rank's pieces: every table shard (with its offsets), its rowwise state, dense tensors."""
-    out = {"tables": {}, "momentum": {}, "dense": {}, "adam": {}}
+    """This rank's pieces: every table shard (with its offsets; a replicated table is one piece),
+    its rowwise state, dense tensors, and which tables were replicated (data_parallel)."""
+    out = {"tables": {}, "momentum": {}, "dense": {}, "adam": {}, "replicated": []}
     for key, value in model.state_dict().items():
         if isinstance(value, ShardedTensor):
             out["tables"][key] = [(list(s.metadata.shard_offsets), s.tensor.clone()) for s in value.local_shards()]
+        elif TABLE_WEIGHT.search(key):
+            out["tables"][key] = [([0, 0], value.clone())]
+            out["replicated"].append(key)
         else:
             out["dense"][key] = value.clone()
     for param, states in optimizer.state_dict()["state"].items():
         for name, value in states.items():
             if isinstance(value, ShardedTensor):  # one per column shard, in the table's column order
                 out["momentum"][param] = [(s.metadata.shard_offsets[0], s.tensor.clone()) for s in value.local_shards()]
+            elif name.endswith(".momentum1"):  # a replicated table's, under the fused state's name
+                out["momentum"][param] = [(0, value.clone())]
             else:
                 out["adam"][f"{param}.{name}"] = value.clone()
     return out
@@ -75,9 +81,9 @@ def _rank(env: DistEnv, data: str, jobs: list, out: str) -> None:
             sharding=ShardingConfig(sharding_types=[sharding], min_partition=4),
         )
         model = build_model(cfg.model, schema, env.device, torch.device("meta"))
-        apply_sparse_optimizer(model, "rowwise_adagrad", 0.05, 1e-8)
+        tables = apply_sparse_optimizer(model, "rowwise_adagrad", 0.05, 1e-8)
         dmp = shard_model(model, env, plan_sharding(model, env, BATCH, cfg.sharding))
-        optimizer = build_optimizer(dmp, "adam", 1e-3, 1e-8)
+        optimizer = build_optimizer(dmp, "adam", 1e-3, 1e-8, tables=tables)
         note = Note()
         checkpointer = Checkpointer(cfg, env, dmp, optimizer, schema, parts={"note": note})
         if load_from:
@@ -127,6 +133,7 @@ def run(world_size, data, jobs, out) -> list[dict]:
                 "momentum": {k: [v[o] for o in sorted(v)] for k, v in momentum.items()},
                 "dense": per_rank[0][i]["dense"],
                 "adam": per_rank[0][i]["adam"],
+                "replicated": per_rank[0][i]["replicated"],
             }
         )
     return merged
@@ -138,10 +145,14 @@ def assert_equal(a: dict, b: dict) -> None:
     assert not different, different[:5]
 
 
-def test_two_rank_checkpoint_loads_on_one_rank_and_on_other_plans(tmp_path):
-    data = prepare_synthetic(
-        SyntheticSpec(rows=8000, files=2, row_group_rows=500, max_vocab=2000), tmp_path / "data", log=lambda *_: None
-    ).root
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("reshard") / "data"
+    spec = SyntheticSpec(rows=8000, files=2, row_group_rows=500, max_vocab=2000)
+    return prepare_synthetic(spec, root, log=lambda *_: None).root
+
+
+def test_two_rank_checkpoint_loads_on_one_rank_and_on_other_plans(data, tmp_path):
     tw, cw = tmp_path / "tw", tmp_path / "cw"
     # 2 ranks: table-wise: train 4 steps, save; then column-wise (every table cut in two 4-column
     # shards): load it, train 3 steps, save; then table-column-wise: load the table-wise one
@@ -174,4 +185,38 @@ def test_two_rank_checkpoint_loads_on_one_rank_and_on_other_plans(tmp_path):
         saved_cw["tables"][next(iter(saved_cw["tables"]))], saved_tw["tables"][next(iter(saved_tw["tables"]))]
     )
     for key, halves in saved_cw["momentum"].items():
-        torch.testing.assert_close(loaded_1_from_cw["momentum"][key][0], (halves[0] + halves[1]) / 2)
+        # values ~1e-8: no absolute tolerance
+        torch.testing.assert_close(loaded_1_from_cw["momentum"][key][0], (halves[0] + halves[1]) / 2, atol=0, rtol=1e-6)
+
+
+def test_replicated_tables_load_on_sharded_plans_and_back(data, tmp_path):
+    """data_parallel tables keep their optimizer state under the fused tables' names, so a
+    checkpoint moves between a plan that replicates every table and ones that shard them."""
+    dp, tw, cw = tmp_path / "dp", tmp_path / "tw", tmp_path / "cw"
+    initial, saved_dp, loaded_tw, saved_tw, loaded_cw, saved_cw, dp_from_tw, dp_from_cw = run(
+        2,
+        data,
+        [
+            (None, "data_parallel", 4, dp),
+            (dp, "table_wise", 3, tw),
+            (dp, "column_wise", 2, cw),
+            (tw, "data_parallel", 0, None),
+            (cw, "data_parallel", 0, None),
+        ],
+        tmp_path / "a",
+    )
+    tables = sorted(saved_dp["tables"])
+    assert sorted(saved_dp["replicated"]) == sorted(dp_from_cw["replicated"]) == tables and not saved_tw["replicated"]
+    assert all(not torch.equal(saved_dp["tables"][k], initial["tables"][k]) for k in tables)  # every table trained
+    assert sorted(saved_dp["momentum"]) == sorted(saved_tw["momentum"]) == tables  # the same names
+    assert all(m.abs().sum() > 0 for (m,) in saved_dp["momentum"].values())
+    for saved, loaded in ((saved_dp, loaded_tw), (saved_dp, loaded_cw), (saved_tw, dp_from_tw), (saved_cw, dp_from_cw)):
+        assert_equal(saved["tables"], loaded["tables"])
+        assert_equal(saved["dense"], loaded["dense"])
+        assert_equal(saved["adam"], loaded["adam"])
+    for saved, loaded in ((saved_dp, loaded_tw), (saved_dp, loaded_cw), (saved_tw, dp_from_tw)):
+        for key, (momentum,) in saved["momentum"].items():  # one value per row, split or not
+            assert loaded["momentum"][key] and all(torch.equal(momentum, m) for m in loaded["momentum"][key]), key
+    assert all(len(v) == 2 for v in loaded_cw["momentum"].values())  # split into two column shards
+    for key, halves in saved_cw["momentum"].items():  # merged back: the row's mean
+        torch.testing.assert_close(dp_from_cw["momentum"][key][0], (halves[0] + halves[1]) / 2, atol=0, rtol=1e-6)
