@@ -429,6 +429,8 @@ def worker(argv: list[str]) -> int:
             *overrides,
         ]
     )
+    if cfg.training.mixed_precision == "auto":  # the minimal loop runs fp32: compare at one precision
+        cfg.training.mixed_precision = "fp32"
     if cfg.training.threads:  # as the Trainer does, for the minimal loop too
         torch.set_num_threads(cfg.training.threads)
     rss_base = _rss_now_gb()

@@ -35,7 +35,7 @@ SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "ta
 LR_SCHEDULES = ("constant", "linear", "cosine", "plateau")
 DENSE_OPTIMIZERS = ("adam", "adamw", "adagrad", "sgd")
 SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -195,10 +195,14 @@ class TrainingConfig:
     plain, non-overlapped step, for debugging."""
     progress_bar: bool = True
     """Show a progress bar (rank 0, tqdm) while training."""
-    mixed_precision: Literal[PRECISIONS] = "fp32"
-    """fp32, or bf16: the forward pass runs under torch.autocast in bfloat16 (the MLPs and
-    interactions; embedding lookups and the loss stay fp32). No fp16: its loss scaling cannot
-    be undone inside the tables' fused optimizer, which updates them during the backward pass."""
+    mixed_precision: Literal[PRECISIONS] = "auto"
+    """auto: bf16 where the device runs it fast (CUDA compute capability >= 8.0; a CPU with
+    AVX512-BF16 or AMX), fp32 elsewhere, printed at start (fp32 with derive_defaults false,
+    unless auto is asked for by name). bf16: training steps run their forward under torch.autocast
+    in bfloat16 (the MLPs and interactions; embedding lookups, the loss and the optimizers stay
+    fp32); validation and test score in fp32, as an exported model serves. No fp16: its loss
+    scaling cannot be undone inside the tables' fused optimizer, which updates them during the
+    backward pass."""
     auroc_thresholds: int = 0
     """0: exact AUC (keeps every score); N: binned AUC over N thresholds, for huge eval sets."""
     early_stopping_patience: int = 0

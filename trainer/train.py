@@ -55,6 +55,8 @@ class Trainer:
         """`resume`: the checkpoint to continue from (`trainer.checkpoint.find_resume`)."""
         self.cfg, self.env, self.schema, self.resume = cfg, env, schema, resume
         t, opt = cfg.training, cfg.optimizer
+        if t.mixed_precision == "auto":
+            raise ValueError("training.mixed_precision auto reaches the Trainer unresolved (trainer.defaults.resolve)")
         if t.threads:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
@@ -110,10 +112,11 @@ class Trainer:
         self.preempt = Preemption()
 
     def _forward(self, batch: Batch):
-        """The model's forward, under bfloat16 autocast with training.mixed_precision bf16 (outputs
-        back in fp32 for the loss's backward and the metrics; the backward runs outside autocast,
-        as torch advises). A training step's loss is NaN where RECSYS_FAULT=nan says (tests)."""
-        if self.cfg.training.mixed_precision != "bf16":
+        """The model's forward; a training step's under bfloat16 autocast with
+        training.mixed_precision bf16 (outputs back in fp32 for the loss's backward; the backward
+        runs outside autocast, as torch advises). Evaluation scores in fp32, as the exported model
+        serves. A training step's loss is NaN where RECSYS_FAULT=nan says (tests)."""
+        if self.cfg.training.mixed_precision != "bf16" or not self.model.training:
             loss, outputs = self.model(batch)
         else:
             with torch.autocast(self.env.device.type, dtype=torch.bfloat16):

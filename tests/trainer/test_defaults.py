@@ -105,6 +105,37 @@ def test_few_steps_warning():
     assert defaults.few_steps_warning(99) and defaults.few_steps_warning(100) is None
 
 
+def test_precision_is_bf16_where_the_device_runs_it_fast(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, expected in (((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp32")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda c=capability: c)
+        assert defaults.precision()[0] == expected, capability
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for amx, avx512_bf16, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        value, why = defaults.precision()
+        assert value == expected and ("AVX512-BF16" in why or "AMX" in why)
+
+
+def test_auto_precision_is_resolved_fp32_without_derived_defaults_unless_named(monkeypatch):
+    monkeypatch.setattr(defaults, "precision", lambda: ("bf16", "a CPU with AMX"))
+    base = ["--data", "d", "--derive_defaults", "false"]
+    unset = load_config(base)
+    defaults.resolve(unset, None, 2)
+    assert unset.training.mixed_precision == "fp32" and unset.derived == {
+        "training.mixed_precision": "derive_defaults false"
+    }
+    named = load_config([*base, "--training.mixed_precision", "auto"])
+    defaults.resolve(named, None, 2)
+    assert named.training.mixed_precision == "bf16" and named.derived == {"training.mixed_precision": "a CPU with AMX"}
+    pinned = load_config([*base, "--training.mixed_precision", "fp32"])
+    defaults.resolve(pinned, None, 2)
+    assert pinned.training.mixed_precision == "fp32" and pinned.derived == {}
+
+
 @pytest.mark.slow
 def test_derived_run_prints_its_reasons_and_repeats_from_its_config(tmp_path):
     data = synthetic(tmp_path / "data", rows=6_000).root
@@ -114,6 +145,9 @@ def test_derived_run_prints_its_reasons_and_repeats_from_its_config(tmp_path):
     assert "derived data.batch_size = 32 (train has" in first.stdout
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["derived"]["data.batch_size"]["value"] == 32 and "training.epochs" not in summary["derived"]
+    precision, why = defaults.precision()  # this machine's, derived like the data's
+    assert summary["derived"]["training.mixed_precision"] == {"value": precision, "why": why}
+    assert f'derived training.mixed_precision = "{precision}" ({why})' in first.stdout
     resolved = tomllib.loads((tmp_path / "a" / "config.toml").read_text())
     assert (
         resolved["data"]["batch_size"] == 32

@@ -1,5 +1,5 @@
-"""training.mixed_precision = bf16: the MLPs run in bfloat16, the loss and outputs come back fp32,
-and a real 2-rank run still learns."""
+"""training.mixed_precision = bf16: a training step's MLPs run in bfloat16, the loss and outputs come
+back fp32, evaluation runs fp32, and a real 2-rank run still learns."""
 
 from types import SimpleNamespace
 
@@ -35,6 +35,10 @@ def test_bf16_forward_runs_the_mlps_in_bfloat16_and_returns_fp32(tmp_path, tiny_
     assert loss.dtype == detached.dtype == logits.dtype == torch.float32
     loss.backward()  # outside autocast, as the pipeline calls it
     assert all(p.grad is not None for p in model.model.dense_arch.parameters())
+    seen.clear()
+    model.eval()  # validation and test score in fp32, as the exported model serves
+    Trainer._forward(trainer, batch)
+    assert seen and set(seen) == {torch.float32}
 
 
 def test_bf16_training_on_two_ranks_learns(tmp_path):
