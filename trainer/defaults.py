@@ -231,8 +231,9 @@ def as_record(cfg, derived: dict[str, str]) -> dict[str, dict]:
 
 def precision() -> tuple[str, str]:
     """bf16 where this process's device (the one `init_distributed` picks) has bf16 arithmetic
-    at speed, fp32 elsewhere; measured on an AVX512-BF16 CPU: 1.65x the samples/s of fp32 at
-    MLPerf's DLRM sizes (BENCHMARKS.md, with the quality parity runs)."""
+    at speed, fp32 elsewhere. Measured on an AVX512-BF16 CPU: 1.27x the samples/s of fp32 for the
+    4M-row default DLRM at the same test AUC (BENCHMARKS.md, "Precision auto"), 1.65x at MLPerf's
+    MLP sizes."""
     import torch
 
     if torch.cuda.is_available():
