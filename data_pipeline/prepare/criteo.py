@@ -256,7 +256,10 @@ def _run_units(fn, units: list[Unit], opts: CriteoOptions, out: str, done: str, 
         try:
             _collect(running, bar, opts)
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)  # fail now, not after every queued unit
+            # fail now, not after every queued unit; wait for the running ones: shutdown(wait=False)
+            # leaves the pool's manager thread running, and Python 3.11's exit hook then races it
+            # for the wakeup pipe ("OSError: Bad file descriptor" after the error line, seen under load)
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
 
 
