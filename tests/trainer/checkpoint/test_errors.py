@@ -26,6 +26,7 @@ from trainer.checkpoint import (
     verify_files,
 )
 from trainer.config import load_config
+from trainer.defaults import resolve
 
 ARGS = [
     *"--data.batch_size 256 --training.max_steps 6 --checkpoint.every_steps 3 --training.eval_every 3".split(),
@@ -91,18 +92,20 @@ def test_another_model_or_dataset_is_named(run, tmp_path):
     path = locate(run_dir)
     meta = read_meta(path)
     schema = DatasetSchema.load(data)
-    same = load_config(["--data", str(data), "--run-dir", str(run_dir), *ARGS])
+
+    def resolved(*args: str):
+        """The config as the run's ranks have it (run_trainer's fixed defaults, `auto` resolved)."""
+        cfg = load_config(["--derive_defaults", "false", "--data", str(data), *ARGS, *args])
+        resolve(cfg, schema, 2)
+        return cfg
+
+    same = resolved("--run-dir", str(run_dir))
     assert check_compatible(meta, same, schema, path) == []
-    changed = load_config(["--data", str(data), "--run-dir", str(run_dir), *ARGS, "--optimizer.dense_lr", "0.01"])
+    changed = resolved("--run-dir", str(run_dir), "--optimizer.dense_lr", "0.01")
     assert check_compatible(meta, changed, schema, path) == ["optimizer.dense_lr: 0.001 in the checkpoint, 0.01 now"]
-    other = load_config(
-        [
-            "--data",
-            str(data),
-            *ARGS,
-            *"--model dlrm_dcn --model.embedding_dim 16 --model.dense_arch_layer_sizes 16 16".split(),
-            *"--optimizer.sparse adagrad".split(),
-        ]
+    other = resolved(
+        *"--model dlrm_dcn --model.embedding_dim 16 --model.dense_arch_layer_sizes 16 16".split(),
+        *"--optimizer.sparse adagrad".split(),
     )
     with pytest.raises(IncompatibleCheckpoint) as error:
         check_compatible(meta, other, schema, path)
