@@ -70,6 +70,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_prepare_criteo.py --lines 1000000
 	$(BIN)/python benchmarks/bench_object_store.py
 	$(BIN)/python benchmarks/bench_serving.py
+	$(BIN)/python benchmarks/plan_at_scale.py
 
 clean:
 	rm -rf $(VENV) data runs
