@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.types import ShardingPlan
+from torchrec.distributed.types import ShardedModule, ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer
 
 from data_pipeline.loader import RankLoader
@@ -71,9 +71,24 @@ def build_sharded(
     tables = apply_sparse_optimizer(model, opt.sparse, opt.sparse_lr, opt.eps, opt.table_lrs())
     plan, estimate = plan_with_estimate(model, env, cfg.data.batch_size, cfg.sharding)
     sharded = shard_model(model, env, plan)
+    if cfg.training.compile:
+        compile_dense(sharded.module)
     if opt.embedding_l2 > 0:
         penalise(sharded.module, opt.embedding_l2)
     optimizer = build_optimizer(
         sharded, opt.dense, opt.dense_lr, opt.eps, opt.weight_decay, opt.grad_clip_norm, tables=tables
     )
     return sharded, optimizer, plan, estimate
+
+
+def compile_dense(module: torch.nn.Module) -> None:
+    """torch.compile, in place, every largest submodule with its own forward, parameters and no
+    sharded table: the dense MLPs and cross layers compile, the tables' lookups and all-to-alls
+    (which the pipeline splits across steps) stay eager. In place, so DDP's hooks and the state
+    dict's keys are unchanged."""
+    for child in module.children():
+        has_forward = type(child).forward is not torch.nn.Module.forward  # not a ModuleDict/ModuleList
+        if not has_forward or any(isinstance(m, ShardedModule) for m in child.modules()):
+            compile_dense(child)
+        elif any(True for _ in child.parameters()):
+            child.compile()

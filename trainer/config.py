@@ -203,6 +203,10 @@ class TrainingConfig:
     fp32); validation and test score in fp32, as an exported model serves. No fp16: its loss
     scaling cannot be undone inside the tables' fused optimizer, which updates them during the
     backward pass."""
+    compile: bool = False
+    """torch.compile each dense module (the MLPs, cross layers, towers; not the sharded tables):
+    fused kernels for a few % to 1.3x on big MLPs, for ~20-60 s of compiling per process and shape
+    (BENCHMARKS.md, "torch.compile"): off unless asked, as it loses on short runs."""
     auroc_thresholds: int = 0
     """0: exact AUC (keeps every score); N: binned AUC over N thresholds, for huge eval sets."""
     early_stopping_patience: int = 0
