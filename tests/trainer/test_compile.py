@@ -3,6 +3,9 @@ eager) and the compiled model computes what the eager one does."""
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
 import torch
 
 from tests.helpers.data import TINY_SPARSE, write_dataset
@@ -45,6 +48,9 @@ def _compiled_matches_eager(env, root: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="torch.compile on CPU needs a C++ compiler"
+)
 def test_compiled_dense_modules_compute_what_eager_ones_do(tmp_path, tiny_table):
     schema = write_dataset(tmp_path, {"train": [tiny_table]}, TINY_SPARSE, ["d0", "d1"])
     run_ranks(_compiled_matches_eager, world_size=1, root=str(schema.root))
