@@ -27,7 +27,7 @@ def test_the_mlperf_tables_are_planned_on_two_hosts_of_h100s(net):
     assert len(plan.hbm_gb) == 16
     # 105 GB of weights (plus optimizer state and buffers) need several GPUs, and each stays under its cap
     assert sum(plan.hbm_gb) > sum(pas.TABLE_ROWS) * pas.EMBEDDING_DIM * 4 / 1e9
-    assert max(plan.hbm_gb) < pas.HBM_GB * (1 - 0.15)
+    assert max(plan.hbm_gb) < pas.HBM_GB * (1 - pas.sharding_config().storage_reserve)
     assert plan.step_ms > 0 and plan.compute_ms > 0 and plan.comms_ms > 0
     assert plan.bytes_per_rank["pooled"] > 0 and plan.bytes_per_rank["pooled"] == plan.bytes_per_rank["gradients"]
     assert pas.samples_per_s(plan) > 0
